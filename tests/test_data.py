@@ -1,0 +1,232 @@
+"""kd.data: every layout generated in its real on-disk form, then read back through the real readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd.data import (
+    DATASETS,
+    DatasetError,
+    DatasetSpec,
+    build_loader,
+    build_mixup,
+    build_transforms,
+    check_dataset,
+    generate_dataset,
+    load_split,
+    num_classes,
+)
+
+SMALL = {"num_classes": 4, "train_per_class": 4, "test_per_class": 2, "image_size": 32}
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DatasetSpec]:
+    """One read-only generated copy per layout; tests that damage a copy make their own."""
+    base = tmp_path_factory.mktemp("copies")
+    return {name: generate_dataset(name, base / name, **SMALL) for name in DATASETS}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_generated_copy_loads_with_zero_based_rgb_samples(name, copies):
+    spec = copies[name]
+    assert check_dataset(spec) == []
+    assert num_classes(spec) == 4
+    for split, per_class in (("train", 4), ("test", 2)):
+        data = load_split(spec, split)
+        assert len(data) == 4 * per_class
+        assert data.num_classes == len(data.classes) == 4
+        assert sorted(set(data.targets)) == [0, 1, 2, 3]
+        image, label = data[len(data) - 1]
+        assert isinstance(label, int) and 0 <= label < 4
+        assert image.mode == "RGB"
+
+
+def test_cub_greyscale_images_are_loaded_as_rgb(copies):
+    data = load_split(copies["cub"], "train")
+    modes = [Image.open(path).mode for path, _ in data.samples]
+    assert "L" in modes and "RGB" in modes
+    grey = modes.index("L")
+    assert data[grey][0].mode == "RGB"
+
+
+def test_cub_dogs_offsets_dog_labels_after_cub_classes(copies):
+    spec = copies["cub_dogs"]
+    data = load_split(spec, "train")
+    cub_classes = num_classes(DatasetSpec("cub", spec.root))
+    assert data.classes[:cub_classes] == load_split(DatasetSpec("cub", spec.root), "train").classes
+    dog_labels = {label for path, label in data.samples if path.startswith(str(spec.dogs_root))}
+    assert dog_labels == set(range(cub_classes, 4))
+    assert data.classes[cub_classes].startswith("n0")  # a synset-breed folder
+
+
+def test_foodx_test_split_is_the_val_set(copies):
+    data = load_split(copies["foodx"], "test")
+    assert all(Path(path).parent.name == "val_set" for path, _ in data.samples)
+
+
+def test_cifar10_accepts_the_batches_folder_itself(copies):
+    inner = DatasetSpec("cifar10", str(Path(copies["cifar10"].root) / "cifar-10-batches-py"))
+    assert check_dataset(inner) == []
+    assert len(load_split(inner, "test")) == len(load_split(copies["cifar10"], "test")) == 8
+    assert load_split(inner, "train")[0][0].size == (32, 32)
+
+
+def test_imagefolder_accepts_val_as_the_test_split(tmp_path):
+    spec = generate_dataset("imagefolder", tmp_path / "if", **SMALL)
+    (Path(spec.root) / "test").rename(Path(spec.root) / "val")
+    assert check_dataset(spec) == []
+    assert all("/val/" in path for path, _ in load_split(spec, "test").samples)
+
+
+def test_check_dataset_reports_every_problem_at_once(tmp_path):
+    spec = generate_dataset("cub", tmp_path / "cub", **SMALL)
+    (Path(spec.root) / "images.txt").unlink()
+    (Path(spec.root) / "train_test_split.txt").unlink()
+    problems = check_dataset(spec)
+    assert len(problems) == 2
+    assert any(str(Path(spec.root) / "images.txt") in p for p in problems)
+    assert any("train_test_split.txt" in p for p in problems)
+    with pytest.raises(DatasetError, match="images.txt"):
+        load_split(spec, "train")
+
+
+def test_check_dataset_never_raises_on_bad_specs(tmp_path):
+    [unknown] = check_dataset(DatasetSpec("cubb", str(tmp_path)))
+    assert "did you mean 'cub'" in unknown and "imagefolder" in unknown
+    assert (
+        str(tmp_path / "nowhere")
+        in check_dataset(DatasetSpec("foodx", str(tmp_path / "nowhere")))[0]
+    )
+    problems = check_dataset(DatasetSpec("cub_dogs", str(tmp_path / "a"), None))
+    assert len(problems) == 2 and "dogs_root" in problems[1]
+    with pytest.raises(DatasetError, match="did you mean 'dogs'"):
+        num_classes(DatasetSpec("dog", str(tmp_path)))
+
+
+def test_malformed_index_line_names_file_and_line(tmp_path):
+    spec = generate_dataset("cub", tmp_path / "cub", **SMALL)
+    labels = Path(spec.root) / "image_class_labels.txt"
+    lines = labels.read_text().splitlines()
+    lines[2] = "3 three"
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"image_class_labels\.txt line 3"):
+        load_split(spec, "train")
+
+
+def test_label_out_of_range_names_file_and_line(tmp_path):
+    spec = generate_dataset("foodx", tmp_path / "foodx", **SMALL)
+    csv = Path(spec.root) / "annot" / "val_info.csv"
+    csv.write_text(csv.read_text().replace(",3\n", ",9\n", 1))
+    with pytest.raises(DatasetError, match=r"val_info\.csv line \d+: label 9"):
+        load_split(spec, "test")
+
+
+def test_missing_listed_image_names_index_and_image(tmp_path):
+    spec = generate_dataset("dogs", tmp_path / "dogs", **SMALL)
+    data = load_split(spec, "test")
+    missing = Path(data.samples[1][0])
+    missing.unlink()
+    with pytest.raises(DatasetError, match=r"test_list\.mat entry 2") as err:
+        load_split(spec, "test")
+    assert str(missing) in str(err.value)
+
+
+def test_truncated_jpeg_names_the_image(tmp_path):
+    spec = generate_dataset("cub", tmp_path / "cub", **SMALL)
+    data = load_split(spec, "train")
+    path = Path(data.samples[1][0])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DatasetError, match="truncated") as err:
+        data[1]
+    assert str(path) in str(err.value)
+
+
+def test_transforms_give_the_requested_tensor_shape(copies):
+    data = load_split(copies["cub"], "train")
+    wide = Image.new("RGB", (60, 30), (200, 10, 10))
+    train = build_transforms(train=True, img_size=24, mean=MEAN, std=STD, re_prob=0.25)
+    evaluate = build_transforms(train=False, img_size=24, mean=MEAN, std=STD)
+    squash = build_transforms(
+        train=False, img_size=24, mean=MEAN, std=STD, crop_mode="squash", crop_pct=1.0
+    )
+    for transform in (train, evaluate, squash):
+        assert transform(data[0][0]).shape == (3, 24, 24)
+        assert transform(wide).shape == (3, 24, 24)
+    # squash keeps the whole width, the centre crop loses the blue strip at the right edge
+    wide.paste((10, 10, 200), (54, 0, 60, 30))
+    squashed, cropped = squash(wide)[:, 12, -1], evaluate(wide)[:, 12, -1]
+    assert squashed[2] > squashed[0] and cropped[0] > cropped[2]
+
+
+def test_mixup_only_when_an_alpha_is_set():
+    assert build_mixup(4, 0.0, 0.0, 0.1) is None
+    mixup = build_mixup(4, 0.8, 1.0, 0.1)
+    images, targets = mixup(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert images.shape == (4, 3, 8, 8) and targets.shape == (4, 4)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_loader_yields_seeded_batches(copies):
+    transform = build_transforms(train=False, img_size=16, mean=MEAN, std=STD)
+    data = load_split(copies["cifar10"], "train", transform=transform)
+
+    def first_labels(seed: int) -> list[int]:
+        loader = build_loader(data, batch_size=8, train=True, num_workers=0, seed=seed)
+        images, labels = next(iter(loader))
+        assert images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
+        return labels.tolist()
+
+    assert first_labels(1) == first_labels(1)
+    assert len(build_loader(data, batch_size=6, train=True, num_workers=0)) == 2  # drop_last
+    assert len(build_loader(data, batch_size=6, train=False, num_workers=0)) == 3
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        build_loader(data, batch_size=64, train=True, num_workers=0)
+
+
+def test_generated_classes_are_separable(copies):
+    """Class means of the raw pixels classify the test split: a tiny model can learn them."""
+
+    def pixels(split: str) -> tuple[np.ndarray, np.ndarray]:
+        data = load_split(copies["cub"], split)
+        x = np.stack(
+            [
+                np.asarray(data[i][0].convert("L"), dtype=np.float32).ravel()
+                for i in range(len(data))
+            ]
+        )
+        return x, np.array(data.targets)
+
+    x, y = pixels("train")
+    centroids = np.stack([x[y == c].mean(0) for c in range(4)])
+    x_test, y_test = pixels("test")
+    predicted = ((x_test[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (predicted == y_test).mean() > 0.5  # chance is 0.25
+
+
+def test_generate_dataset_is_idempotent(tmp_path):
+    spec = generate_dataset("cub_dogs", tmp_path / "cd", **SMALL)
+    assert (spec.root, spec.dogs_root) == (
+        str(tmp_path / "cd/cub"),
+        str(tmp_path / "cd/dogs"),
+    )
+    marker = tmp_path / "cd" / ".kdgrid_generated.json"
+    stamp = marker.stat().st_mtime_ns
+    assert generate_dataset("cub_dogs", tmp_path / "cd", **SMALL) == spec
+    assert marker.stat().st_mtime_ns == stamp
+    bigger = generate_dataset("cub_dogs", tmp_path / "cd", **{**SMALL, "num_classes": 6})
+    assert num_classes(bigger) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["cd"]  # no staging folder left behind
+
+
+def test_generate_dataset_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not empty"):
+        generate_dataset("cub", tmp_path)
+    assert (tmp_path / "mine.txt").exists()
