@@ -1,0 +1,353 @@
+"""Typed row configuration: every key a row may set, defined once with its default and a comment.
+
+A row is checked against these dataclasses by `validate_section`, which collects *every*
+problem (unknown key with the closest valid one, wrong type, out-of-range value) instead of
+stopping at the first, so that a grid with five typos is fixed in one edit, not five runs.
+
+Sections that change a row's result are hashed into its content key (`kd.grid`); placement
+sections (`resources`, `output_dir`, `paper`, and the fields in `PLACEMENT_FIELDS`) are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "deit_base_distilled_patch16_384"  # timm name, optionally with a pretrained tag
+    drop_path: float = 0.1  # stochastic depth rate
+    feature_layer: str | None = (
+        None  # module whose pooled output is the embedding (default: pre-logits)
+    )
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Where the student's weights come from before training.
+
+    YAML forms: `pretrained`, `scratch`, `{pretrained: TAG}`, `{row: ID}`, `{file: PATH}`.
+    """
+
+    source: Literal["pretrained", "scratch", "row", "file"] = "pretrained"
+    tag: str | None = (
+        None  # timm pretrained tag; None = the tag in the model name, or timm's default
+    )
+    row: str | None = None  # another row of the grid: its best checkpoint
+    file: str | None = None  # a local checkpoint file (timm/DeiT, plain state_dict, safetensors)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen teacher. YAML forms: `{row: ID}` (that row's model and best checkpoint),
+    `{model: NAME}` (timm pretrained weights), `{model: NAME, file: PATH}`."""
+
+    model: str | None = None  # timm name; taken from the row when `row` is set
+    row: str | None = None
+    file: str | None = None
+    pretrained: bool = True  # timm pretrained weights when neither row nor file is given
+    feature_layer: str | None = None
+
+
+@dataclass(frozen=True)
+class KDOptionsConfig:
+    tau: float = 1.0  # softmax temperature of deit_soft and ikd
+    soft_reduction: Literal["batchmean", "deit"] = "batchmean"  # see kd.losses.soft_distillation
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["cub", "dogs", "cub_dogs", "foodx", "cifar10", "imagefolder"] = "cub"
+    root: str = ""  # your copy of the dataset (for cub_dogs: the CUB-200-2011 folder)
+    dogs_root: str | None = None  # cub_dogs only: the Stanford Dogs folder
+    img_size: int = 384
+    num_workers: int = 8  # data-loading processes per training process
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 16  # per training process
+    grad_accum_steps: int = 1
+    opt: str = "adamw"  # timm optimizer name
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.05
+    layer_decay: float | None = None  # e.g. 0.75; None = off
+    sched: str = "cosine"  # timm scheduler name
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    clip_grad: float | None = None  # max gradient norm; None = off
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # mixup alpha; 0 = off
+    cutmix: float = 0.0  # cutmix alpha; 0 = off
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; None = off
+    hflip: float = 0.5
+    re_prob: float = 0.0  # random erasing probability
+    eval_crop_pct: float = 0.875
+    eval_crop_mode: Literal["center", "squash"] = "center"
+    ema: bool = False  # keep an exponential moving average of the student
+    ema_decay: float = 0.9998
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile student and teacher (CUDA only)
+    seed: int = 0
+    limit_train_batches: int | None = None  # cap batches per epoch (debugging, --smoke)
+    limit_eval_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Placement only: never part of a row's content key."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int | None = None  # None = one per GPU (or 1 without GPUs)
+    cpus_per_task: int = 8
+    mem_gb: float = 64
+    time_min: int = 24 * 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # more `#SBATCH --key=value` lines
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """What the paper reports for this row, for the results table. Never part of the key."""
+
+    model: str | None = None  # the paper's "Model" column
+    distillation: str | None = None
+    recipe: str | None = None
+    pretraining: str | None = None
+    acc1: float | None = None
+    acc5: float | None = None
+    loss: float | None = None
+    params: str | None = None  # as printed, e.g. "87M"
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """One row of a results table, before ids of other rows are resolved."""
+
+    id: str = ""
+    label: str = ""
+    recipe: str | None = None  # name of an entry of the grid's `recipes`
+    student: StudentConfig = field(default_factory=StudentConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    teacher: TeacherConfig | None = None
+    kd: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})  # KD term -> weight
+    kd_options: KDOptionsConfig = field(default_factory=KDOptionsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output_dir: str = "outputs"
+    paper: PaperConfig = field(default_factory=PaperConfig)
+
+
+PLACEMENT_SECTIONS = ("id", "label", "recipe", "resources", "output_dir", "paper")
+PLACEMENT_FIELDS = {"data.root", "data.dogs_root", "data.num_workers", "train.compile"}
+
+# Range rules: dotted key -> (check, what it must be). Types are checked from the annotations.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "student.drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "kd_options.tau": (lambda v: v > 0, "> 0"),
+    "data.img_size": (lambda v: 16 <= v <= 2048, "between 16 and 2048"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.grad_accum_steps": (lambda v: v >= 1, ">= 1"),
+    "train.lr": (lambda v: 0 < v < 10, "in (0, 10)"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "train.warmup_lr": (lambda v: v >= 0, ">= 0"),
+    "train.min_lr": (lambda v: v >= 0, ">= 0"),
+    "train.clip_grad": (lambda v: v > 0, "> 0"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.mixup": (lambda v: v >= 0, ">= 0"),
+    "train.cutmix": (lambda v: v >= 0, ">= 0"),
+    "train.hflip": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.re_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.eval_crop_pct": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.limit_train_batches": (lambda v: v >= 1, ">= 1"),
+    "train.limit_eval_batches": (lambda v: v >= 1, ">= 1"),
+    "resources.nodes": (lambda v: v >= 1, ">= 1"),
+    "resources.gpus_per_node": (lambda v: v >= 0, ">= 0"),
+    "resources.tasks_per_node": (lambda v: v >= 1, ">= 1"),
+    "resources.cpus_per_task": (lambda v: v >= 1, ">= 1"),
+    "resources.mem_gb": (lambda v: v > 0, "> 0"),
+    "resources.time_min": (lambda v: v >= 1, ">= 1"),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem, located by dotted key."""
+
+    key: str
+    message: str
+
+
+def normalise_init(value: Any) -> Any:
+    """Accept the YAML shorthands of `init` and return the mapping form."""
+    if value in ("pretrained", "scratch"):
+        return {"source": value}
+    if isinstance(value, Mapping) and "source" not in value:
+        given = [name for name in ("row", "file", "pretrained") if name in value]
+        if len(given) == 1:
+            out = {k: v for k, v in value.items() if k != "pretrained"}
+            source = given[0]
+            if source == "pretrained":
+                out["tag"] = value["pretrained"]
+            out["source"] = source
+            return out
+    return value
+
+
+def _is_optional(annotation: Any) -> tuple[bool, Any]:
+    """Return (allows None, the annotation without None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        allows_none = len(args) < len(typing.get_args(annotation))
+        return allows_none, args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
+    return False, annotation
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    if typing.get_origin(annotation) is dict:
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_scalar(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce, int -> float) one scalar value against its annotation."""
+    if typing.get_origin(annotation) is Literal:
+        return value in typing.get_args(annotation), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return math.isfinite(value), float(value)
+    if annotation is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def closest(name: str, candidates: typing.Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest candidate, or ''."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem instead of raising.
+
+    Returns an instance built from the valid parts (defaults where a value was bad), so
+    that later checks (models, KD terms, dependencies) can still run and report too.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(Problem(prefix, f"must be a mapping, got {type(raw).__name__} {raw!r}"))
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            problems.append(Problem(dotted, f"unknown key{closest(str(key), fields)}"))
+            continue
+        if key == "init":
+            value = normalise_init(value)
+        ok, coerced = _check_value(value, hints[key], dotted, problems)
+        if ok:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_value(
+    value: Any, annotation: Any, dotted: str, problems: list[Problem]
+) -> tuple[bool, Any]:
+    allows_none, inner = _is_optional(annotation)
+    if value is None:
+        if allows_none:
+            return True, None
+        problems.append(Problem(dotted, f"must be {_type_name(inner)}, got null"))
+        return False, None
+    if dataclasses.is_dataclass(inner):
+        before = len(problems)
+        built = validate_section(inner, value, dotted, problems)
+        return len(problems) == before or isinstance(value, Mapping), built
+    if typing.get_origin(inner) is dict:
+        key_type, value_type = typing.get_args(inner)
+        if not isinstance(value, Mapping):
+            problems.append(Problem(dotted, f"must be a mapping, got {value!r}"))
+            return False, None
+        out = {}
+        for k, v in value.items():
+            ok, coerced = _check_scalar(v, value_type)
+            if not ok:
+                problems.append(
+                    Problem(f"{dotted}.{k}", f"must be {_type_name(value_type)}, got {v!r}")
+                )
+            out[str(k)] = coerced
+        return True, out
+    ok, coerced = _check_scalar(value, inner)
+    if not ok:
+        problems.append(Problem(dotted, f"must be {_type_name(inner)}, got {value!r}"))
+        return False, None
+    rule = RANGES.get(dotted)
+    if rule and not rule[0](coerced):
+        problems.append(Problem(dotted, f"must be {rule[1]}, got {coerced!r}"))
+        return False, None
+    return True, coerced
+
+
+def schema_keys(cls: type = RowConfig, prefix: str = "") -> set[str]:
+    """Every dotted key the schema knows, for override checks and suggestions."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        keys.add(dotted)
+        _, inner = _is_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            keys |= schema_keys(inner, dotted)
+    return keys
+
+
+def to_dict(config: Any) -> Any:
+    """Dataclass tree -> plain dict (JSON/YAML-ready)."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used for MLflow params so every row has the same keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat

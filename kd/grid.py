@@ -1,0 +1,763 @@
+"""The grid language: one YAML file (+ CLI overrides) -> validated, frozen, named rows.
+
+    name: table2b                 # grid name (tags, output folder)
+    experiment: kd-table2b        # MLflow experiment
+    defaults: {...}               # the base row (see kd.config.RowConfig)
+    recipes: {deit: {...}}        # named partial rows, picked by a row's `recipe`
+    axes: {values: {...}, ...}    # a product of axes -> rows (optional)
+    rows: [{id: ..., label: ...}] # explicit rows (optional)
+
+A row is `defaults` <- its recipe <- the row itself <- CLI overrides, then interpolated by
+OmegaConf and checked against `kd.config`. Every problem of every row is collected and raised
+at once as a `GridError`, before anything runs. Rows that reference other rows (`teacher.row`,
+`init.row`) form a DAG; the content `key` of a row hashes what changes its result, with
+references replaced by the referenced row's key, so a changed teacher changes its students'
+keys too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kd import config as C
+
+GRID_KEYS = {
+    "name",
+    "experiment",
+    "tracking_uri",
+    "description",
+    "defaults",
+    "recipes",
+    "axes",
+    "rows",
+}
+AXES_KEYS = {"values", "id", "label", "row", "include", "exclude"}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# Grid-level keys an override can name; everything else applies to each row.
+GRID_LEVEL_OVERRIDES = {
+    "name",
+    "experiment",
+    "tracking_uri",
+    "description",
+    "recipes",
+    "defaults",
+    "axes",
+}
+
+
+class GridError(Exception):
+    """All problems of a grid, each naming file, row and key."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in the grid; nothing was run:"
+        super().__init__("\n".join([head, *("  - " + p for p in self.problems)]))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A validated row, ready to train: its config plus where it sits in the grid."""
+
+    config: C.RowConfig
+    key: str  # content hash of what changes the result
+    depends_on: tuple[str, ...]  # ids of rows whose checkpoints this row needs
+    grid: str  # grid name
+    grid_file: str
+    experiment: str
+    smoke: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.label} {self.id}"
+
+    @property
+    def output_dir(self) -> Path:
+        """This row's own folder: checkpoints, training state, logs."""
+        return Path(self.config.output_dir) / self.id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": C.to_dict(self.config),
+            "key": self.key,
+            "depends_on": list(self.depends_on),
+            "grid": self.grid,
+            "grid_file": self.grid_file,
+            "experiment": self.experiment,
+            "smoke": self.smoke,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Row:
+        problems: list[C.Problem] = []
+        config = C.validate_section(C.RowConfig, data["config"], "", problems)
+        if problems:
+            raise ValueError("; ".join(f"{p.key}: {p.message}" for p in problems))
+        return cls(
+            config=config,
+            key=data["key"],
+            depends_on=tuple(data["depends_on"]),
+            grid=data["grid"],
+            grid_file=data["grid_file"],
+            experiment=data["experiment"],
+            smoke=data.get("smoke", False),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The row as `--dry-run --json` prints it."""
+        cfg = self.config
+        teacher = None
+        if cfg.teacher is not None:
+            teacher = {"model": cfg.teacher.model, "row": cfg.teacher.row, "file": cfg.teacher.file}
+        init: dict[str, Any] = {"source": cfg.init.source}
+        for name in ("tag", "row", "file"):
+            if getattr(cfg.init, name) is not None:
+                init[name] = getattr(cfg.init, name)
+        res = cfg.resources
+        return {
+            "id": self.id,
+            "label": self.label,
+            "student": cfg.student.model,
+            "teacher": teacher,
+            "kd": dict(cfg.kd),
+            "init": init,
+            "recipe": cfg.recipe,
+            "dataset": cfg.data.dataset,
+            "img_size": cfg.data.img_size,
+            "epochs": cfg.train.epochs,
+            "depends_on": list(self.depends_on),
+            "key": self.key,
+            "resources": {
+                "nodes": res.nodes,
+                "gpus_per_node": res.gpus_per_node,
+                "cpus_per_task": res.cpus_per_task,
+                "mem_gb": res.mem_gb,
+                "time_min": res.time_min,
+                "partition": res.partition,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    experiment: str
+    file: str
+    rows: tuple[Row, ...]
+    tracking_uri: str | None = None
+    smoke: bool = False
+
+    def row(self, row_id: str) -> Row:
+        return next(r for r in self.rows if r.id == row_id)
+
+    def select(self, names: Iterable[str]) -> list[Row]:
+        """Rows by id or label, in grid order; unknown names are a GridError."""
+        wanted = [n.strip() for n in names if n.strip()]
+        by_name = {r.id: r for r in self.rows} | {r.label: r for r in self.rows}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise GridError(
+                [
+                    f"{self.file}: --rows: no row with id or label '{n}'{C.closest(n, by_name)}"
+                    for n in missing
+                ]
+            )
+        chosen = {by_name[n].id for n in wanted}
+        return [r for r in self.rows if r.id in chosen]
+
+    def dependents(self, ids: Iterable[str]) -> set[str]:
+        """`ids` and every row that (transitively) depends on one of them."""
+        closed = set(ids)
+        changed = True
+        while changed:
+            changed = False
+            for row in self.rows:
+                if row.id not in closed and closed.intersection(row.depends_on):
+                    closed.add(row.id)
+                    changed = True
+        return closed
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a grid file safely; a syntax error names the line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GridError([f"{path}: cannot read the grid file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)  # safe: no Python objects from YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise GridError([f"{where}: YAML syntax error: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise GridError(
+            [f"{path}: a grid file must be a YAML mapping with `name`, `defaults`, `rows`"]
+        )
+    return data
+
+
+def parse_overrides(overrides: Sequence[str], file: str) -> list[Any]:
+    """Parse CLI overrides with Hydra's own grammar (`a.b=1`, `+a=1`, `~a`, `a=1,2`)."""
+    if not overrides:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed, problems = [], []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except HydraException as exc:
+            first = str(exc).splitlines()[0]
+            problems.append(f"{file}: override '{text}': {first}")
+    if problems:
+        raise GridError(problems)
+    return parsed
+
+
+def _sweep_points(overrides: Sequence[Any]) -> list[list[tuple[Any, Any]]]:
+    """Each sweep override (`train.lr=1e-4,5e-4`) is one more axis; return the product."""
+    axes = []
+    for ov in overrides:
+        if ov.is_sweep_override():
+            axes.append([(ov, value) for value in ov.sweep_iterator()])
+    return [list(point) for point in itertools.product(*axes)] if axes else [[]]
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "", text)[:24] or "x"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _del_dotted(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def _has_dotted(tree: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _apply_override(
+    tree: dict[str, Any], ov: Any, value: Any, known: set[str], where: str, problems: list[str]
+) -> None:
+    """Apply one parsed Hydra override to a plain dict, Hydra's rules for `+`, `~` and `=`."""
+    key = ov.key_or_group
+    if ov.is_delete():
+        if not _del_dotted(tree, key) and key not in known:
+            problems.append(
+                f"{where}: override '{ov.input_line}': there is no key '{key}' to delete"
+            )
+        return
+    if ov.is_add() or ov.is_force_add():
+        _set_dotted(tree, key, value)
+        return
+    if not (_has_dotted(tree, key) or key in known):
+        hint = C.closest(key, known)
+        problems.append(
+            f"{where}: override '{ov.input_line}' names no existing key '{key}'{hint}; "
+            f"use '+{key}=...' to add a key"
+        )
+        return
+    _set_dotted(tree, key, value)
+
+
+def _merge(*layers: Any) -> dict[str, Any]:
+    """Deep-merge plain mappings; later layers win, lists and scalars are replaced."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if not isinstance(layer, Mapping):
+            continue
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = _copy(value)
+    return out
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Axes: a product of named values, filtered
+
+
+def _axis_choices(name: str, spec: Any) -> list[tuple[str, Any]]:
+    """An axis is a list of values (named by their text) or a mapping name -> value."""
+    if isinstance(spec, Mapping):
+        return [(str(k), v) for k, v in spec.items()]
+    if isinstance(spec, list):
+        return [(_slug(v), v) for v in spec]
+    return [(_slug(spec), spec)]
+
+
+def _matches(choice: Mapping[str, str], pattern: Mapping[str, Any]) -> bool:
+    return all(str(choice.get(str(k))) == str(v) for k, v in pattern.items())
+
+
+def _expand_axes(axes: Any, file: str, problems: list[str]) -> list[dict[str, Any]]:
+    """`axes:` -> raw rows (with id and label from the templates)."""
+    if axes is None:
+        return []
+    if not isinstance(axes, Mapping) or "values" not in axes:
+        problems.append(
+            f"{file}: axes: must be a mapping with `values` (and optional id, label, row, include, exclude)"
+        )
+        return []
+    for key in axes:
+        if key not in AXES_KEYS:
+            problems.append(f"{file}: axes.{key}: unknown key{C.closest(str(key), AXES_KEYS)}")
+    values = axes["values"]
+    if not isinstance(values, Mapping) or not values:
+        problems.append(f"{file}: axes.values: must be a non-empty mapping of dotted key -> values")
+        return []
+    names = list(values)
+    short = {n: n.split(".")[-1] for n in names}
+    id_template = axes.get("id") or "_".join("{" + short[n] + "}" for n in names)
+    label_template = axes.get("label") or id_template
+    rows = []
+    for combo in itertools.product(*(_axis_choices(n, values[n]) for n in names)):
+        choice = {n: c[0] for n, c in zip(names, combo, strict=True)}
+        choice |= {short[n]: c[0] for n, c in zip(names, combo, strict=True)}
+        if any(_matches(choice, p) for p in axes.get("exclude") or []):
+            continue
+        include = axes.get("include")
+        if include and not any(_matches(choice, p) for p in include):
+            continue
+        row = _copy(axes.get("row") or {})
+        for n, (_, value) in zip(names, combo, strict=True):
+            _set_dotted(row, n, _copy(value))
+        fields = {k.replace(".", "_"): v for k, v in choice.items()}
+        try:
+            row["id"] = id_template.format(**fields)
+            row["label"] = label_template.format(**fields)
+        except (KeyError, IndexError) as exc:
+            problems.append(
+                f"{file}: axes.id/label: template names unknown axis {exc}; axes are {names}"
+            )
+            return []
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion and validation
+
+
+def load_grid(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    smoke: bool = False,
+    check_data: bool = True,
+    check_models: bool = True,
+) -> Grid:
+    """Load, expand and validate a grid file. Raises `GridError` listing every problem."""
+    path = Path(path)
+    file = str(path)
+    raw = load_yaml(path)
+    problems: list[str] = []
+    for key in raw:
+        if key not in GRID_KEYS:
+            problems.append(
+                f"{file}: top-level key '{key}': unknown key{C.closest(str(key), GRID_KEYS)}"
+            )
+    parsed = parse_overrides(overrides, file)
+    known = C.schema_keys()
+
+    raw_rows: list[dict[str, Any]] = []
+    grid_raw = _copy(raw)
+    for point in _sweep_points(parsed):
+        point_raw = _copy(raw)
+        for ov in parsed:
+            if ov.key_or_group.split(".")[0] in GRID_LEVEL_OVERRIDES and not ov.is_sweep_override():
+                _apply_override(point_raw, ov, ov.value(), set(), f"{file}", problems)
+        grid_raw = point_raw
+        suffix = "-".join(f"{ov.key_or_group.split('.')[-1]}{_slug(v)}" for ov, v in point)
+        explicit = point_raw.get("rows") or []
+        if not isinstance(explicit, list):
+            problems.append(f"{file}: rows: must be a list of rows")
+            explicit = []
+        for row in [*_expand_axes(point_raw.get("axes"), file, problems), *explicit]:
+            merged = _compose_row(point_raw, row, parsed, point, known, file, problems)
+            if merged is None:
+                continue
+            if suffix:
+                _suffix_ids(merged, suffix, point)
+            raw_rows.append(merged)
+
+    name = grid_raw.get("name") or path.stem
+    experiment = grid_raw.get("experiment") or f"kdgrid-{name}"
+    if smoke:
+        experiment = f"{experiment}-smoke"
+    configs: list[C.RowConfig] = []
+    for merged in raw_rows:
+        where = _where(file, merged)
+        row_problems: list[C.Problem] = []
+        cfg = C.validate_section(C.RowConfig, merged, "", row_problems)
+        problems.extend(f"{where}: {p.key}: {p.message}" for p in row_problems)
+        if smoke:
+            from kd.smoke import smoke_row
+
+            cfg = smoke_row(cfg, name)
+        configs.append(cfg)
+    if not configs and not problems:
+        problems.append(f"{file}: the grid has no rows: add `rows:` or `axes:`")
+    problems.extend(_check_rows(configs, grid_raw, file, smoke, check_data, check_models))
+    configs = [_resolve_teacher_model(cfg, configs) for cfg in configs]
+    order = _topological_order(configs, file, problems)
+    if problems:
+        raise GridError(problems)
+    rows = _freeze(configs, order, name, file, experiment, smoke)
+    return Grid(
+        name=name,
+        experiment=experiment,
+        file=file,
+        rows=tuple(rows),
+        tracking_uri=grid_raw.get("tracking_uri"),
+        smoke=smoke,
+    )
+
+
+def _where(file: str, row: Mapping[str, Any]) -> str:
+    label = f" ({row.get('label')})" if row.get("label") else ""
+    return f"{file}: row '{row.get('id', '?')}'{label}"
+
+
+def _compose_row(
+    grid_raw: Mapping[str, Any],
+    row: Any,
+    overrides: Sequence[Any],
+    point: Sequence[tuple[Any, Any]],
+    known: set[str],
+    file: str,
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """defaults <- recipe <- row <- overrides, then OmegaConf interpolation."""
+    if not isinstance(row, Mapping):
+        problems.append(
+            f"{file}: rows: each row must be a mapping with at least `id` and `label`, got {row!r}"
+        )
+        return None
+    recipes = grid_raw.get("recipes") or {}
+    recipe_name = row.get("recipe", (grid_raw.get("defaults") or {}).get("recipe"))
+    recipe = {}
+    if recipe_name is not None:
+        if recipe_name not in recipes:
+            problems.append(
+                f"{_where(file, row)}: recipe: unknown recipe '{recipe_name}'{C.closest(str(recipe_name), recipes)}; "
+                f"the grid defines: {', '.join(recipes) or 'none'}"
+            )
+        else:
+            recipe = recipes[recipe_name]
+    merged = _merge(grid_raw.get("defaults") or {}, recipe, row)
+    swept = dict((id(ov), v) for ov, v in point)
+    for ov in overrides:
+        if ov.key_or_group.split(".")[0] in GRID_LEVEL_OVERRIDES:
+            continue
+        value = (
+            swept[id(ov)] if ov.is_sweep_override() else (None if ov.is_delete() else ov.value())
+        )
+        _apply_override(merged, ov, value, known, _where(file, merged), problems)
+    context = {k: grid_raw.get(k) for k in ("name", "experiment") if k in grid_raw}
+    try:
+        node = OmegaConf.create({**context, **merged})
+        resolved = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as exc:
+        problems.append(f"{_where(file, merged)}: interpolation: {str(exc).splitlines()[0]}")
+        return None
+    for key in context:
+        resolved.pop(key, None)
+    return resolved
+
+
+def _suffix_ids(row: dict[str, Any], suffix: str, point: Sequence[tuple[Any, Any]]) -> None:
+    """A sweep point is a parallel copy of the grid: ids, labels and row references get its suffix."""
+    row["id"] = f"{row.get('id', '')}-{suffix}"
+    tag = ", ".join(f"{ov.key_or_group}={v}" for ov, v in point)
+    row["label"] = f"{row.get('label', '')} [{tag}]"
+    for section in ("teacher", "init"):
+        ref = row.get(section)
+        if isinstance(ref, dict) and isinstance(ref.get("row"), str):
+            ref["row"] = f"{ref['row']}-{suffix}"
+
+
+def _check_rows(
+    configs: Sequence[C.RowConfig],
+    grid_raw: Mapping[str, Any],
+    file: str,
+    smoke: bool,
+    check_data: bool,
+    check_models: bool,
+) -> list[str]:
+    """Checks that need more than one key: ids, references, models, KD terms, datasets."""
+    from kd import losses
+
+    problems: list[str] = []
+    ids = [c.id for c in configs]
+    by_id = {c.id: c for c in configs}
+    seen_ids: set[str] = set()
+    seen_labels: dict[str, str] = {}
+    for cfg in configs:
+        where = f"{file}: row '{cfg.id or '?'}'" + (f" ({cfg.label})" if cfg.label else "")
+        if not cfg.id:
+            problems.append(f"{where}: id: every row needs a short stable `id`")
+        elif not ID_PATTERN.match(cfg.id):
+            problems.append(f"{where}: id: '{cfg.id}' may use letters, digits and _ . + - only")
+        elif cfg.id in seen_ids:
+            problems.append(f"{where}: id: duplicate id '{cfg.id}'; ids must be unique in a grid")
+        seen_ids.add(cfg.id)
+        if not cfg.label:
+            problems.append(
+                f"{where}: label: every row needs a `label` (its place in the paper's table)"
+            )
+        elif cfg.label in seen_labels and seen_labels[cfg.label] != cfg.id:
+            problems.append(
+                f"{where}: label: duplicate label '{cfg.label}' (also row '{seen_labels[cfg.label]}')"
+            )
+        else:
+            seen_labels[cfg.label] = cfg.id
+        for section, ref in (("teacher", cfg.teacher), ("init", cfg.init)):
+            if ref is None:
+                continue
+            if ref.row is not None and ref.row not in by_id:
+                problems.append(
+                    f"{where}: {section}.row: no row '{ref.row}' in this grid{C.closest(ref.row, ids)}"
+                )
+            if ref.row is not None and ref.row == cfg.id:
+                problems.append(f"{where}: {section}.row: a row cannot depend on itself")
+        if cfg.init.source == "row" and cfg.init.row is None:
+            problems.append(f"{where}: init.row: `init: {{source: row}}` needs `row: ID`")
+        if cfg.init.source == "file" and not cfg.init.file:
+            problems.append(f"{where}: init.file: `init: {{source: file}}` needs `file: PATH`")
+        if (
+            cfg.init.source == "file"
+            and cfg.init.file
+            and not smoke
+            and not Path(cfg.init.file).is_file()
+        ):
+            problems.append(f"{where}: init.file: no checkpoint file at '{cfg.init.file}'")
+        if cfg.teacher is not None:
+            if cfg.teacher.row is None and cfg.teacher.model is None:
+                problems.append(
+                    f"{where}: teacher: give `row: ID` or `model: NAME` (and optionally `file`)"
+                )
+            if cfg.teacher.file and not smoke and not Path(cfg.teacher.file).is_file():
+                problems.append(
+                    f"{where}: teacher.file: no checkpoint file at '{cfg.teacher.file}'"
+                )
+        for problem in losses.check_terms(cfg.kd):
+            problems.append(f"{where}: kd: {problem}")
+        needs_teacher = [
+            t
+            for t in cfg.kd
+            if t in losses.TERMS and losses.TERMS[t].needs_teacher and cfg.kd[t] > 0
+        ]
+        if needs_teacher and cfg.teacher is None:
+            problems.append(
+                f"{where}: teacher: KD term(s) {', '.join(needs_teacher)} need a teacher; "
+                "set `teacher: {row: ID}` or `teacher: {model: NAME}`"
+            )
+        if check_models:
+            problems.extend(_check_models(cfg, where))
+    if check_data and not smoke:
+        problems.extend(_check_data(configs, file))
+    return problems
+
+
+def _check_data(configs: Sequence[C.RowConfig], file: str) -> list[str]:
+    """Missing or malformed dataset copies, reported once per copy with the rows that use it."""
+    from kd.data import DatasetSpec, check_dataset
+
+    users: dict[DatasetSpec, list[str]] = {}
+    for cfg in configs:
+        spec = DatasetSpec(cfg.data.dataset, cfg.data.root, cfg.data.dogs_root)
+        users.setdefault(spec, []).append(cfg.id)
+    problems = []
+    for spec, row_ids in users.items():
+        rows = (
+            f"row '{row_ids[0]}'"
+            if len(row_ids) == 1
+            else f"rows {', '.join(repr(r) for r in row_ids)}"
+        )
+        problems.extend(f"{file}: {rows}: data: {p}" for p in check_dataset(spec))
+    return problems
+
+
+def _check_models(cfg: C.RowConfig, where: str) -> list[str]:
+    from kd.models import check_model_name
+
+    problems = []
+    names = [("student.model", cfg.student.model)]
+    if cfg.teacher is not None and cfg.teacher.model:
+        names.append(("teacher.model", cfg.teacher.model))
+    for key, name in names:
+        message = check_model_name(name)
+        if message:
+            problems.append(f"{where}: {key}: {message}")
+    return problems
+
+
+def _resolve_teacher_model(cfg: C.RowConfig, configs: Sequence[C.RowConfig]) -> C.RowConfig:
+    """`teacher: {row: X}` takes X's student architecture as the teacher model."""
+    if cfg.teacher is None or cfg.teacher.row is None:
+        return cfg
+    source = next((c for c in configs if c.id == cfg.teacher.row), None)
+    if source is None:
+        return cfg
+    teacher = dataclasses.replace(cfg.teacher, model=source.student.model)
+    return dataclasses.replace(cfg, teacher=teacher)
+
+
+def row_dependencies(cfg: C.RowConfig) -> tuple[str, ...]:
+    deps = []
+    if cfg.teacher is not None and cfg.teacher.row:
+        deps.append(cfg.teacher.row)
+    if cfg.init.row:
+        deps.append(cfg.init.row)
+    return tuple(dict.fromkeys(deps))
+
+
+def _topological_order(configs: Sequence[C.RowConfig], file: str, problems: list[str]) -> list[str]:
+    """Row ids, dependencies first; a cycle is reported with its path."""
+    ids = {c.id for c in configs}
+    deps = {c.id: [d for d in row_dependencies(c) if d in ids and d != c.id] for c in configs}
+    order: list[str] = []
+    state: dict[str, str] = {}
+    reported: set[frozenset[str]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "active":
+            cycle = path[path.index(node) :] + [node]
+            if frozenset(cycle) not in reported:
+                reported.add(frozenset(cycle))
+                problems.append(
+                    f"{file}: row '{node}': teacher.row/init.row: dependency cycle "
+                    f"{' -> '.join(cycle)}; a row cannot (indirectly) depend on itself"
+                )
+            return
+        state[node] = "active"
+        for dep in deps[node]:
+            visit(dep, [*path, node])
+        state[node] = "done"
+        order.append(node)
+
+    for cfg in configs:
+        visit(cfg.id, [])
+    return order
+
+
+def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str]) -> str:
+    """Hash of everything that changes the row's result (not placement, not names)."""
+    tree = C.to_dict(cfg)
+    for section in C.PLACEMENT_SECTIONS:
+        tree.pop(section, None)
+    for dotted in C.PLACEMENT_FIELDS:
+        section, name = dotted.split(".")
+        tree[section].pop(name, None)
+    for section in ("teacher", "init"):
+        ref = tree.get(section)
+        if isinstance(ref, dict) and ref.get("row"):
+            ref["row"] = {"key": dep_keys[ref["row"]]}
+    text = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _freeze(
+    configs: Sequence[C.RowConfig],
+    order: Sequence[str],
+    name: str,
+    file: str,
+    experiment: str,
+    smoke: bool,
+) -> list[Row]:
+    by_id = {c.id: c for c in configs}
+    keys: dict[str, str] = {}
+    for row_id in order:
+        keys[row_id] = content_key(by_id[row_id], keys)
+    return [
+        Row(
+            config=cfg,
+            key=keys[cfg.id],
+            depends_on=row_dependencies(cfg),
+            grid=name,
+            grid_file=file,
+            experiment=experiment,
+            smoke=smoke,
+        )
+        for cfg in configs
+    ]
+
+
+def dependency_checkpoint(row: Row, dep_id: str) -> Path:
+    """Where the dependency row writes its best checkpoint (same output root)."""
+    return Path(row.config.output_dir) / dep_id / "best.pt"
+
+
+__all__ = [
+    "Grid",
+    "GridError",
+    "Row",
+    "content_key",
+    "dependency_checkpoint",
+    "load_grid",
+    "row_dependencies",
+]

@@ -1,0 +1,110 @@
+"""Which rows a launch runs: the grid, the command-line flags, and what MLflow already holds.
+
+The rules that keep a row from running twice by accident:
+  - a row whose content key has a FINISHED run is skipped (`--force` reruns it);
+  - a row whose latest run is SCHEDULED or RUNNING, and alive, is not started again;
+  - `--rerun-failed` runs only rows whose latest run FAILED or was KILLED, and the unfinished
+    rows that depend on them;
+  - every dependency of a row that runs must be finished or run in the same launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from kd.grid import Grid, GridError, Row
+from kd.tracking import ACTIVE, FAILED, RunRecord
+
+Action = Literal["run", "skip_finished", "skip_active", "not_selected"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    row: Row
+    action: Action
+    reason: str
+    previous: RunRecord | None = None
+
+
+def plan_launch(
+    grid: Grid,
+    latest: Mapping[str, RunRecord],
+    *,
+    rows: Iterable[str] | None = None,
+    rerun_failed: bool = False,
+    force: bool = False,
+    is_alive: Callable[[RunRecord], bool] = lambda record: True,
+) -> list[Decision]:
+    """One decision per grid row, in grid order. Raises GridError when a row to run has a
+    dependency that is neither finished nor part of this launch."""
+    selected = {r.id for r in grid.select(rows)} if rows else {r.id for r in grid.rows}
+    if rerun_failed:
+        failed = {
+            r.id
+            for r in grid.rows
+            if r.id in selected and r.key in latest and _is_failed(latest[r.key], is_alive)
+        }
+        candidates = grid.dependents(failed)
+    else:
+        candidates = selected
+
+    decisions = []
+    for row in grid.rows:
+        previous = latest.get(row.key)
+        if row.id not in candidates:
+            reason = "not selected" if not rerun_failed else "did not fail"
+            if previous is not None:
+                reason += f"; latest run {previous.status.lower()}"
+            decisions.append(Decision(row, "not_selected", reason, previous))
+        elif previous is not None and previous.status in ACTIVE and is_alive(previous):
+            job = f" (job {previous.job_id})" if previous.job_id else ""
+            decisions.append(
+                Decision(row, "skip_active", f"already {previous.status.lower()}{job}", previous)
+            )
+        elif previous is not None and previous.status == "FINISHED" and not force:
+            decisions.append(
+                Decision(
+                    row,
+                    "skip_finished",
+                    f"finished in run {previous.run_id} (use --force to rerun)",
+                    previous,
+                )
+            )
+        else:
+            reason = (
+                "forced rerun" if previous is not None and previous.status == "FINISHED" else "new"
+            )
+            if previous is not None and previous.status != "FINISHED":
+                reason = f"rerun (latest run {previous.status.lower()})"
+            decisions.append(Decision(row, "run", reason, previous))
+    _check_dependencies(grid, decisions, latest)
+    return decisions
+
+
+def _is_failed(record: RunRecord, is_alive: Callable[[RunRecord], bool]) -> bool:
+    return record.status in FAILED or (record.status in ACTIVE and not is_alive(record))
+
+
+def _check_dependencies(
+    grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
+) -> None:
+    running = {d.row.id for d in decisions if d.action == "run"}
+    problems = []
+    for decision in decisions:
+        if decision.action != "run":
+            continue
+        for dep_id in decision.row.depends_on:
+            dep = grid.row(dep_id)
+            record = latest.get(dep.key)
+            if dep_id in running or (record is not None and record.status == "FINISHED"):
+                continue
+            state = "has never run" if record is None else f"is {record.status.lower()}"
+            problems.append(
+                f"{grid.file}: row '{decision.row.id}' ({decision.row.label}): depends on row '{dep_id}', "
+                f"which {state} and is not part of this launch; add it with --rows "
+                f"{','.join(sorted({decision.row.id, dep_id}))} or run it first"
+            )
+    if problems:
+        raise GridError(problems)

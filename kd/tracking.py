@@ -1,0 +1,265 @@
+"""MLflow bookkeeping: the only module that imports mlflow.
+
+The launcher creates one run per row *before* the row starts (status SCHEDULED), so the run id
+is known at submission, a requeued job lands back in the same run, and a second launch can see
+what is scheduled, running, finished or failed. Rows are found again by their content key tag.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from kd.grid import Row
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "kdgrid"  # tag namespace
+ACTIVE = ("SCHEDULED", "RUNNING")
+FAILED = ("FAILED", "KILLED")
+PARAM_MAX_CHARS = 6000
+
+
+def resolve_tracking_uri(explicit: str | None = None, grid_uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the grid's `tracking_uri`, else MLflow's
+    default SQLite file in the working directory (where `mlflow ui` looks)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or grid_uri or DEFAULT_TRACKING_URI
+
+
+@functools.cache
+def project_commit() -> str:
+    """The kdgrid git commit the row ran with ('unknown' outside a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a launch needs to know about an existing run."""
+
+    run_id: str
+    key: str
+    row_id: str
+    status: str  # MLflow status: SCHEDULED, RUNNING, FINISHED, FAILED, KILLED
+    start_time: int
+    tags: Mapping[str, str]
+
+    @property
+    def job_id(self) -> str | None:
+        return self.tags.get(f"{TAG}.job_id")
+
+
+def row_params(row: Row) -> dict[str, str]:
+    """The resolved row config as flat dotted params, the same keys in every row.
+
+    Every registered KD term appears (weight 0 when unused) and an absent teacher is spelled
+    out with null fields, so MLflow's compare view lines rows up key by key.
+    """
+    from kd import config as C
+    from kd.losses import TERMS
+
+    tree = C.to_dict(row.config)
+    tree["kd"] = {name: float(row.config.kd.get(name, 0.0)) for name in TERMS}
+    if tree["teacher"] is None:
+        tree["teacher"] = C.to_dict(C.TeacherConfig())
+    flat = C.flatten(tree)
+    flat["key"] = row.key
+    flat["smoke"] = row.smoke
+    return {k: ("" if v is None else str(v))[:PARAM_MAX_CHARS] for k, v in sorted(flat.items())}
+
+
+def row_yaml(row: Row) -> str:
+    return yaml.safe_dump(row.to_dict(), sort_keys=False)
+
+
+class Tracker:
+    """Launcher-side view of a tracking store."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def ensure_experiment(self, name: str) -> str:
+        """Create the experiment once, here, before any job can race to create it."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def experiment_id(self, name: str) -> str | None:
+        found = self.client.get_experiment_by_name(name)
+        return None if found is None else found.experiment_id
+
+    def row_runs(self, experiment_id: str) -> list[RunRecord]:
+        """Every row run of the experiment, newest first (one paged search, no per-row calls)."""
+        records: list[RunRecord] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{TAG}.key` != ''",
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                tags = run.data.tags
+                records.append(
+                    RunRecord(
+                        run_id=run.info.run_id,
+                        key=tags.get(f"{TAG}.key", ""),
+                        row_id=tags.get(f"{TAG}.id", ""),
+                        status=run.info.status,
+                        start_time=run.info.start_time or 0,
+                        tags=dict(tags),
+                    )
+                )
+            token = page.token
+            if not token:
+                return records
+
+    def latest_by_key(self, experiment_id: str) -> dict[str, RunRecord]:
+        latest: dict[str, RunRecord] = {}
+        for record in self.row_runs(experiment_id):
+            latest.setdefault(record.key, record)
+        return latest
+
+    def create_row_run(
+        self, experiment_id: str, row: Row, *, executor: str, parent_run_id: str | None = None
+    ) -> str:
+        """A SCHEDULED run with the row's tags, params and resolved config, before it starts."""
+        from mlflow.entities import Param
+
+        tags = {
+            f"{TAG}.grid": row.grid,
+            f"{TAG}.grid_file": row.grid_file,
+            f"{TAG}.id": row.id,
+            f"{TAG}.label": row.label,
+            f"{TAG}.key": row.key,
+            f"{TAG}.commit": project_commit(),
+            f"{TAG}.executor": executor,
+            f"{TAG}.launch_host": socket.gethostname(),
+            f"{TAG}.launcher_pid": str(os.getpid()),
+            f"{TAG}.smoke": str(row.smoke).lower(),
+            "mlflow.source.git.commit": project_commit(),
+        }
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=row.run_name, tags=tags)
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in row_params(row).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[start : start + 100])
+        self.client.log_text(run_id, row_yaml(row), "row.yaml")
+        self.client.update_run(run_id, status="SCHEDULED")
+        return run_id
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def mark(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run that will not (or did not) finish by itself."""
+        if reason:
+            self.client.set_tag(run_id, f"{TAG}.failure_reason", reason[:5000])
+        self.client.set_terminated(run_id, status=status)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+
+class RowRun:
+    """Job-side handle on the row's MLflow run: metrics, artifacts, the final status.
+
+    Every call retries with backoff, so a tracking server that restarts mid-run loses nothing.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, retries: int = 5):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+        self.retries = retries
+
+    def _retry(self, fn, *args, **kwargs) -> Any:
+        delay = 1.0
+        for attempt in range(self.retries):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                if attempt == self.retries - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+        return None
+
+    def start(self, tags: Mapping[str, str] | None = None) -> None:
+        self._retry(self.client.update_run, self.run_id, status="RUNNING")
+        for key, value in (tags or {}).items():
+            self._retry(self.client.set_tag, self.run_id, key, value)
+
+    def status(self) -> str:
+        return self._retry(self.client.get_run, self.run_id).info.status
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()]
+        self._retry(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._retry(self.client.set_tag, self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if reason:
+            self.set_tag(f"{TAG}.failure_reason", reason[:5000])
+        self._retry(self.client.set_terminated, self.run_id, status=status)
+
+
+def metric_history(
+    tracking_uri: str, run_ids: Iterable[str], names: Iterable[str]
+) -> dict[str, dict]:
+    """Latest values of `names` for each run (for status and tables)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out: dict[str, dict] = {}
+    for run_id in run_ids:
+        metrics = client.get_run(run_id).data.metrics
+        out[run_id] = {n: metrics.get(n) for n in names}
+    return out
