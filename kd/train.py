@@ -1,0 +1,611 @@
+"""run(row): build -> Accelerate prepare -> train/evaluate each epoch -> checkpoint; resumable.
+
+One loop that reads top to bottom. Every epoch the full training state is written atomically
+to `<row dir>/state.pt` together with the MLflow run id, so a killed or requeued job resumes
+at the next epoch into the same MLflow run. Randomness is re-seeded from (seed, epoch) at the
+start of every epoch, which makes a resumed run bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd import config as C
+from kd.grid import Row, dependency_checkpoint
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+PROGRESS_FILE = "progress.json"
+NAN_CHECK_EVERY = 10  # steps between finiteness checks (each check syncs the GPU)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: the row fails, with the reason recorded in MLflow."""
+
+
+class StopRequested(Exception):
+    """Raised between epochs when the job was asked to stop (preemption, time limit)."""
+
+
+@dataclass
+class Built:
+    """Everything a row trains with, before Accelerate wraps it."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    step_module: torch.nn.Module
+    train_loader: Any
+    test_loader: Any
+    loader_generator: torch.Generator
+    mixup: Callable | None
+    teacher_renorm: tuple[torch.Tensor, torch.Tensor] | None
+    num_classes: int
+
+
+class DistillationStep(torch.nn.Module):
+    """Student + KD loss in one module, so DDP sees every trainable parameter (the student and
+    the embed_mse projection) in one forward and synchronises all their gradients."""
+
+    def __init__(
+        self, student: torch.nn.Module, kd_loss: torch.nn.Module, feature_layer: str | None
+    ):
+        super().__init__()
+        self.student = student
+        self.kd_loss = kd_loss
+        self.feature_layer = feature_layer
+
+    def forward(
+        self, images, targets, teacher_logits=None, teacher_emb=None
+    ) -> dict[str, torch.Tensor]:
+        from kd.losses import LossInputs
+        from kd.models import forward_with_embedding
+
+        out = forward_with_embedding(self.student, images, feature_layer=self.feature_layer)
+        inputs = LossInputs(
+            logits=out.logits,
+            dist_logits=out.dist_logits,
+            targets=targets,
+            teacher_logits=teacher_logits,
+            student_emb=out.embedding,
+            teacher_emb=teacher_emb,
+        )
+        return self.kd_loss(inputs)
+
+
+def run(
+    row: Row,
+    *,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Train one row to the end (or resume it) and return its final metrics.
+
+    `run_id` is the row's MLflow run (created by the launcher); None means create one here.
+    `stop_requested` is polled between epochs; when it returns True the state is saved and
+    `StopRequested` is raised so the caller can requeue.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from kd import tracking
+
+    cfg = row.config
+    log = log or _print
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=_mixed_precision(cfg.train.precision, cuda),
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+    )
+    main = accelerator.is_main_process
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if run_id is None and main:
+        tracker = tracking.Tracker(uri)
+        run_id = tracker.create_row_run(
+            tracker.ensure_experiment(row.experiment), row, executor="inline"
+        )
+    mlrun = tracking.RowRun(uri, run_id) if main and run_id else None
+    out_dir = row.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if mlrun:
+            mlrun.start(
+                {
+                    "kdgrid.world_size": str(accelerator.num_processes),
+                    "kdgrid.device": str(accelerator.device),
+                }
+            )
+        set_seed(cfg.train.seed)
+        built = build(row, accelerator)
+        result = _train(row, accelerator, built, mlrun, run_id, stop_requested, log)
+    except StopRequested:
+        raise
+    except BaseException as exc:
+        if mlrun:
+            reason = f"{type(exc).__name__}: {exc}"
+            try:
+                mlrun.finish(
+                    "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", reason=reason
+                )
+            except Exception as log_exc:  # the tracking server may be the problem itself
+                print(
+                    f"[{row.id}] could not record the failure in MLflow: {log_exc}", file=sys.stderr
+                )
+        raise
+    if mlrun:
+        mlrun.finish("FINISHED")
+    accelerator.end_training()
+    return result
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _mixed_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def resolve_weights(
+    row: Row, ref: C.InitConfig | C.TeacherConfig, pretrained_ok: bool
+) -> dict[str, Any]:
+    """`build_model` arguments for where a student's or teacher's weights come from."""
+    if getattr(ref, "row", None):
+        path = dependency_checkpoint(row, ref.row)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"row '{row.id}': needs the best checkpoint of row '{ref.row}' at {path}, which does not "
+                f"exist; run row '{ref.row}' first (launch/grid.py runs dependencies before dependents)"
+            )
+        return {"source": "row", "checkpoint": path, "trusted_checkpoint": True}
+    if getattr(ref, "file", None):
+        return {"source": "file", "checkpoint": ref.file}
+    if isinstance(ref, C.InitConfig):
+        if ref.source == "pretrained":
+            return {"source": "pretrained", "pretrained_tag": ref.tag}
+        return {"source": "scratch"}
+    return {"source": "pretrained" if pretrained_ok else "scratch"}
+
+
+def build(row: Row, accelerator: Any) -> Built:
+    """Models, loss, data and loaders for a row (not yet wrapped by Accelerate)."""
+    from kd import data as D
+    from kd import models as M
+    from kd.losses import KDLoss, KDOptions
+
+    cfg = row.config
+    where = f"row '{row.id}' ({row.grid_file})"
+    spec = D.DatasetSpec(cfg.data.dataset, cfg.data.root, cfg.data.dogs_root)
+    num_classes = D.num_classes(spec)
+    student = M.build_model(
+        cfg.student.model,
+        num_classes=num_classes,
+        img_size=cfg.data.img_size,
+        drop_path_rate=cfg.student.drop_path,
+        where=where,
+        **resolve_weights(row, cfg.init, pretrained_ok=True),
+    )
+    if M.is_distilled(student):
+        # Two heads in training only when a term trains the distillation head; otherwise timm
+        # returns the mean of both heads, so both learn the labels and evaluation (the mean of
+        # the heads) scores a trained classifier.
+        uses_dist_head = any(cfg.kd.get(t, 0) > 0 for t in ("deit_hard", "deit_soft"))
+        student.set_distilled_training(uses_dist_head)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = M.build_model(
+            cfg.teacher.model,
+            num_classes=num_classes,
+            img_size=cfg.data.img_size,
+            where=where + " teacher",
+            **resolve_weights(row, cfg.teacher, pretrained_ok=cfg.teacher.pretrained),
+        )
+        M.freeze_teacher(teacher)
+    kd_loss = KDLoss(
+        cfg.kd,
+        KDOptions(
+            tau=cfg.kd_options.tau,
+            soft_reduction=cfg.kd_options.soft_reduction,
+            label_smoothing=cfg.train.label_smoothing,
+        ),
+        student_dim=M.embedding_dim(student),
+        teacher_dim=M.embedding_dim(teacher) if teacher is not None else None,
+    )
+    if teacher is not None and not kd_loss.needs_teacher:
+        teacher = None  # only used for terms with weight 0: don't pay for its forward pass
+    student_data = M.data_config(student)
+    train_tf = D.build_transforms(
+        train=True,
+        img_size=cfg.data.img_size,
+        mean=student_data["mean"],
+        std=student_data["std"],
+        auto_augment=cfg.train.auto_augment,
+        hflip=cfg.train.hflip,
+        re_prob=cfg.train.re_prob,
+        interpolation=student_data.get("interpolation", "bicubic"),
+    )
+    eval_tf = D.build_transforms(
+        train=False,
+        img_size=cfg.data.img_size,
+        mean=student_data["mean"],
+        std=student_data["std"],
+        crop_pct=cfg.train.eval_crop_pct,
+        crop_mode=cfg.train.eval_crop_mode,
+        interpolation=student_data.get("interpolation", "bicubic"),
+    )
+    train_ds = D.load_split(spec, "train", transform=train_tf)
+    test_ds = D.load_split(spec, "test", transform=eval_tf)
+    train_loader = D.build_loader(
+        train_ds,
+        batch_size=cfg.train.batch_size,
+        train=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+    )
+    test_loader = D.build_loader(
+        test_ds,
+        batch_size=cfg.train.batch_size,
+        train=False,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+    )
+    generator = getattr(train_loader, "generator", None) or getattr(
+        train_loader.sampler, "generator", None
+    )
+    if generator is None:
+        generator = torch.Generator()
+    mixup = D.build_mixup(num_classes, cfg.train.mixup, cfg.train.cutmix, cfg.train.label_smoothing)
+    renorm = None
+    if teacher is not None:
+        teacher_data = M.data_config(teacher)
+        if tuple(teacher_data["mean"]) != tuple(student_data["mean"]) or tuple(
+            teacher_data["std"]
+        ) != tuple(student_data["std"]):
+            renorm = _renorm_tensors(student_data, teacher_data)
+    step_module = DistillationStep(student, kd_loss, cfg.student.feature_layer)
+    return Built(
+        student=student,
+        teacher=teacher,
+        step_module=step_module,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        loader_generator=generator,
+        mixup=mixup,
+        teacher_renorm=renorm,
+        num_classes=num_classes,
+    )
+
+
+def _renorm_tensors(student_data: dict, teacher_data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift that turn the student's normalised batch into the teacher's:
+    x_t = (x_s * std_s + mean_s - mean_t) / std_t = x_s * a + b."""
+    ms, ss = torch.tensor(student_data["mean"]), torch.tensor(student_data["std"])
+    mt, st = torch.tensor(teacher_data["mean"]), torch.tensor(teacher_data["std"])
+    a = (ss / st).view(1, 3, 1, 1)
+    b = ((ms - mt) / st).view(1, 3, 1, 1)
+    return a, b
+
+
+def build_optimizer(cfg: C.TrainConfig, step_module: DistillationStep, cuda: bool):
+    """timm's optimizer for the student (weight decay and layer decay groups), plus the
+    projection of embed_mse as one more group."""
+    from timm.optim import create_optimizer_v2
+
+    extra: dict[str, Any] = {}
+    if cuda and cfg.opt.lower() in ("adamw", "adam"):
+        extra["fused"] = True
+    optimizer = create_optimizer_v2(
+        step_module.student,
+        opt=cfg.opt,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        **extra,
+    )
+    projection = [p for p in step_module.kd_loss.parameters() if p.requires_grad]
+    if projection:
+        optimizer.add_param_group(
+            {"params": projection, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        )
+    return optimizer
+
+
+def build_scheduler(cfg: C.TrainConfig, optimizer, updates_per_epoch: int):
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator) -> None:
+    """All randomness of an epoch derives from (seed, epoch, rank): resume is exact."""
+    base = seed * 100_003 + epoch * 1_009
+    random.seed(base + rank)
+    np.random.seed((base + rank) % 2**32)
+    torch.manual_seed(base + rank)
+    generator.manual_seed(base)  # same shuffle on every rank; Accelerate shards it
+
+
+def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -> dict[str, float]:
+    from timm.utils import ModelEmaV3
+
+    from kd.evaluate import evaluate
+
+    cfg = row.config
+    tcfg = cfg.train
+    cuda = accelerator.device.type == "cuda"
+    steps_per_epoch = len(built.train_loader)
+    if tcfg.limit_train_batches:
+        steps_per_epoch = min(steps_per_epoch, tcfg.limit_train_batches)
+    updates_per_epoch = max(1, steps_per_epoch // tcfg.grad_accum_steps)
+    if cuda and tcfg.channels_last:
+        built.step_module.to(memory_format=torch.channels_last)
+        if built.teacher is not None:
+            built.teacher.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(tcfg, built.step_module, cuda)
+    scheduler = build_scheduler(tcfg, optimizer, updates_per_epoch)
+    step_module, optimizer, train_loader, test_loader = accelerator.prepare(
+        built.step_module, optimizer, built.train_loader, built.test_loader
+    )
+    teacher = built.teacher.to(accelerator.device) if built.teacher is not None else None
+    if cuda and tcfg.compile:
+        step_module = torch.compile(step_module)
+        teacher = torch.compile(teacher) if teacher is not None else None
+    student = accelerator.unwrap_model(step_module).student
+    ema = ModelEmaV3(student, decay=tcfg.ema_decay) if tcfg.ema else None
+    renorm = (
+        tuple(t.to(accelerator.device) for t in built.teacher_renorm)
+        if built.teacher_renorm
+        else None
+    )
+
+    state_path = row.output_dir / STATE_FILE
+    start_epoch, global_step, best_acc1, history = 0, 0, -1.0, []
+    state = _load_state(state_path, run_id)
+    if state is not None:
+        accelerator.unwrap_model(step_module).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, global_step, best_acc1 = (
+            state["epoch"] + 1,
+            state["global_step"],
+            state["best_acc1"],
+        )
+        history = state.get("history", [])
+        log(f"[{row.id}] resuming after epoch {state['epoch'] + 1}/{tcfg.epochs} from {state_path}")
+        if mlrun and history:
+            _log_missing_epoch(mlrun, history[-1])
+    started = time.time()
+    for epoch in range(start_epoch, tcfg.epochs):
+        seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
+        step_module.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen, epoch_start = 0, time.time()
+        for step, (images, targets) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            if cuda and tcfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if built.mixup is not None:
+                images, targets = built.mixup(images, targets)
+            teacher_logits = teacher_emb = None
+            if teacher is not None:
+                teacher_logits, teacher_emb = _teacher_forward(teacher, images, renorm, accelerator)
+            with accelerator.accumulate(step_module):
+                with accelerator.autocast():
+                    losses = step_module(images, targets, teacher_logits, teacher_emb)
+                loss = losses["loss"]
+                if _inject_nan(global_step):
+                    loss = loss * float("nan")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg.clip_grad:
+                    accelerator.clip_grad_norm_(step_module.parameters(), tcfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + (
+                    loss.detach() if name == "loss" else value.detach()
+                )
+            if accelerator.sync_gradients:
+                global_step += 1
+                scheduler.step_update(num_updates=global_step)
+                if ema is not None:
+                    ema.update(student, step=global_step)
+            seen += images.shape[0]
+            if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
+                _check_finite(sums, epoch, step)
+        _check_finite(sums, epoch, steps_per_epoch - 1)
+        scheduler.step(epoch + 1)
+        train_time = time.time() - epoch_start
+        img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
+        metrics = {f"train/{k}": float(v.item()) / max(steps_per_epoch, 1) for k, v in sums.items()}
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics["train/img_per_s"] = img_per_s
+        val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
+        metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
+        if ema is not None:
+            val_ema = evaluate(ema.module, test_loader, accelerator, limit=tcfg.limit_eval_batches)
+            metrics |= {"val_ema/acc1": val_ema["acc1"], "val_ema/acc5": val_ema["acc5"]}
+        metrics["epoch"] = epoch + 1
+        improved = val["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, val["acc1"])
+        metrics["val/best_acc1"] = best_acc1
+        history.append({"epoch": epoch, "metrics": metrics})
+        if accelerator.is_main_process:
+            model_file = _model_checkpoint(
+                row, accelerator.unwrap_model(step_module), epoch, val, built.num_classes
+            )
+            if improved:
+                _atomic_save(model_file, row.output_dir / BEST_FILE)
+            _atomic_save(model_file, row.output_dir / LAST_FILE)
+            _atomic_save(
+                {
+                    "model": accelerator.unwrap_model(step_module).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "best_acc1": best_acc1,
+                    "run_id": run_id,
+                    "key": row.key,
+                    "history": history,
+                    "rng": _rng_state(),
+                },
+                state_path,
+            )
+            if mlrun:
+                mlrun.log_metrics(metrics, step=epoch + 1)
+            elapsed = time.time() - started
+            done = epoch + 1 - start_epoch
+            eta = elapsed / done * (tcfg.epochs - epoch - 1)
+            _write_progress(row, epoch + 1, tcfg.epochs, val["acc1"], eta)
+            log(
+                f"[{row.id}] epoch {epoch + 1}/{tcfg.epochs} loss {metrics['train/loss']:.4f} "
+                f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f} "
+                f"{img_per_s:.1f} img/s eta {_hms(eta)}"
+            )
+        accelerator.wait_for_everyone()
+        if stop_requested is not None and stop_requested() and epoch + 1 < tcfg.epochs:
+            raise StopRequested(f"stopped after epoch {epoch + 1}; state saved at {state_path}")
+    if accelerator.is_main_process and mlrun:
+        for name in (BEST_FILE, LAST_FILE):
+            if (row.output_dir / name).is_file():
+                mlrun.log_artifact(row.output_dir / name, "checkpoints")
+    final = history[-1]["metrics"] if history else {}
+    return {k: v for k, v in final.items() if isinstance(v, (int, float))}
+
+
+def _teacher_forward(teacher, images, renorm, accelerator):
+    """Teacher logits and embedding on the same augmented batch, frozen, in inference mode.
+    The outputs are cloned so autograd may save them for the student's backward."""
+    from kd.models import forward_with_embedding
+
+    with torch.inference_mode(), accelerator.autocast():
+        x = images * renorm[0] + renorm[1] if renorm is not None else images
+        out = forward_with_embedding(teacher, x)
+    return out.logits.clone(), out.embedding.clone()
+
+
+def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    total = sums.get("loss")
+    if total is not None and not torch.isfinite(total).item():
+        terms = {k: float(v.item()) for k, v in sums.items()}
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, by step {step + 1} (running sums: {terms}); "
+            "lower train.lr, set train.clip_grad, or check the data"
+        )
+
+
+def _inject_nan(global_step: int) -> bool:
+    """Fault injection for tests: KDGRID_INJECT_NAN_AT_STEP=N makes step N's loss NaN."""
+    value = os.environ.get("KDGRID_INJECT_NAN_AT_STEP")
+    return value is not None and int(value) == global_step
+
+
+def _model_checkpoint(
+    row: Row, step_module: DistillationStep, epoch: int, val: dict, num_classes: int
+) -> dict:
+    """A timm/DeiT-style checkpoint ({"model": state_dict}) plus what produced it."""
+    return {
+        "model": step_module.student.state_dict(),
+        "kd_loss": step_module.kd_loss.state_dict(),  # the embed_mse projection, if any
+        "arch": row.config.student.model,
+        "num_classes": num_classes,
+        "img_size": row.config.data.img_size,
+        "epoch": epoch,
+        "acc1": val["acc1"],
+        "row": row.to_dict(),
+        "key": row.key,
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash mid-write
+    leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_state(path: Path, run_id: str | None) -> dict | None:
+    """The saved state, if it belongs to this MLflow run (a --force rerun starts afresh)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # written by this project
+    if run_id is not None and state.get("run_id") != run_id:
+        return None
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _log_missing_epoch(mlrun, last: dict) -> None:
+    """If the job died after saving an epoch's state but before logging its metrics, log them."""
+    try:
+        history = mlrun.client.get_metric_history(mlrun.run_id, "epoch")
+    except Exception:
+        return
+    if not any(m.step == last["epoch"] + 1 for m in history):
+        mlrun.log_metrics(last["metrics"], step=last["epoch"] + 1)
+
+
+def _write_progress(row: Row, epoch: int, epochs: int, acc1: float, eta_s: float) -> None:
+    path = row.output_dir / PROGRESS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"epoch": epoch, "epochs": epochs, "acc1": acc1, "eta_s": eta_s, "time": time.time()}
+        )
+    )
+    os.replace(tmp, path)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
