@@ -1,0 +1,156 @@
+"""Expand, validate and run (or submit) every row of a grid.
+
+    python launch/grid.py grids/table2b.yaml --smoke                 # the whole table on this CPU
+    python launch/grid.py grids/table2b.yaml train.epochs=2 --dry-run
+    python launch/grid.py grids/table2b.yaml --rows 2b-7 --rerun-failed
+
+Overrides after the grid path use Hydra's grammar: `train.epochs=2` (every row), `+key=value`
+(add), `~key` (remove), `train.lr=1e-4,5e-4` (a sweep: one more axis of the grid).
+Exit status: 0 all done (or nothing to do), 1 a row failed, 2 bad input (nothing was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd.grid import Grid, GridError, load_grid  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="launch/grid.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("grid", help="the grid YAML file")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra-style overrides: key=value, +key=value, ~key, key=a,b"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("auto", "slurm", "local"),
+        default="auto",
+        help="auto: SLURM when sbatch is on PATH, else local",
+    )
+    parser.add_argument("--partition", help="SLURM partition for every row")
+    parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("--qos", help="SLURM QOS")
+    parser.add_argument("--time", type=int, dest="time_min", help="SLURM time limit in minutes")
+    parser.add_argument("--rows", help="comma-separated row ids or labels (default: all)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the rows; run and record nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON list of rows")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models of the same families, generated data, 32 px, 2 epochs",
+    )
+    parser.add_argument(
+        "--rerun-failed",
+        action="store_true",
+        help="run only rows whose latest run failed or was killed (and their dependents)",
+    )
+    parser.add_argument("--force", action="store_true", help="rerun rows that already finished")
+    parser.add_argument("--max-parallel", type=int, default=2, help="local executor: rows at once")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+        "else the grid's tracking_uri, else sqlite:///mlflow.db)",
+    )
+    return parser.parse_args(argv)
+
+
+def placement_overrides(args: argparse.Namespace) -> list[str]:
+    """--partition/--account/--qos/--time are overrides of each row's resources."""
+    out = []
+    for flag, key in (
+        ("partition", "partition"),
+        ("account", "account"),
+        ("qos", "qos"),
+        ("time_min", "time_min"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"resources.{key}={value}")
+    return out
+
+
+def print_rows(grid: Grid, as_json: bool) -> None:
+    summaries = [row.summary() for row in grid.rows]
+    if as_json:
+        print(json.dumps(summaries, indent=1))
+        return
+    headers = ["id", "label", "student", "teacher", "kd", "init", "depends on", "resources"]
+    table = []
+    for s in summaries:
+        teacher = (
+            "-"
+            if s["teacher"] is None
+            else (f"row:{s['teacher']['row']}" if s["teacher"]["row"] else s["teacher"]["model"])
+        )
+        init = s["init"]["source"] + (f":{s['init']['row']}" if "row" in s["init"] else "")
+        res = s["resources"]
+        table.append(
+            [
+                s["id"],
+                s["label"],
+                s["student"],
+                teacher,
+                " + ".join(f"{w:g}*{t}" for t, w in s["kd"].items()),
+                init,
+                ",".join(s["depends_on"]) or "-",
+                f"{res['nodes']}x{res['gpus_per_node']}gpu {res['time_min']}min",
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [headers, *table]) for i in range(len(headers))]
+    for line in [headers, *table]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    print(f"\n{len(table)} rows; grid '{grid.name}', experiment '{grid.experiment}'")
+
+
+def choose_executor(name: str) -> str:
+    if name == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        grid = load_grid(args.grid, [*args.overrides, *placement_overrides(args)], smoke=args.smoke)
+        if args.rows:
+            grid.select(args.rows.split(","))  # report unknown names before anything else
+    except GridError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print_rows(grid, args.json)
+        return 0
+    executor = choose_executor(args.executor)
+    if executor == "slurm":
+        print(
+            "launch/grid.py: SLURM submission is not available yet; run with --executor local",
+            file=sys.stderr,
+        )
+        return 2
+    from slurm.launcher import LaunchOptions, launch
+
+    options = LaunchOptions(
+        rows=args.rows.split(",") if args.rows else None,
+        rerun_failed=args.rerun_failed,
+        force=args.force,
+        max_parallel=args.max_parallel,
+        tracking_uri=args.tracking_uri,
+    )
+    return launch(grid, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The row job: what runs on a node (or in a local process) for one row.
+
+`python -m slurm.job ROW_JSON --run-id ID --tracking-uri URI` trains the row described by the
+JSON file the launcher wrote. The same entry point serves the local executor and SLURM jobs,
+so a row travels the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kd.grid import Row
+
+ROW_FILE = "row.json"
+
+
+def write_row_file(row: Row) -> Path:
+    """The row as its job will read it, in the row's own output folder."""
+    row.output_dir.mkdir(parents=True, exist_ok=True)
+    path = row.output_dir / ROW_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row.to_dict(), indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_row_file(path: str | Path) -> Row:
+    return Row.from_dict(json.loads(Path(path).read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slurm.job", description=__doc__)
+    parser.add_argument("row_file")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--tracking-uri", required=True)
+    args = parser.parse_args(argv)
+    from kd.train import run
+
+    row = read_row_file(args.row_file)
+    try:
+        run(row, run_id=args.run_id, tracking_uri=args.tracking_uri)
+    except Exception as exc:
+        print(f"[{row.id}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
