@@ -308,8 +308,9 @@ def forward_with_embedding(
     gradients; hooks on the timm model inside capture the classifier input (timm's pre-logits:
     what ``forward_head(..., pre_logits=True)`` returns; for a distilled DeiT the mean of the two
     tokens) or, with ``feature_layer``, the output of that submodule, average-pooled.
-    A distilled DeiT returns both heads in training (timm's ``set_distilled_training``) and their
-    mean in eval, where ``dist_logits`` equals ``logits``.
+    A distilled DeiT returns both heads in training when timm's distilled training is on (as
+    ``build_model`` leaves it; ``set_distilled_training(False)`` trains the mean of the heads) and
+    their mean in eval; whenever the model gives one output, ``dist_logits`` equals ``logits``.
     """
     inner = unwrap_model(model)
     captured: list[torch.Tensor] = []
@@ -324,8 +325,6 @@ def forward_with_embedding(
         hooks = [
             layer.register_forward_hook(lambda _m, _a, out: captured.append(_pool(out, prefix)))
         ]
-    if isinstance(inner, VisionTransformerDistilled) and inner.training:
-        inner.set_distilled_training(True)
     try:
         out = model(x)
     finally:
@@ -611,6 +610,8 @@ def build_model(
 ) -> nn.Module:
     """A timm model with ``num_classes`` outputs and weights from ``source``.
 
+    A distilled DeiT comes with timm's distilled training on: in train mode it returns
+    ``(cls_logits, dist_logits)``, in eval their mean, as DeiT trains and evaluates.
     ``img_size`` is passed only to fixed-size models (ViT/DeiT); CNNs take any size. ``where``
     (e.g. "row 'deit_b_dist_hard' (grids/table2b.yaml)") prefixes every error message.
     """
@@ -625,7 +626,8 @@ def build_model(
         model = timm.create_model(full, pretrained=pretrained, **kwargs)
     except Exception as exc:
         hint = (
-            "; without network, pre-fill the Hugging Face cache (HF_HOME) or use source 'file'"
+            "; compute nodes without network: download the weights into the Hugging Face cache"
+            " (HF_HOME) on a login node and set HF_HUB_OFFLINE=1, or use source 'file'"
             if pretrained
             else ""
         )
@@ -637,4 +639,6 @@ def build_model(
         _load_checkpoint(
             model, Path(checkpoint), source=source, trusted=trusted_checkpoint, where=where
         )
+    if isinstance(model, VisionTransformerDistilled):
+        model.set_distilled_training(True)  # DeiT: cls and distillation heads apart in training
     return model

@@ -211,17 +211,17 @@ def test_load_state_file_prefers_model_over_ema(tmp_path: Path) -> None:
 
 
 def test_row_checkpoint_needs_the_same_head(tmp_path: Path) -> None:
-    src = build_model("resnet18", num_classes=10)
+    src = build_model("convnext_atto", num_classes=10)
     path = tmp_path / "row.pth"
     torch.save({"model": src.state_dict(), "config": {"name": "teacher"}}, path)
     same = build_model(
-        "resnet18", num_classes=10, source="row", checkpoint=path, trusted_checkpoint=True
+        "convnext_atto", num_classes=10, source="row", checkpoint=path, trusted_checkpoint=True
     )
-    assert torch.equal(same.fc.weight, src.fc.weight)
+    assert torch.equal(same.head.fc.weight, src.head.fc.weight)
     with pytest.raises(
-        ModelLoadError, match=r"(?s)fc.weight: checkpoint \[10, 512\].*same dataset"
+        ModelLoadError, match=r"(?s)row 's'.*head.fc.weight: checkpoint \[10, 320\].*same dataset"
     ):
-        build_model("resnet18", num_classes=5, source="row", checkpoint=path, where="row 's'")
+        build_model("convnext_atto", num_classes=5, source="row", checkpoint=path, where="row 's'")
 
 
 def test_wrong_architecture_lists_keys_and_names_file(tmp_path: Path) -> None:
@@ -283,7 +283,7 @@ def test_file_without_state_dict_is_explained(tmp_path: Path) -> None:
 
 
 def test_freeze_teacher() -> None:
-    model = freeze_teacher(build_model("resnet18", num_classes=3).train())
+    model = freeze_teacher(build_model("convnext_atto", num_classes=3).train())
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -314,6 +314,10 @@ def test_distilled_deit_gives_two_heads_in_training() -> None:
     assert torch.allclose(out.dist_logits, model.head_dist(tokens[:, 1]), atol=1e-6)
     assert torch.allclose(out.embedding, (tokens[:, 0] + tokens[:, 1]) / 2, atol=1e-6)
     out.logits.sum().backward()  # gradients flow through the one pass
+
+    model.set_distilled_training(False)  # the caller's choice is kept: timm's mean of both heads
+    mean = forward_with_embedding(model, x)
+    assert torch.equal(mean.logits, mean.dist_logits)
 
 
 def test_feature_layer_hook_pools_the_named_layer() -> None:
