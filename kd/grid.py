@@ -171,9 +171,11 @@ class Grid:
         return next(r for r in self.rows if r.id == row_id)
 
     def select(self, names: Iterable[str]) -> list[Row]:
-        """Rows by id or label, in grid order; unknown names are a GridError."""
+        """Rows by id, label or 1-based position (`--rows 7`), in grid order; unknown names are
+        a GridError. An id wins over an equal label, a label over an equal position."""
         wanted = [n.strip() for n in names if n.strip()]
-        by_name = {r.id: r for r in self.rows} | {r.label: r for r in self.rows}
+        by_name = {str(i): r for i, r in enumerate(self.rows, 1)}
+        by_name |= {r.label: r for r in self.rows} | {r.id: r for r in self.rows}
         missing = [n for n in wanted if n not in by_name]
         if missing:
             raise GridError(
@@ -202,19 +204,72 @@ class Grid:
 # Loading
 
 
+class _GridLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with OmegaConf's YAML 1.2 number rules and duplicate-key checks.
+
+    Plain PyYAML (YAML 1.1) reads `lr: 1e-4` as the *string* '1e-4' and keeps the last of two
+    equal keys silently; OmegaConf's own loader does neither, and grids are OmegaConf files.
+    Duplicate keys are collected (with their line) so that all of them are reported at once.
+    """
+
+    duplicates: list[tuple[int, str]]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag != yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
+                continue
+            if key_node.value in seen:
+                mark = key_node.start_mark
+                self.duplicates.append(
+                    (
+                        mark.line + 1,
+                        f"{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
+                        "(a later value would silently replace the earlier one)",
+                    )
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_GridLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:
+         [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+_GridLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _GridLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a grid file safely; a syntax error names the line."""
+    """Read a grid file safely; a syntax error names the line, and so does a duplicate key."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise GridError([f"{path}: cannot read the grid file: {exc.strerror}"]) from None
+    loader = _GridLoader(text)
+    loader.duplicates = []
     try:
-        data = yaml.safe_load(text)  # safe: no Python objects from YAML
+        data = loader.get_single_data()  # safe: no Python objects from YAML
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise GridError([f"{where}: YAML syntax error: {problem}"]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise GridError([f"{path}:{message}" for _, message in sorted(loader.duplicates)])
     if not isinstance(data, dict):
         raise GridError(
             [f"{path}: a grid file must be a YAML mapping with `name`, `defaults`, `rows`"]
@@ -233,10 +288,15 @@ def parse_overrides(overrides: Sequence[str], file: str) -> list[Any]:
     parsed, problems = [], []
     for text in overrides:
         try:
-            parsed.extend(parser.parse_overrides([text]))
+            (override,) = parser.parse_overrides([text])
         except HydraException as exc:
             first = str(exc).splitlines()[0]
             problems.append(f"{file}: override '{text}': {first}")
+            continue
+        if not override.key_or_group:  # Hydra's grammar lets `=3` through with an empty key
+            problems.append(f"{file}: override '{text}': no key before '='")
+            continue
+        parsed.append(override)
     if problems:
         raise GridError(problems)
     return parsed
@@ -252,8 +312,9 @@ def _sweep_points(overrides: Sequence[Any]) -> list[list[tuple[Any, Any]]]:
 
 
 def _slug(value: Any) -> str:
+    """A value as a short id-safe name: `1e-4` -> '0.0001', `resnet_50.a1` -> 'resnet_50.a1'."""
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "", text)[:24] or "x"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "", text)[:40] or "x"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -347,8 +408,27 @@ def _axis_choices(name: str, spec: Any) -> list[tuple[str, Any]]:
     return [(_slug(spec), spec)]
 
 
-def _matches(choice: Mapping[str, str], pattern: Mapping[str, Any]) -> bool:
-    return all(str(choice.get(str(k))) == str(v) for k, v in pattern.items())
+def _matches(choice: Mapping[str, tuple[str, Any]], pattern: Mapping[str, Any]) -> bool:
+    """An include/exclude pattern matches when each named axis has that name or that value."""
+    for key, wanted in pattern.items():
+        if str(key) not in choice:
+            return False
+        name, value = choice[str(key)]
+        same_value = wanted == value and isinstance(wanted, bool) == isinstance(value, bool)
+        if str(wanted) != name and not same_value:
+            return False
+    return True
+
+
+def _patterns(axes: Mapping[str, Any], key: str, file: str, problems: list[str]) -> list[Any]:
+    patterns = axes.get(key) or []
+    if not isinstance(patterns, list) or not all(isinstance(p, Mapping) for p in patterns):
+        problems.append(
+            f"{file}: axes.{key}: must be a list of mappings axis -> value, "
+            f"e.g. [{{lr: 0.001, model: resnet50}}], got {patterns!r}"
+        )
+        return []
+    return patterns
 
 
 def _expand_axes(axes: Any, file: str, problems: list[str]) -> list[dict[str, Any]]:
@@ -367,27 +447,35 @@ def _expand_axes(axes: Any, file: str, problems: list[str]) -> list[dict[str, An
     if not isinstance(values, Mapping) or not values:
         problems.append(f"{file}: axes.values: must be a non-empty mapping of dotted key -> values")
         return []
-    names = list(values)
+    base = axes.get("row") or {}
+    if not isinstance(base, Mapping):
+        problems.append(f"{file}: axes.row: must be a mapping (a partial row), got {base!r}")
+        return []
+    names = [str(n) for n in values]
     short = {n: n.split(".")[-1] for n in names}
     id_template = axes.get("id") or "_".join("{" + short[n] + "}" for n in names)
     label_template = axes.get("label") or id_template
+    if not isinstance(id_template, str) or not isinstance(label_template, str):
+        problems.append(f"{file}: axes.id/label: must be templates such as 'r_{{lr}}'")
+        return []
+    exclude = _patterns(axes, "exclude", file, problems)
+    include = _patterns(axes, "include", file, problems)
     rows = []
     for combo in itertools.product(*(_axis_choices(n, values[n]) for n in names)):
-        choice = {n: c[0] for n, c in zip(names, combo, strict=True)}
-        choice |= {short[n]: c[0] for n, c in zip(names, combo, strict=True)}
-        if any(_matches(choice, p) for p in axes.get("exclude") or []):
+        choice = {n: c for n, c in zip(names, combo, strict=True)}
+        choice |= {short[n]: c for n, c in zip(names, combo, strict=True)}
+        if any(_matches(choice, p) for p in exclude):
             continue
-        include = axes.get("include")
         if include and not any(_matches(choice, p) for p in include):
             continue
-        row = _copy(axes.get("row") or {})
+        row = _copy(base)
         for n, (_, value) in zip(names, combo, strict=True):
             _set_dotted(row, n, _copy(value))
-        fields = {k.replace(".", "_"): v for k, v in choice.items()}
+        fields = {k.replace(".", "_"): c[0] for k, c in choice.items()}
         try:
             row["id"] = id_template.format(**fields)
             row["label"] = label_template.format(**fields)
-        except (KeyError, IndexError) as exc:
+        except (KeyError, IndexError, ValueError) as exc:
             problems.append(
                 f"{file}: axes.id/label: template names unknown axis {exc}; axes are {names}"
             )
@@ -408,7 +496,11 @@ def load_grid(
     check_data: bool = True,
     check_models: bool = True,
 ) -> Grid:
-    """Load, expand and validate a grid file. Raises `GridError` listing every problem."""
+    """Load, expand and validate a grid file. Raises `GridError` listing every problem.
+
+    With `smoke`, the full-size rows are validated (model names, KD terms, references) and
+    then shrunk by `kd.smoke.smoke_row`; dataset roots and checkpoint files are not checked.
+    """
     path = Path(path)
     file = str(path)
     raw = load_yaml(path)
@@ -421,29 +513,36 @@ def load_grid(
     parsed = parse_overrides(overrides, file)
     known = C.schema_keys()
 
+    def grid_level(ov: Any) -> bool:
+        return ov.key_or_group.split(".")[0] in GRID_LEVEL_OVERRIDES
+
+    base_raw = _copy(raw)
+    for ov in parsed:  # grid-level overrides (`recipes.deit.train.lr=...`) apply once
+        if grid_level(ov) and not ov.is_sweep_override():
+            value = None if ov.is_delete() else ov.value()
+            _apply_override(base_raw, ov, value, set(), file, problems)
     raw_rows: list[dict[str, Any]] = []
-    grid_raw = _copy(raw)
+    unresolved: set[str] = set()  # ids of rows whose interpolation failed
+    grid_raw = base_raw
     for point in _sweep_points(parsed):
-        point_raw = _copy(raw)
-        for ov in parsed:
-            if ov.key_or_group.split(".")[0] in GRID_LEVEL_OVERRIDES and not ov.is_sweep_override():
-                _apply_override(point_raw, ov, ov.value(), set(), f"{file}", problems)
-        grid_raw = point_raw
+        point_raw = _copy(base_raw)
+        for ov, value in point:  # ... and a grid-level sweep value to its own sweep point
+            if grid_level(ov):
+                _apply_override(point_raw, ov, value, set(), file, problems)
+        grid_raw = _check_structure(point_raw, file, problems)
         suffix = "-".join(f"{ov.key_or_group.split('.')[-1]}{_slug(v)}" for ov, v in point)
-        explicit = point_raw.get("rows") or []
-        if not isinstance(explicit, list):
-            problems.append(f"{file}: rows: must be a list of rows")
-            explicit = []
-        for row in [*_expand_axes(point_raw.get("axes"), file, problems), *explicit]:
-            merged = _compose_row(point_raw, row, parsed, point, known, file, problems)
-            if merged is None:
+        for row in [*_expand_axes(grid_raw.get("axes"), file, problems), *grid_raw["rows"]]:
+            merged = _compose_row(grid_raw, row, parsed, point, known, file, problems)
+            if merged is None:  # reported; its id still exists for other rows' references
+                if isinstance(row, Mapping) and row.get("id"):
+                    unresolved.add(f"{row['id']}-{suffix}" if suffix else str(row["id"]))
                 continue
             if suffix:
                 _suffix_ids(merged, suffix, point)
             raw_rows.append(merged)
 
-    name = grid_raw.get("name") or path.stem
-    experiment = grid_raw.get("experiment") or f"kdgrid-{name}"
+    name = str(grid_raw.get("name") or path.stem)
+    experiment = str(grid_raw.get("experiment") or f"kdgrid-{name}")
     if smoke:
         experiment = f"{experiment}-smoke"
     configs: list[C.RowConfig] = []
@@ -452,19 +551,29 @@ def load_grid(
         row_problems: list[C.Problem] = []
         cfg = C.validate_section(C.RowConfig, merged, "", row_problems)
         problems.extend(f"{where}: {p.key}: {p.message}" for p in row_problems)
-        if smoke:
-            from kd.smoke import smoke_row
-
-            cfg = smoke_row(cfg, name)
         configs.append(cfg)
     if not configs and not problems:
         problems.append(f"{file}: the grid has no rows: add `rows:` or `axes:`")
-    problems.extend(_check_rows(configs, grid_raw, file, smoke, check_data, check_models))
+    problems.extend(
+        _check_rows(configs, file, smoke, check_data, check_models, unresolved=unresolved)
+    )
     configs = [_resolve_teacher_model(cfg, configs) for cfg in configs]
     order = _topological_order(configs, file, problems)
+    if not problems:
+        keys = _content_keys(configs, order)
+        problems.extend(_check_distinct(configs, keys, file))
     if problems:
-        raise GridError(problems)
-    rows = _freeze(configs, order, name, file, experiment, smoke)
+        raise GridError(list(dict.fromkeys(problems)))  # a sweep can repeat a grid-level problem
+    if smoke:
+        from kd.smoke import smoke_row
+
+        # Validated above at full size (a typo in a model name must not hide behind its tiny
+        # stand-in); each smoke key derives from its full-size key, so rows that shrink to the
+        # same tiny config (e.g. ConvNeXt-B and ConvNeXt-L) stay distinct rows.
+        small = [smoke_row(cfg, name) for cfg in configs]
+        configs = [_resolve_teacher_model(cfg, small) for cfg in small]
+        keys = _content_keys(configs, order, full_size=keys)
+    rows = _freeze(configs, keys, name, file, experiment, smoke)
     return Grid(
         name=name,
         experiment=experiment,
@@ -473,6 +582,37 @@ def load_grid(
         tracking_uri=grid_raw.get("tracking_uri"),
         smoke=smoke,
     )
+
+
+def _check_structure(raw: dict[str, Any], file: str, problems: list[str]) -> dict[str, Any]:
+    """The grid's own sections have the right shapes; wrong ones are reported and emptied, so
+    that the rest of the grid is still checked (and nothing below trips over them)."""
+    for key in ("name", "experiment", "tracking_uri", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            problems.append(f"{file}: {key}: must be a string, got {raw[key]!r}")
+            raw[key] = None
+    if not isinstance(raw.get("defaults") or {}, Mapping):
+        problems.append(
+            f"{file}: defaults: must be a mapping (the base row), got {raw['defaults']!r}"
+        )
+        raw["defaults"] = {}
+    recipes = raw.get("recipes") or {}
+    if not isinstance(recipes, Mapping):
+        problems.append(f"{file}: recipes: must be a mapping name -> partial row, got {recipes!r}")
+        recipes = {}
+    for recipe_name, recipe in list(recipes.items()):
+        if not isinstance(recipe, Mapping):
+            problems.append(
+                f"{file}: recipes.{recipe_name}: must be a mapping (a partial row), got {recipe!r}"
+            )
+            recipes[recipe_name] = {}
+    raw["recipes"] = recipes
+    rows = raw.get("rows") or []
+    if not isinstance(rows, list):
+        problems.append(f"{file}: rows: must be a list of rows")
+        rows = []
+    raw["rows"] = rows
+    return raw
 
 
 def _where(file: str, row: Mapping[str, Any]) -> str:
@@ -498,7 +638,7 @@ def _compose_row(
     recipes = grid_raw.get("recipes") or {}
     recipe_name = row.get("recipe", (grid_raw.get("defaults") or {}).get("recipe"))
     recipe = {}
-    if recipe_name is not None:
+    if isinstance(recipe_name, str):  # another type is reported by the schema check
         if recipe_name not in recipes:
             problems.append(
                 f"{_where(file, row)}: recipe: unknown recipe '{recipe_name}'{C.closest(str(recipe_name), recipes)}; "
@@ -520,7 +660,8 @@ def _compose_row(
         node = OmegaConf.create({**context, **merged})
         resolved = OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as exc:
-        problems.append(f"{_where(file, merged)}: interpolation: {str(exc).splitlines()[0]}")
+        key = getattr(exc, "full_key", None) or "interpolation"
+        problems.append(f"{_where(file, merged)}: {key}: {str(exc).splitlines()[0]}")
         return None
     for key in context:
         resolved.pop(key, None)
@@ -540,16 +681,17 @@ def _suffix_ids(row: dict[str, Any], suffix: str, point: Sequence[tuple[Any, Any
 
 def _check_rows(
     configs: Sequence[C.RowConfig],
-    grid_raw: Mapping[str, Any],
     file: str,
     smoke: bool,
     check_data: bool,
     check_models: bool,
+    unresolved: Iterable[str] = (),
 ) -> list[str]:
     """Checks that need more than one key: ids, references, models, KD terms, datasets."""
     from kd import losses
 
     problems: list[str] = []
+    unresolved = set(unresolved)
     ids = [c.id for c in configs]
     by_id = {c.id: c for c in configs}
     seen_ids: set[str] = set()
@@ -576,7 +718,7 @@ def _check_rows(
         for section, ref in (("teacher", cfg.teacher), ("init", cfg.init)):
             if ref is None:
                 continue
-            if ref.row is not None and ref.row not in by_id:
+            if ref.row is not None and ref.row not in by_id and ref.row not in unresolved:
                 problems.append(
                     f"{where}: {section}.row: no row '{ref.row}' in this grid{C.closest(ref.row, ids)}"
                 )
@@ -705,34 +847,71 @@ def _topological_order(configs: Sequence[C.RowConfig], file: str, problems: list
     return order
 
 
-def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str]) -> str:
-    """Hash of everything that changes the row's result (not placement, not names)."""
+def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | None = None) -> str:
+    """Hash of everything that changes the row's result (not placement, not names).
+
+    References to other rows are replaced by those rows' keys. `full_size` is the key of the
+    row a smoke row stands in for: a smoke key is then distinct per full-size row.
+    """
     tree = C.to_dict(cfg)
     for section in C.PLACEMENT_SECTIONS:
         tree.pop(section, None)
     for dotted in C.PLACEMENT_FIELDS:
         section, name = dotted.split(".")
+        if dotted == "data.root" and cfg.data.dataset == "imagefolder" and full_size is None:
+            continue  # an ImageFolder's root *is* the dataset, not where a copy lives
         tree[section].pop(name, None)
     for section in ("teacher", "init"):
         ref = tree.get(section)
         if isinstance(ref, dict) and ref.get("row"):
             ref["row"] = {"key": dep_keys[ref["row"]]}
+    if full_size is not None:
+        tree["smoke_of"] = full_size
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _freeze(
+def _content_keys(
     configs: Sequence[C.RowConfig],
     order: Sequence[str],
+    full_size: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Row id -> content key, dependencies first (a row's key includes its dependencies')."""
+    by_id = {c.id: c for c in configs}
+    keys: dict[str, str] = {}
+    for row_id in order:
+        keys[row_id] = content_key(
+            by_id[row_id], keys, full_size[row_id] if full_size is not None else None
+        )
+    return keys
+
+
+def _check_distinct(
+    configs: Sequence[C.RowConfig], keys: Mapping[str, str], file: str
+) -> list[str]:
+    """Two rows with one content key would train the same model, and a launch tells rows
+    apart by key (a finished run of one would skip the other): that is a mistake in the grid."""
+    first: dict[str, C.RowConfig] = {}
+    problems = []
+    for cfg in configs:
+        other = first.setdefault(keys[cfg.id], cfg)
+        if other is not cfg:
+            problems.append(
+                f"{file}: row '{cfg.id}' ({cfg.label}): key: same content as row '{other.id}' "
+                f"({other.label}); the two rows would train the same model: make them differ "
+                "in something that changes the result, or remove one"
+            )
+    return problems
+
+
+def _freeze(
+    configs: Sequence[C.RowConfig],
+    keys: Mapping[str, str],
     name: str,
     file: str,
     experiment: str,
     smoke: bool,
 ) -> list[Row]:
-    by_id = {c.id: c for c in configs}
-    keys: dict[str, str] = {}
-    for row_id in order:
-        keys[row_id] = content_key(by_id[row_id], keys)
     return [
         Row(
             config=cfg,

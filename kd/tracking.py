@@ -35,6 +35,14 @@ def resolve_tracking_uri(explicit: str | None = None, grid_uri: str | None = Non
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or grid_uri or DEFAULT_TRACKING_URI
 
 
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is not there yet: nothing to look up, and looking
+    would create the file (a launch that fails validation must leave no trace)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).exists()
+    return True
+
+
 @functools.cache
 def project_commit() -> str:
     """The kdgrid git commit the row ran with ('unknown' outside a checkout)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kd.grid import Grid, GridError
 from kd.plan import Decision, plan_launch
-from kd.tracking import RunRecord, Tracker, resolve_tracking_uri
+from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,11 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
     from slurm.local import LocalExecutor
 
     uri = resolve_tracking_uri(options.tracking_uri, grid.tracking_uri)
-    tracker = Tracker(uri)
-    experiment_id = tracker.experiment_id(grid.experiment)
-    latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
+    latest: dict[str, RunRecord] = {}
+    if store_exists(uri):
+        tracker = Tracker(uri)
+        experiment_id = tracker.experiment_id(grid.experiment)
+        latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
     try:
         decisions = plan_launch(
             grid,
@@ -87,6 +89,7 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
         from kd.smoke import prepare_smoke_data
 
         prepare_smoke_data(to_run)
+    tracker = Tracker(uri)
     experiment_id = tracker.ensure_experiment(grid.experiment)
     run_ids = {
         row.id: tracker.create_row_run(experiment_id, row, executor="local") for row in to_run
