@@ -1,0 +1,56 @@
+"""Train one row of a grid in this process, for debugging (breakpoints, profilers, prints).
+
+    python launch/train.py grids/table2b.yaml --row deit_b_dist_hard --smoke train.epochs=1
+
+The row is validated exactly as `launch/grid.py` does and logs a new MLflow run; dependency
+rows must have finished already (their best checkpoints are read from the output folder).
+Exit status: 0 finished, 1 the row failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd.grid import GridError, load_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("grid")
+    parser.add_argument("overrides", nargs="*", help="Hydra-style overrides, as for launch/grid.py")
+    parser.add_argument("--row", required=True, help="row id or label")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
+        (row,) = grid.select([args.row])
+    except GridError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from kd.tracking import resolve_tracking_uri
+    from kd.train import run
+
+    if grid.smoke:
+        from kd.smoke import prepare_smoke_data
+
+        prepare_smoke_data([row])
+    try:
+        metrics = run(row, tracking_uri=resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+    except Exception as exc:
+        print(f"[{row.id}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"[{row.id}] finished: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

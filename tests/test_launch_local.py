@@ -1,0 +1,165 @@
+"""End to end: the table2b smoke grid on the local executor, a real MLflow SQLite store.
+
+One launch trains all 10 rows (real timm models, generated CUB+Dogs layouts); a second launch
+skips every row; a row made to fail (NaN injected) is the only row `--rerun-failed` reruns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+
+def launch(
+    workdir: Path, *args: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "grid.py"), *args, "--executor", "local"],
+        cwd=workdir,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def row_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory):
+    """The README's main job: table2b --smoke, run once for the whole module."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    shutil.copytree(REPO / "grids", workdir / "grids")
+    result = launch(workdir, "grids/table2b.yaml", "--smoke", "--max-parallel", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir, result
+
+
+def test_every_row_finishes_with_metrics_params_and_artifacts(smoke_grid):
+    workdir, result = smoke_grid
+    assert "done: 10 finished, 0 failed" in result.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    runs = row_runs(client, "kd-table2b-smoke")
+    assert len(runs) == 10
+    labels = sorted(r.data.tags["kdgrid.label"] for r in runs)
+    assert labels == sorted(f"2b-{i}" for i in range(1, 11))
+    param_keys = {frozenset(r.data.params) for r in runs}
+    assert len(param_keys) == 1, "every row must log the same param keys"
+    for run in runs:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"{tags['kdgrid.label']} {tags['kdgrid.id']}"
+        for tag in ("kdgrid.grid", "kdgrid.key", "kdgrid.commit", "kdgrid.job_id"):
+            assert tags.get(tag), tag
+        params = run.data.params
+        assert params["train.epochs"] == "2"
+        assert params["data.dataset"] == "cub_dogs"
+        assert params["key"] == tags["kdgrid.key"]
+        history = client.get_metric_history(run.info.run_id, "val/acc1")
+        assert [m.step for m in history] == [1, 2]
+        for metric in (
+            "train/loss",
+            "train/ce",
+            "train/lr",
+            "train/img_per_s",
+            "val/acc5",
+            "val/loss",
+        ):
+            assert metric in run.data.metrics, metric
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "row.yaml" in artifacts
+        checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert checkpoints == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    hard = next(r for r in runs if r.data.tags["kdgrid.label"] == "2b-6")
+    assert hard.data.params["kd.deit_hard"] == "0.5"
+    assert "train/deit_hard" in hard.data.metrics
+    soft = next(r for r in runs if r.data.tags["kdgrid.label"] == "2b-5")
+    assert "train/deit_soft" in soft.data.metrics
+
+
+def test_students_start_after_their_teachers_finish(smoke_grid):
+    workdir, _ = smoke_grid
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    by_id = {r.data.tags["kdgrid.id"]: r for r in row_runs(client, "kd-table2b-smoke")}
+    edges = {
+        "deit_b_dist_soft": ["convnext_b"],
+        "deit_b_dist_hard": ["convnext_b"],
+        "deit_b_dist_hard_ft": ["convnext_b", "deit_b_dist"],
+        "deit_b_dist_hard_bit": ["bit"],
+        "deit_b_dist_hard_bit_ft": ["bit", "deit_b_dist"],
+    }
+    for student, teachers in edges.items():
+        for teacher in teachers:
+            started = int(by_id[student].data.tags["kdgrid.started_at_ms"])
+            assert started >= by_id[teacher].info.end_time, (
+                student,
+                teacher,
+            )
+
+
+def test_second_launch_skips_every_row(smoke_grid):
+    workdir, _ = smoke_grid
+    result = launch(workdir, "grids/table2b.yaml", "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "0 to run, 10 skipped" in result.stdout
+    assert result.stdout.count("skipped  ") == 10
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    assert len(row_runs(client, "kd-table2b-smoke")) == 10
+
+
+def test_failed_row_is_rerun_alone(smoke_grid):
+    workdir, _ = smoke_grid
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    failed = launch(
+        workdir,
+        "grids/table2b.yaml",
+        "--smoke",
+        "--rows",
+        "2b-4",
+        "--force",
+        env={"KDGRID_INJECT_NAN_AT_STEP": "1"},
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "--rerun-failed" in failed.stdout
+    runs = row_runs(client, "kd-table2b-smoke")
+    assert len(runs) == 11
+    latest = max(
+        (r for r in runs if r.data.tags["kdgrid.id"] == "deit_b_dist"),
+        key=lambda r: r.info.start_time,
+    )
+    assert latest.info.status == "FAILED"
+    assert "non-finite loss" in latest.data.tags["kdgrid.failure_reason"]
+
+    rerun = launch(workdir, "grids/table2b.yaml", "--smoke", "--rerun-failed")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 to run" in rerun.stdout
+    runs = row_runs(client, "kd-table2b-smoke")
+    assert len(runs) == 12
+    newest = max(runs, key=lambda r: r.info.start_time)
+    assert newest.data.tags["kdgrid.id"] == "deit_b_dist"
+    assert newest.info.status == "FINISHED"
+
+
+def test_rows_with_unfinished_dependency_is_an_error(tmp_path):
+    shutil.copytree(REPO / "grids", tmp_path / "grids")
+    result = launch(tmp_path, "grids/table2b.yaml", "--smoke", "--rows", "2b-7")
+    assert result.returncode == 2
+    assert "depends on row 'convnext_b'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "outputs").exists()
