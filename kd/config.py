@@ -252,10 +252,12 @@ def _check_scalar(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def closest(name: str, candidates: typing.Iterable[str]) -> str:
-    """' (did you mean X?)' for the closest candidate, or ''."""
+def closest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
+    """' (did you mean X?)' for the closest candidate (as `prefix.X` when given), or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    if not match:
+        return ""
+    return f" (did you mean '{prefix + '.' if prefix else ''}{match[0]}'?)"
 
 
 def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) -> Any:
@@ -275,7 +277,7 @@ def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) 
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            problems.append(Problem(dotted, f"unknown key{closest(str(key), fields)}"))
+            problems.append(Problem(dotted, f"unknown key{closest(str(key), fields, prefix)}"))
             continue
         if key == "init":
             value = normalise_init(value)

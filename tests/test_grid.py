@@ -1,0 +1,707 @@
+"""The grid language: paper grids, `--dry-run --json`, content keys, Hydra overrides, axes,
+interpolation, and every validation error of issue 2, each naming file, row and key.
+
+Fast: nothing trains and nothing downloads; model names are checked against timm's registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kd.grid import Grid, GridError, load_grid
+
+REPO = Path(__file__).resolve().parent.parent
+GRIDS = REPO / "grids"
+
+
+def write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path: Path, overrides: list[str] | tuple = (), **kwargs) -> list[str]:
+    with pytest.raises(GridError) as info:
+        load_grid(path, overrides, **kwargs)
+    assert str(info.value).startswith(f"{len(info.value.problems)} problem")
+    return info.value.problems
+
+
+def find(problems: list[str], *fragments: str) -> str:
+    """The one problem that contains every fragment (file, row, key, message)."""
+    hits = [p for p in problems if all(f in p for f in fragments)]
+    assert len(hits) == 1, f"{fragments} matched {len(hits)} of:\n" + "\n".join(problems)
+    return hits[0]
+
+
+def by_label(grid: Grid) -> dict:
+    return {row.label: row for row in grid.rows}
+
+
+# A small grid on real timm names and a dataset root that does not exist (check_data=False
+# where the data check is not the point): a teacher row, a student of it, a row initialised
+# from the student.
+MINI = """\
+    name: mini
+    experiment: kd-mini
+    defaults:
+      student: {model: resnet18}
+      data: {dataset: cifar10, root: /nonexistent/cifar10}
+      train: {epochs: 3, lr: 1.0e-3}
+      output_dir: out/${name}
+    recipes:
+      fast: {train: {epochs: 5, lr: 1.0e-2}}
+    rows:
+      - {id: teacher, label: T, student: {model: resnet50}}
+      - {id: student, label: S, recipe: fast, teacher: {row: teacher}, kd: {ce: 0.5, ikd: 0.5}}
+      - {id: ft, label: F, init: {row: student}}
+"""
+
+
+def mini(tmp_path: Path, overrides: list[str] | tuple = (), text: str = MINI, **kwargs) -> Grid:
+    kwargs.setdefault("check_data", False)
+    return load_grid(write(tmp_path, text), overrides, **kwargs)
+
+
+def keys(grid: Grid) -> dict[str, str]:
+    return {row.id: row.key for row in grid.rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's grids
+
+
+@pytest.mark.parametrize(("table", "count"), [("2a", 4), ("2b", 10), ("2c", 3)])
+@pytest.mark.parametrize("smoke", [False, True])
+def test_paper_grid_rows_and_labels(table, count, smoke):
+    grid = load_grid(GRIDS / f"table{table}.yaml", smoke=smoke, check_data=False)
+    assert [row.label for row in grid.rows] == [f"{table}-{i}" for i in range(1, count + 1)]
+    assert len({row.id for row in grid.rows}) == count
+    assert len({row.key for row in grid.rows}) == count  # distinct rows, also once shrunk
+    for row in grid.rows:
+        paper = row.config.paper
+        assert None not in (paper.acc1, paper.acc5, paper.loss), row.label
+        assert 0 < paper.acc5 <= 100 and paper.acc1 <= paper.acc5 and paper.loss > 0
+
+
+def test_table2b_teachers_inits_edges_and_kd_terms():
+    grid = load_grid(GRIDS / "table2b.yaml", check_data=False)
+    rows = by_label(grid)
+    ids = {label: row.id for label, row in rows.items()}
+    teacher = {
+        label: (row.config.teacher.row if row.config.teacher else None)
+        for label, row in rows.items()
+    }
+    assert teacher == {
+        "2b-1": None,
+        "2b-2": None,
+        "2b-3": None,
+        "2b-4": None,
+        "2b-5": ids["2b-1"],
+        "2b-6": ids["2b-1"],
+        "2b-7": ids["2b-1"],
+        "2b-8": None,
+        "2b-9": ids["2b-8"],
+        "2b-10": ids["2b-8"],
+    }
+    assert ids["2b-1"] == "convnext_b" and ids["2b-8"] == "bit" and ids["2b-4"] == "deit_b_dist"
+    # A row teacher is that row's model (a fine-tuned ConvNeXt-B, a fine-tuned BiT).
+    for label in ("2b-5", "2b-6", "2b-7"):
+        assert rows[label].config.teacher.model == rows["2b-1"].config.student.model
+        assert rows[label].config.teacher.model.startswith("convnext_base")
+    for label in ("2b-9", "2b-10"):
+        assert rows[label].config.teacher.model == rows["2b-8"].config.student.model
+        assert "bit" in rows[label].config.teacher.model
+    for label in ("2b-7", "2b-10"):
+        assert rows[label].config.init.source == "row"
+        assert rows[label].config.init.row == "deit_b_dist"
+    for label in ("2b-5", "2b-6", "2b-9"):
+        assert rows[label].config.init.source == "pretrained"
+        assert "distilled" in rows[label].config.student.model
+    depends = {label: set(row.depends_on) for label, row in rows.items() if row.depends_on}
+    assert depends == {
+        "2b-5": {"convnext_b"},
+        "2b-6": {"convnext_b"},
+        "2b-7": {"convnext_b", "deit_b_dist"},
+        "2b-9": {"bit"},
+        "2b-10": {"bit", "deit_b_dist"},
+    }
+    assert rows["2b-5"].config.kd == {"ce": 0.5, "deit_soft": 0.5}
+    assert rows["2b-6"].config.kd == {"ce": 0.5, "deit_hard": 0.5}
+    for label in ("2b-7", "2b-9", "2b-10"):
+        assert rows[label].config.kd == {"ce": 0.5, "deit_hard": 0.5}
+    for label in ("2b-1", "2b-2", "2b-3", "2b-4", "2b-8"):
+        assert rows[label].config.kd == {"ce": 1.0}
+    assert {row.config.data.img_size for row in grid.rows} == {384}
+    assert {row.config.train.epochs for row in grid.rows} == {60}
+    assert {row.config.train.batch_size for row in grid.rows} == {16}
+
+
+def test_smoke_keeps_the_row_graph_and_shrinks_everything():
+    full = load_grid(GRIDS / "table2b.yaml", check_data=False)
+    small = load_grid(GRIDS / "table2b.yaml", smoke=True)  # no dataset check under --smoke
+    assert [(r.id, r.depends_on) for r in small.rows] == [(r.id, r.depends_on) for r in full.rows]
+    assert small.experiment == full.experiment + "-smoke"
+    for row in small.rows:
+        assert row.config.data.img_size <= 64 and row.config.train.epochs <= 2
+        assert row.config.init.source in ("scratch", "row")
+    assert set(keys(small).values()).isdisjoint(keys(full).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Content keys
+
+
+def test_keys_are_stable_and_ignore_placement_names_and_paper(tmp_path):
+    base = keys(mini(tmp_path))
+    assert keys(mini(tmp_path)) == base
+    for overrides in (
+        ["resources.partition=gpu"],
+        ["resources.account=lab", "resources.time_min=5", "resources.qos=high"],
+        ["output_dir=/elsewhere"],
+        ["paper.acc1=99.5"],
+        ["data.root=/another/copy", "data.num_workers=2"],
+    ):
+        assert keys(mini(tmp_path, overrides)) == base, overrides
+    relabelled = MINI.replace("label: T,", "label: T-new,").replace(
+        "output_dir: out", "output_dir: o"
+    )
+    assert keys(mini(tmp_path, text=relabelled)) == base
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.lr=0.5"], ["student.model=resnet34"], ["data.img_size=224"], ["train.seed=1"]],
+)
+def test_keys_change_with_what_changes_the_result(tmp_path, overrides):
+    base = keys(mini(tmp_path))
+    changed = keys(mini(tmp_path, overrides))
+    assert all(changed[i] != base[i] for i in base), overrides
+
+
+def test_key_changes_with_kd_weights(tmp_path):
+    base = keys(mini(tmp_path))
+    other = keys(mini(tmp_path, text=MINI.replace("{ce: 0.5, ikd: 0.5}", "{ce: 0.3, ikd: 0.7}")))
+    assert other["student"] != base["student"] and other["teacher"] == base["teacher"]
+    # The order of the terms does not matter.
+    swapped = keys(mini(tmp_path, text=MINI.replace("{ce: 0.5, ikd: 0.5}", "{ikd: 0.5, ce: 0.5}")))
+    assert swapped == base
+
+
+def test_a_teacher_change_changes_its_students_keys(tmp_path):
+    base = keys(mini(tmp_path))
+    text = MINI.replace("student: {model: resnet50}", "student: {model: resnet50, drop_path: 0.2}")
+    changed = keys(mini(tmp_path, text=text))
+    assert changed["teacher"] != base["teacher"]
+    assert changed["student"] != base["student"]  # its teacher changed
+    assert changed["ft"] != base["ft"]  # its init's teacher changed
+    # Renaming the teacher row (and its references) changes nothing that matters.
+    renamed = MINI.replace("id: teacher", "id: tchr").replace("row: teacher", "row: tchr")
+    assert set(keys(mini(tmp_path, text=renamed)).values()) == set(base.values())
+
+
+def test_imagefolder_root_is_part_of_the_key(tmp_path):
+    text = MINI.replace(
+        "dataset: cifar10, root: /nonexistent/cifar10", "dataset: imagefolder, root: /a"
+    )
+    base = keys(mini(tmp_path, text=text))
+    assert keys(mini(tmp_path, ["data.root=/b"], text=text))["teacher"] != base["teacher"]
+
+
+def test_identical_rows_are_an_error(tmp_path):
+    text = MINI + "      - {id: ft2, label: F2, init: {row: student}}\n"
+    problem = find(problems_of(write(tmp_path, text), check_data=False), "row 'ft2' (F2)")
+    assert "same content as row 'ft' (F)" in problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides, in Hydra's grammar
+
+
+def test_override_applies_to_every_row_even_over_a_recipe(tmp_path):
+    assert mini(tmp_path).row("student").config.train.epochs == 5  # from the recipe
+    grid = mini(tmp_path, ["train.epochs=2"])
+    assert {row.config.train.epochs for row in grid.rows} == {2}
+    assert grid.row("student").config.train.lr == 1e-2  # the rest of the recipe stays
+
+
+def test_override_of_a_schema_key_missing_from_the_yaml(tmp_path):
+    grid = mini(tmp_path, ["train.clip_grad=1.0"])
+    assert {row.config.train.clip_grad for row in grid.rows} == {1.0}
+
+
+def test_plus_adds_a_key(tmp_path):
+    grid = mini(tmp_path, ["+resources.sbatch_extra.gres=gpu:1"])
+    assert {row.config.resources.sbatch_extra["gres"] for row in grid.rows} == {"gpu:1"}
+    # Without `+`, a key that is neither in the grid nor in the schema is refused.
+    problem = find(
+        problems_of(write(tmp_path, MINI), ["resources.sbatch_extra.gres=gpu:1"]), "row 'ft'"
+    )
+    assert "use '+resources.sbatch_extra.gres=...'" in problem
+
+
+def test_plus_of_an_unknown_key_fails_validation(tmp_path):
+    problems = problems_of(write(tmp_path, MINI), ["+train.bogus=1"], check_data=False)
+    assert len(problems) == 3  # one per row
+    assert "row 'ft' (F): train.bogus: unknown key" in find(problems, "row 'ft'")
+
+
+def test_tilde_removes_a_key(tmp_path):
+    grid = mini(tmp_path, ["~teacher", "kd={ce: 1.0}"])
+    student = grid.row("student")
+    assert student.config.teacher is None and student.depends_on == ()
+    assert student.config.kd == {"ce": 1.0}
+    assert grid.row("ft").depends_on == ("student",)
+    # Removing the teacher but keeping a KD term that needs one is caught.
+    problem = find(problems_of(write(tmp_path, MINI), ["~teacher"], check_data=False), "student")
+    assert "teacher: KD term(s) ikd need a teacher" in problem
+    problem = find(problems_of(write(tmp_path, MINI), ["~train.bogus"]), "row 'ft'")
+    assert "no key 'train.bogus' to delete" in problem
+
+
+def test_sweep_adds_an_axis_with_edges_inside_each_point():
+    grid = load_grid(GRIDS / "table2b.yaml", ["train.lr=1e-4,5e-4"], check_data=False)
+    assert len(grid.rows) == 20
+    assert len({row.id for row in grid.rows}) == 20 and len({row.label for row in grid.rows}) == 20
+    assert len({row.key for row in grid.rows}) == 20
+    for suffix, lr in (("-lr0.0001", 1e-4), ("-lr0.0005", 5e-4)):
+        point = [row for row in grid.rows if row.id.endswith(suffix)]
+        assert len(point) == 10
+        assert {row.config.train.lr for row in point} == {lr}
+        assert sorted(row.label.split()[0] for row in point) == sorted(
+            f"2b-{i}" for i in range(1, 11)
+        )
+        for row in point:
+            assert all(dep.endswith(suffix) for dep in row.depends_on), row.id
+        assert grid.row("deit_b_dist_hard_ft" + suffix).depends_on == (
+            "convnext_b" + suffix,
+            "deit_b_dist" + suffix,
+        )
+        assert grid.row("deit_b_dist_hard_bit" + suffix).config.init.source == "pretrained"
+
+
+def test_sweep_of_a_recipe_key_changes_the_rows_of_that_recipe(tmp_path):
+    text = MINI.replace("- {id: teacher, label: T,", "- {id: teacher, label: T, recipe: fast,")
+    text = text.replace("- {id: ft, label: F,", "- {id: ft, label: F, recipe: fast,")
+    grid = mini(tmp_path, ["recipes.fast.train.lr=0.02,0.03"], text=text)
+    assert len(grid.rows) == 6
+    assert {r.id: r.config.train.lr for r in grid.rows} == {
+        "teacher-lr0.02": 0.02,
+        "student-lr0.02": 0.02,
+        "ft-lr0.02": 0.02,
+        "teacher-lr0.03": 0.03,
+        "student-lr0.03": 0.03,
+        "ft-lr0.03": 0.03,
+    }
+
+
+def test_grid_level_override(tmp_path):
+    grid = mini(tmp_path, ["name=other", "recipes.fast.train.epochs=7"])
+    assert grid.name == "other"
+    assert grid.row("student").config.train.epochs == 7
+    assert grid.row("teacher").config.output_dir == "out/other"  # ${name} sees the override
+
+
+def test_override_naming_no_key_is_an_error_with_a_hint(tmp_path):
+    problems = problems_of(write(tmp_path, MINI), ["train.epohcs=2"], check_data=False)
+    problem = find(problems, "row 'teacher' (T)")
+    assert str(tmp_path / "grid.yaml") in problem
+    assert "'train.epohcs'" in problem and "did you mean 'train.epochs'?" in problem
+
+
+@pytest.mark.parametrize("override", ["train.epochs=[1,2", "=3", "train.lr=1e-4,,", "train..lr=1"])
+def test_malformed_override_is_an_error(tmp_path, override):
+    problems = problems_of(write(tmp_path, MINI), [override])
+    assert find(problems, str(tmp_path / "grid.yaml"), f"override '{override}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Axes and interpolation
+
+AXES = """\
+    name: axes
+    defaults:
+      student: {model: resnet18}
+      data: {dataset: cifar10, root: /nonexistent}
+    axes:
+      values:
+        student.model: [resnet18, resnet34, convnext_atto]
+        train.lr: {small: 1.0e-4, big: 1.0e-3}
+      id: "{model}_{lr}"
+      label: "A-{model}-{lr}"
+      exclude: [{model: convnext_atto, lr: big}]
+      row: {train: {epochs: 3}}
+    rows:
+      - {id: extra, label: X, student: {model: resnet50}}
+"""
+
+
+def test_axes_product_exclude_templates_and_explicit_rows(tmp_path):
+    grid = mini(tmp_path, text=AXES)
+    got = {row.id: (row.label, row.config.student.model, row.config.train.lr) for row in grid.rows}
+    assert got == {
+        "resnet18_small": ("A-resnet18-small", "resnet18", 1e-4),
+        "resnet18_big": ("A-resnet18-big", "resnet18", 1e-3),
+        "resnet34_small": ("A-resnet34-small", "resnet34", 1e-4),
+        "resnet34_big": ("A-resnet34-big", "resnet34", 1e-3),
+        "convnext_atto_small": ("A-convnext_atto-small", "convnext_atto", 1e-4),
+        "extra": ("X", "resnet50", 5e-5),  # the schema's default
+    }
+    assert {row.config.train.epochs for row in grid.rows if row.id != "extra"} == {3}
+
+
+def test_axes_include_by_name_or_by_value(tmp_path):
+    by_name = AXES.replace("exclude: [{model: convnext_atto, lr: big}]", "include: [{lr: big}]")
+    assert sorted(r.id for r in mini(tmp_path, text=by_name).rows) == [
+        "convnext_atto_big",
+        "extra",
+        "resnet18_big",
+        "resnet34_big",
+    ]
+    by_value = AXES.replace(
+        "exclude: [{model: convnext_atto, lr: big}]",
+        "include: [{train.lr: 1.0e-4, model: resnet34}, {model: convnext_atto}]",
+    )
+    assert sorted(r.id for r in mini(tmp_path, text=by_value).rows) == [
+        "convnext_atto_big",
+        "convnext_atto_small",
+        "extra",
+        "resnet34_small",
+    ]
+
+
+def test_axes_default_templates(tmp_path):
+    text = """\
+        name: ax
+        defaults: {student: {model: resnet18}, data: {dataset: cifar10, root: /x}}
+        axes:
+          values: {train.lr: [1e-4, 1e-3], train.seed: [0, 1]}
+    """
+    grid = mini(tmp_path, text=text)
+    assert sorted(r.id for r in grid.rows) == ["0.0001_0", "0.0001_1", "0.001_0", "0.001_1"]
+    assert {r.config.train.lr for r in grid.rows} == {1e-4, 1e-3}  # YAML 1.2 floats
+
+
+def test_axes_template_with_unknown_axis(tmp_path):
+    text = AXES.replace('id: "{model}_{lr}"', 'id: "{model}_{rate}"')
+    problem = find(problems_of(write(tmp_path, text), check_data=False), "axes.id/label")
+    assert "'rate'" in problem
+
+
+def test_interpolation(tmp_path, monkeypatch):
+    text = """\
+        name: interp
+        defaults:
+          student: {model: resnet18}
+          data: {dataset: cifar10, root: "${oc.env:KDGRID_TEST_ROOT,/default/root}"}
+          train: {epochs: 7, warmup_epochs: "${train.epochs}"}
+          output_dir: out/${name}/e${train.epochs}
+        rows:
+          - {id: a, label: A}
+    """
+    monkeypatch.delenv("KDGRID_TEST_ROOT", raising=False)
+    row = mini(tmp_path, text=text).row("a")
+    assert row.config.data.root == "/default/root"
+    assert row.config.output_dir == "out/interp/e7"
+    assert row.config.train.warmup_epochs == 7.0
+    monkeypatch.setenv("KDGRID_TEST_ROOT", "/my/cifar")
+    row = mini(tmp_path, ["train.epochs=2"], text=text).row("a")
+    assert row.config.data.root == "/my/cifar"
+    assert row.config.output_dir == "out/interp/e2"  # interpolation sees the overrides
+
+
+def test_interpolation_error_names_row_and_key(tmp_path):
+    text = MINI.replace("output_dir: out/${name}", "output_dir: out/${nope}")
+    problems = problems_of(write(tmp_path, text), check_data=False)
+    assert find(problems, "row 'ft' (F): output_dir:", "nope")
+    # The row that failed to interpolate still exists for the rows that reference it.
+    assert not [p for p in problems if "no row" in p]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every error of issue 2, each naming file, row and key
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "name: x\nrows:\n  - {id: a, label: A\n  - {id: b}\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:4:") and "YAML syntax error" in problem
+
+
+def test_duplicate_yaml_keys_are_errors_with_lines(tmp_path):
+    path = write(tmp_path, MINI.replace("experiment: kd-mini", "train: 1\n    name: again"))
+    problems = problems_of(path)
+    assert find(problems, f"{path}:3:", "duplicate key 'name'")
+
+
+def test_yaml_floats_in_exponent_form(tmp_path):
+    grid = mini(tmp_path, text=MINI.replace("lr: 1.0e-3", "lr: 1e-3"))
+    assert grid.row("teacher").config.train.lr == 1e-3
+
+
+EVERYTHING_WRONG = """\
+    name: wrong
+    defaults:
+      student: {model: resnet18}
+      data: {dataset: cifar10, root: /nonexistent/cifar10}
+    recipes:
+      fast: {train: {epochs: 1}}
+    rows:
+      - {id: typo, label: L1, trian: {epochs: 2}}
+      - {id: lrr, label: L2, train: {lrr: 0.1}}
+      - {id: ranges, label: L3, train: {epochs: -1, lr: fast}, data: {img_size: 3}}
+      - {id: model, label: L4, student: {model: convnext_tiniest}}
+      - {id: term, label: L5, kd: {ce: 0.5, deit_sfot: 0.5}, teacher: {model: resnet50}}
+      - {id: noteacher, label: L6, kd: {ce: 0.5, deit_hard: 0.5}, teacher: null}
+      - {id: dup, label: L7}
+      - {id: dup, label: L8, train: {seed: 8}}
+      - {id: duplabel, label: L1, train: {seed: 9}}
+      - {id: lost, label: L10, teacher: {row: tmodell}, kd: {ce: 0.5, ikd: 0.5}}
+      - {id: lostinit, label: L11, init: {row: nowhere}}
+      - {id: cyc_a, label: L12, init: {row: cyc_b}}
+      - {id: cyc_b, label: L13, init: {row: cyc_a}}
+      - {id: norecipe, label: L14, recipe: fsat}
+      - {id: "bad id!", label: L15, train: {seed: 15}}
+      - {id: tmodel, label: L16, teacher: {model: resnet_50}, kd: {ce: 0.5, ikd: 0.5}}
+"""
+
+
+@pytest.fixture(scope="module")
+def everything_wrong(tmp_path_factory):
+    path = write(tmp_path_factory.mktemp("wrong"), EVERYTHING_WRONG)
+    with pytest.raises(GridError) as info:
+        load_grid(path)  # one load: every problem in one GridError
+    return str(path), info.value.problems
+
+
+@pytest.mark.parametrize(
+    ("row", "key", "fragments"),
+    [
+        ("typo' (L1)", "trian:", ["unknown key", "did you mean 'train'?"]),
+        ("lrr' (L2)", "train.lrr:", ["unknown key", "did you mean 'train.lr'?"]),
+        ("ranges' (L3)", "train.epochs:", ["must be >= 1, got -1"]),
+        ("ranges' (L3)", "train.lr:", ["must be float, got 'fast'"]),
+        ("ranges' (L3)", "data.img_size:", ["between 16 and 2048, got 3"]),
+        (
+            "model' (L4)",
+            "student.model:",
+            ["unknown timm model 'convnext_tiniest'", "did you mean"],
+        ),
+        ("term' (L5)", "kd:", ["unknown KD term 'deit_sfot'", "did you mean 'deit_soft'?"]),
+        ("noteacher' (L6)", "teacher:", ["deit_hard need a teacher"]),
+        ("dup' (L8)", "id:", ["duplicate id 'dup'"]),
+        ("duplabel' (L1)", "label:", ["duplicate label 'L1'", "row 'typo'"]),
+        ("lost' (L10)", "teacher.row:", ["no row 'tmodell'", "did you mean 'tmodel'?"]),
+        ("lostinit' (L11)", "init.row:", ["no row 'nowhere' in this grid"]),
+        ("cyc_a'", "init.row", ["dependency cycle cyc_a -> cyc_b -> cyc_a"]),
+        ("norecipe' (L14)", "recipe:", ["unknown recipe 'fsat'", "did you mean 'fast'?"]),
+        ("bad id!' (L15)", "id:", ["letters, digits and _ . + - only"]),
+        ("tmodel' (L16)", "teacher.model:", ["unknown timm model 'resnet_50'", "'resnet50'"]),
+        ("typo'", "data:", ["/nonexistent/cifar10"]),
+    ],
+)
+def test_every_error_names_file_row_and_key(everything_wrong, row, key, fragments):
+    file, problems = everything_wrong
+    problem = find(problems, f"{file}: ", f"row{'s' if key == 'data:' else ''} '{row}", key)
+    for fragment in fragments:
+        assert fragment in problem, problem
+
+
+def test_all_errors_reported_at_once(everything_wrong):
+    _, problems = everything_wrong
+    # The 17 problems above (the cycle once, the missing dataset once for all rows), no more:
+    # no error is reported twice and no error hides another.
+    assert len(problems) == 17, "\n".join(problems)
+
+
+def test_missing_dataset_root_only_outside_smoke(tmp_path):
+    path = write(tmp_path, MINI)
+    problems = problems_of(path)
+    problem = find(problems, str(path), "rows 'teacher', 'student', 'ft'", "data:")
+    assert "/nonexistent/cifar10" in problem
+    grid = load_grid(path, smoke=True)  # --smoke generates its data: no dataset error
+    assert len(grid.rows) == 3
+
+
+def test_smoke_still_checks_model_names(tmp_path):
+    # The typo maps to a real tiny model of the same family; it must be caught anyway.
+    path = write(tmp_path, MINI.replace("model: resnet50", "model: resnet_50"))
+    problem = find(problems_of(path, smoke=True), "row 'teacher' (T): student.model:")
+    assert "unknown timm model 'resnet_50'" in problem
+
+
+def test_kd_term_needing_a_teacher_with_teacher_null(tmp_path):
+    text = MINI.replace("teacher: {row: teacher}", "teacher: null")
+    problem = find(problems_of(write(tmp_path, text), check_data=False), "row 'student' (S)")
+    assert "teacher: KD term(s) ikd need a teacher" in problem
+
+
+def test_self_dependency(tmp_path):
+    text = MINI.replace("init: {row: student}", "init: {row: ft}")
+    problem = find(problems_of(write(tmp_path, text), check_data=False), "row 'ft' (F)")
+    assert "init.row: a row cannot depend on itself" in problem
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("name: g\ndefaults: 5\nrows: [{id: a, label: A}]\n", "defaults: must be a mapping"),
+        ("name: g\nrecipes: [x]\nrows: [{id: a, label: A, recipe: x}]\n", "recipes: must be"),
+        ("name: g\nrecipes: {x: 3}\nrows: [{id: a, label: A, recipe: x}]\n", "recipes.x: must be"),
+        ("name: g\nrows: [{id: a, label: A, recipe: [x]}]\n", "recipe: must be str"),
+        ("name: g\nrows: {a: 1}\n", "rows: must be a list"),
+        ("name: g\nrows: [3]\n", "each row must be a mapping"),
+        ("name: [g]\nrows: [{id: a, label: A}]\n", "name: must be a string"),
+        ("name: g\naxes: {values: {train.lr: [0.1]}, include: 5}\n", "axes.include: must be"),
+        ("name: g\naxes: {values: {train.lr: [0.1]}, row: 5}\n", "axes.row: must be"),
+        ("name: g\naxes: {valeus: {train.lr: [0.1]}}\n", "axes: must be a mapping with `values`"),
+        ("name: g\ntrian: 1\nrows: [{id: a, label: A}]\n", "top-level key 'trian'"),
+        ("name: g\n", "the grid has no rows"),
+        ("- 1\n", "must be a YAML mapping"),
+    ],
+)
+def test_malformed_grid_structure_is_a_grid_error(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    assert find(problems_of(path, check_data=False), str(path), fragment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selecting rows
+
+
+def test_select_by_id_label_or_position():
+    grid = load_grid(GRIDS / "table2b.yaml", check_data=False)
+    assert [r.id for r in grid.select(["2b-7"])] == ["deit_b_dist_hard_ft"]
+    assert [r.id for r in grid.select(["bit", "2b-1"])] == ["convnext_b", "bit"]  # grid order
+    assert [r.id for r in grid.select(["7"])] == ["deit_b_dist_hard_ft"]  # `--rows 7`
+    with pytest.raises(GridError) as info:
+        grid.select(["2b-77", "convnext_bb"])
+    assert len(info.value.problems) == 2
+    assert "did you mean 'convnext_b'?" in info.value.problems[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+BROKEN = """\
+    name: broken
+    defaults:
+      student: {model: resnet18}
+      data: {dataset: cifar10, root: /nonexistent/cifar10}
+    rows:
+      - {id: a, label: A, trian: {epochs: 2}}
+      - {id: b, label: B, student: {model: resnet_18}}
+      - {id: c, label: C, kd: {ce: 0.5, ikd: 0.5}}
+"""
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "grid.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: int = 180) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_cli_runs(tmp_path_factory):
+    """The two launches that import torch and timm (seconds each) start with this module and
+    run beside its other tests; the tests at the end of the file collect their results."""
+    dry = tmp_path_factory.mktemp("dry")
+    bad = tmp_path_factory.mktemp("bad")
+    grid = write(bad, BROKEN)
+    runs = {
+        "dry": (dry, start_cli(str(GRIDS / "table2b.yaml"), "--dry-run", "--json", "--smoke", cwd=dry)),
+        "bad": (
+            bad,
+            start_cli(
+                str(grid), "--executor", "local", "--tracking-uri", f"sqlite:///{bad}/mlflow.db",
+                cwd=bad,
+            ),
+        ),
+    }  # fmt: skip
+    yield runs
+    for _, process in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_cli_dry_run_json(slow_cli_runs):
+    workdir, process = slow_cli_runs["dry"]
+    status, stdout, stderr = finish(process)
+    assert status == 0, stderr
+    rows = json.loads(stdout)  # stdout is exactly one JSON document
+    assert isinstance(rows, list) and len(rows) == 10
+    fields = {"id", "label", "student", "teacher", "kd", "init", "recipe", "depends_on", "key"}
+    for row in rows:
+        assert fields <= set(row)
+    by = {row["label"]: row for row in rows}
+    assert [row["label"] for row in rows] == [f"2b-{i}" for i in range(1, 11)]
+    assert by["2b-1"]["teacher"] is None and by["2b-1"]["depends_on"] == []
+    assert by["2b-1"]["recipe"] == "convnext" and by["2b-5"]["recipe"] == "deit"
+    assert by["2b-1"]["init"] == {"source": "scratch"}  # --smoke: no pretrained downloads
+    assert by["2b-5"]["teacher"]["row"] == "convnext_b"
+    assert by["2b-5"]["teacher"]["model"] == by["2b-1"]["student"] == "convnext_atto"
+    assert by["2b-5"]["kd"] == {"ce": 0.5, "deit_soft": 0.5}
+    assert by["2b-6"]["kd"] == {"ce": 0.5, "deit_hard": 0.5}
+    assert by["2b-7"]["init"] == {"source": "row", "row": "deit_b_dist"}
+    assert sorted(by["2b-7"]["depends_on"]) == ["convnext_b", "deit_b_dist"]
+    assert by["2b-10"]["teacher"]["row"] == "bit"
+    assert by["2b-9"]["depends_on"] == ["bit"] and "row" not in by["2b-9"]["init"]
+    # Keys are the same in another process (no dependence on hash seeds or dict order).
+    assert {r["id"]: r["key"] for r in rows} == keys(load_grid(GRIDS / "table2b.yaml", smoke=True))
+    assert list(workdir.iterdir()) == []  # a dry run writes nothing
+
+
+def test_cli_bad_grid_exits_2_lists_every_problem_and_creates_nothing(slow_cli_runs):
+    workdir, process = slow_cli_runs["bad"]
+    status, stdout, stderr = finish(process)
+    assert status == 2, stdout + stderr
+    assert "Traceback" not in stderr
+    assert "4 problems" in stderr
+    assert "row 'a' (A): trian: unknown key (did you mean 'train'?)" in stderr
+    assert "row 'b' (B): student.model: unknown timm model 'resnet_18'" in stderr
+    assert "row 'c' (C): teacher: KD term(s) ikd need a teacher" in stderr
+    assert "rows 'a', 'b', 'c': data: CIFAR-10: root /nonexistent/cifar10" in stderr
+    assert str(workdir / "grid.yaml") in stderr
+    assert stdout == ""
+    assert sorted(p.name for p in workdir.iterdir()) == ["grid.yaml"]  # no db, no outputs/
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "expected"),
+    [
+        ("name: x\nrows: [\n", (), "YAML syntax error"),
+        (MINI, ("train.epochs=[1,2",), "override 'train.epochs=[1,2'"),
+    ],
+    ids=["yaml", "override"],
+)
+def test_cli_bad_input_without_traceback(tmp_path, text, args, expected):
+    """Errors found before any model library loads: quick to run as real processes."""
+    grid = write(tmp_path, text)
+    process = start_cli(
+        str(grid), *args, "--executor", "local", "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path,
+    )  # fmt: skip
+    status, stdout, stderr = finish(process, timeout=60)
+    assert status == 2, stdout + stderr
+    assert expected in stderr and str(grid) in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
