@@ -865,10 +865,28 @@ def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | 
         ref = tree.get(section)
         if isinstance(ref, dict) and ref.get("row"):
             ref["row"] = {"key": dep_keys[ref["row"]]}
+    tree["kd"] = {term: weight for term, weight in tree["kd"].items() if weight != 0}  # not computed
+    res = cfg.resources
+    world_size = res.nodes * (res.tasks_per_node or max(res.gpus_per_node, 1))
+    if world_size != 1:  # batch_size is per process: the global batch, and so the result, change
+        tree["world_size"] = world_size
     if full_size is not None:
         tree["smoke_of"] = full_size
-    text = json.dumps(tree, sort_keys=True, default=str)
+    text = json.dumps(_changed_from_defaults(tree), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed_from_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Only what differs from the schema's defaults, so adding a new key (with a default that
+    keeps the old behaviour) to kd/config.py leaves every existing key, and every finished row,
+    as it was."""
+    defaults = C.to_dict(C.RowConfig())
+    for section in C.PLACEMENT_SECTIONS:
+        defaults.pop(section, None)
+    flat, flat_defaults = C.flatten(tree), C.flatten(defaults)
+    changed = {k: v for k, v in flat.items() if k not in flat_defaults or flat_defaults[k] != v}
+    changed |= {k: "<absent>" for k in flat_defaults if k not in flat}
+    return changed
 
 
 def _content_keys(

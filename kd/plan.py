@@ -36,6 +36,7 @@ def plan_launch(
     rerun_failed: bool = False,
     force: bool = False,
     is_alive: Callable[[RunRecord], bool] = lambda record: True,
+    allow_active_dependencies: bool = False,
 ) -> list[Decision]:
     """One decision per grid row, in grid order. Raises GridError when a row to run has a
     dependency that is neither finished nor part of this launch."""
@@ -79,7 +80,7 @@ def plan_launch(
             if previous is not None and previous.status != "FINISHED":
                 reason = f"rerun (latest run {previous.status.lower()})"
             decisions.append(Decision(row, "run", reason, previous))
-    _check_dependencies(grid, decisions, latest)
+    _check_dependencies(grid, decisions, latest, allow_active_dependencies)
     return decisions
 
 
@@ -88,9 +89,16 @@ def _is_failed(record: RunRecord, is_alive: Callable[[RunRecord], bool]) -> bool
 
 
 def _check_dependencies(
-    grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
+    grid: Grid,
+    decisions: list[Decision],
+    latest: Mapping[str, RunRecord],
+    allow_active: bool = False,
 ) -> None:
+    """A row that runs needs each dependency finished or in this launch; on SLURM a dependency
+    still queued or running from an earlier launch also does (the new job waits on its job)."""
     running = {d.row.id for d in decisions if d.action == "run"}
+    if allow_active:
+        running |= {d.row.id for d in decisions if d.action == "skip_active"}
     problems = []
     for decision in decisions:
         if decision.action != "run":
@@ -103,8 +111,12 @@ def _check_dependencies(
             state = "has never run" if record is None else f"is {record.status.lower()}"
             problems.append(
                 f"{grid.file}: row '{decision.row.id}' ({decision.row.label}): depends on row '{dep_id}', "
-                f"which {state} and is not part of this launch; add it with --rows "
-                f"{','.join(sorted({decision.row.id, dep_id}))} or run it first"
+                f"which {state} and is not part of this launch; "
+                + (
+                    "wait for it to finish"
+                    if record is not None and record.status in ACTIVE
+                    else f"add it with --rows {','.join(sorted({decision.row.id, dep_id}))} or run it first"
+                )
             )
     if problems:
         raise GridError(problems)

@@ -195,6 +195,28 @@ def test_key_changes_with_kd_weights(tmp_path):
     assert swapped == base
 
 
+def test_spelling_out_a_default_or_a_zero_weight_keeps_the_key(tmp_path):
+    """Keys hash what differs from kd/config.py's defaults: a new schema key with a default
+    that keeps the old behaviour cannot change the keys of finished rows."""
+    base = keys(mini(tmp_path))
+    explicit = keys(mini(tmp_path, ["train.weight_decay=0.05", "train.ema=false"]))
+    assert explicit == base
+    zero = keys(
+        mini(
+            tmp_path, text=MINI.replace("{ce: 0.5, ikd: 0.5}", "{ce: 0.5, ikd: 0.5, rkd_angle: 0}")
+        )
+    )
+    assert zero == base
+
+
+def test_world_size_changes_the_key(tmp_path):
+    """batch_size is per process: more GPUs is a bigger global batch, another result."""
+    base = keys(mini(tmp_path))
+    assert keys(mini(tmp_path, ["resources.gpus_per_node=4"]))["teacher"] != base["teacher"]
+    assert keys(mini(tmp_path, ["resources.nodes=2"]))["teacher"] != base["teacher"]
+    assert keys(mini(tmp_path, ["resources.gpus_per_node=0"]))["teacher"] == base["teacher"]
+
+
 def test_a_teacher_change_changes_its_students_keys(tmp_path):
     base = keys(mini(tmp_path))
     text = MINI.replace("student: {model: resnet50}", "student: {model: resnet50, drop_path: 0.2}")
