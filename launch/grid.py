@@ -58,7 +58,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run only rows whose latest run failed or was killed (and their dependents)",
     )
     parser.add_argument("--force", action="store_true", help="rerun rows that already finished")
+    parser.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel the pending/running jobs of the grid (or of --rows) and mark their runs KILLED",
+    )
     parser.add_argument("--max-parallel", type=int, default=2, help="local executor: rows at once")
+    parser.add_argument(
+        "--array-parallelism",
+        type=int,
+        default=256,
+        help="SLURM: tasks of one job array running at once",
+    )
     parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -82,8 +93,8 @@ def placement_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def print_rows(grid: Grid, as_json: bool) -> None:
-    summaries = [row.summary() for row in grid.rows]
+def print_rows(grid: Grid, rows: list[str] | None, as_json: bool) -> None:
+    summaries = [row.summary() for row in (grid.select(rows) if rows else grid.rows)]
     if as_json:
         print(json.dumps(summaries, indent=1))
         return
@@ -131,18 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.dry_run:
-        print_rows(grid, args.json)
+        print_rows(grid, args.rows.split(",") if args.rows else None, args.json)
+        return 0
+    if args.cancel:
+        from kd.tracking import resolve_tracking_uri
+        from slurm.launcher import absolute_uri
+        from slurm.status import cancel_rows
+
+        rows = grid.select(args.rows.split(",")) if args.rows else list(grid.rows)
+        uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+        cancelled = cancel_rows(grid, rows, uri)
+        print(
+            f"cancelled {len(cancelled)} row(s)"
+            + (": " + ", ".join(cancelled) if cancelled else "")
+        )
         return 0
     executor = choose_executor(args.executor)
-    if executor == "slurm":
-        print(
-            "launch/grid.py: SLURM submission is not available yet; run with --executor local",
-            file=sys.stderr,
-        )
-        return 2
     from slurm.launcher import LaunchOptions, launch
 
     options = LaunchOptions(
+        executor=executor,
+        array_parallelism=args.array_parallelism,
         rows=args.rows.split(",") if args.rows else None,
         rerun_failed=args.rerun_failed,
         force=args.force,

@@ -32,6 +32,35 @@ def read_row_file(path: str | Path) -> Row:
     return Row.from_dict(json.loads(Path(path).read_text()))
 
 
+class RowJob:
+    """The callable submitit runs on the node(s): one row, resumable, requeued on preemption.
+
+    On SLURM's USR2 (preemption, or the time limit coming) submitit calls `checkpoint()`, which
+    resubmits this same call: the row's state is saved at every epoch end, so the requeued job
+    resumes at the next epoch into the same MLflow run. With several tasks (nodes x GPUs) each
+    task exports torch.distributed's environment and Accelerate trains across all of them.
+    """
+
+    def __call__(self, row_file: str, run_id: str, tracking_uri: str) -> dict[str, float]:
+        import submitit
+
+        from kd.tracking import TAG, RowRun
+        from kd.train import run
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        row = read_row_file(row_file)
+        if env.global_rank == 0:
+            RowRun(tracking_uri, run_id).set_tag(f"{TAG}.job_id", str(env.job_id))
+        return run(row, run_id=run_id, tracking_uri=tracking_uri)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(RowJob(), *args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.job", description=__doc__)
     parser.add_argument("row_file")

@@ -21,20 +21,31 @@ from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 
 @dataclass(frozen=True)
 class LaunchOptions:
+    executor: str = "local"  # "local" or "slurm"
     rows: list[str] | None = None
     rerun_failed: bool = False
     force: bool = False
-    max_parallel: int = 2
+    max_parallel: int = 2  # local executor
+    array_parallelism: int = 256  # SLURM: tasks of one array running at once
     tracking_uri: str | None = None
     live: bool | None = None  # redraw progress in place (default: when stdout is a terminal)
 
 
-def is_alive(record: RunRecord) -> bool:
+def liveness(latest: dict[str, RunRecord]):
+    """is_alive(record) for open runs: local runs by pid, SLURM runs by one sacct call."""
     from slurm.local import local_run_alive
+    from slurm.state import job_states
 
-    if record.tags.get("kdgrid.executor") in ("local", "inline"):
-        return local_run_alive(record.tags)
-    return True
+    open_runs = [r for r in latest.values() if r.status in ("SCHEDULED", "RUNNING")]
+    states = job_states(r.job_id for r in open_runs if r.tags.get("kdgrid.executor") == "slurm")
+
+    def is_alive(record: RunRecord) -> bool:
+        if record.tags.get("kdgrid.executor") in ("local", "inline"):
+            return local_run_alive(record.tags)
+        state = states.get(record.job_id or "")
+        return state is None or not state.terminal
+
+    return is_alive
 
 
 def describe(decisions: list[Decision]) -> None:
@@ -45,16 +56,22 @@ def describe(decisions: list[Decision]) -> None:
             print(f"  skipped  {d.row.id:<28} {d.row.label:<12} {d.reason}")
 
 
-def launch(grid: Grid, options: LaunchOptions) -> int:
-    """Run a grid on the local executor. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
-    from slurm.local import LocalExecutor
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite path would point elsewhere from a job's working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
-    uri = resolve_tracking_uri(options.tracking_uri, grid.tracking_uri)
+
+def launch(grid: Grid, options: LaunchOptions) -> int:
+    """Plan, record and run or submit a grid. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
+    uri = absolute_uri(resolve_tracking_uri(options.tracking_uri, grid.tracking_uri))
     latest: dict[str, RunRecord] = {}
     if store_exists(uri):
         tracker = Tracker(uri)
         experiment_id = tracker.experiment_id(grid.experiment)
         latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
+    is_alive = liveness(latest)
     try:
         decisions = plan_launch(
             grid,
@@ -63,20 +80,23 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
             rerun_failed=options.rerun_failed,
             force=options.force,
             is_alive=is_alive,
+            allow_active_dependencies=options.executor == "slurm",
         )
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2
-    for d in decisions:  # a run left SCHEDULED/RUNNING by a dead launcher is closed first
-        if (
-            d.action == "run"
-            and d.previous is not None
-            and d.previous.status in ("SCHEDULED", "RUNNING")
-        ):
-            tracker.mark(
-                d.previous.run_id, "KILLED", "its process is gone (launcher or row killed)"
-            )
     to_run = [d.row for d in decisions if d.action == "run"]
+    if options.executor == "slurm" and to_run:
+        from slurm.submit import SlurmUnavailable, check_rows, read_partitions
+
+        try:
+            problems = check_rows(to_run, read_partitions())
+        except SlurmUnavailable as exc:
+            print(f"launch/grid.py: {exc}; nothing was submitted", file=sys.stderr)
+            return 2
+        if problems:
+            print(GridError(problems), file=sys.stderr)
+            return 2
     print(
         f"grid '{grid.name}' ({grid.file}): {len(to_run)} to run, "
         f"{sum(d.action.startswith('skip') for d in decisions)} skipped; tracking {uri}, "
@@ -85,15 +105,36 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
     describe(decisions)
     if not to_run:
         return 0
+    tracker = Tracker(uri)
+    for d in decisions:  # a run left open by a dead launcher or job is closed first
+        if (
+            d.action == "run"
+            and d.previous is not None
+            and d.previous.status in ("SCHEDULED", "RUNNING")
+        ):
+            tracker.mark(d.previous.run_id, "KILLED", "its process or job is gone")
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 
         prepare_smoke_data(to_run)
-    tracker = Tracker(uri)
     experiment_id = tracker.ensure_experiment(grid.experiment)
     run_ids = {
-        row.id: tracker.create_row_run(experiment_id, row, executor="local") for row in to_run
+        row.id: tracker.create_row_run(experiment_id, row, executor=options.executor)
+        for row in to_run
     }
+    if options.executor == "slurm":
+        active_deps = {
+            d.row.id: d.previous.job_id
+            for d in decisions
+            if d.action == "skip_active" and d.previous is not None and d.previous.job_id
+        }
+        return _submit(grid, to_run, run_ids, tracker, uri, active_deps, options)
+    return _run_local(grid, to_run, run_ids, tracker, options)
+
+
+def _run_local(grid, to_run, run_ids, tracker, options) -> int:
+    from slurm.local import LocalExecutor
+
     record_launch(grid, to_run, run_ids, "local")
     executor = LocalExecutor(tracker, max_parallel=options.max_parallel, live=options.live)
     result = executor.run(to_run, run_ids)
@@ -106,6 +147,47 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
         )
     )
     return 0 if result.ok else 1
+
+
+def _submit(grid, to_run, run_ids, tracker, uri, active_deps, options) -> int:
+    """Submit every row and return at once; on any submission error, cancel what was submitted."""
+    from kd.tracking import TAG
+    from slurm.state import cancel
+    from slurm.submit import submit_rows
+
+    folder = Path(to_run[0].config.output_dir).resolve() / "slurm"
+    # sbatch exports this environment to the job: make the project importable there even when
+    # it is run from a checkout rather than installed.
+    repo = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    submitted: dict[str, str] = {}
+    try:
+        submitted = submit_rows(
+            to_run,
+            run_ids,
+            uri,
+            folder=folder,
+            existing_jobs=active_deps,
+            array_parallelism=options.array_parallelism,
+        )
+    except Exception as exc:
+        cancel(submitted.values())
+        for row in to_run:
+            tracker.mark(run_ids[row.id], "KILLED", f"submission failed: {exc}")
+        print(f"launch/grid.py: submission failed, nothing left queued: {exc}", file=sys.stderr)
+        return 1
+    for row in to_run:
+        tracker.set_tags(run_ids[row.id], {f"{TAG}.job_id": submitted[row.id]})
+    record_launch(grid, to_run, run_ids, "slurm", submitted)
+    print(f"submitted {len(submitted)} rows (logs in {folder}):")
+    for row in to_run:
+        deps = ",".join(row.depends_on) or "-"
+        print(f"  {row.id:<28} {row.label:<12} job {submitted[row.id]:<12} after {deps}")
+    print(
+        f"follow them with: python launch/status.py {grid.file}"
+        + (" --smoke" if grid.smoke else "")
+    )
+    return 0
 
 
 def record_launch(

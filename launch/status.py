@@ -1,0 +1,79 @@
+"""Where every row of a grid stands: state, job, nodes, elapsed time, last epoch, val acc@1.
+
+    python launch/status.py grids/table2b.yaml
+    python launch/status.py grids/table2b.yaml --smoke --json
+    python launch/status.py grids/table2b.yaml --watch          # refresh every 10 s
+
+States: not_submitted, pending (with SLURM's reason), running, finished, failed, timeout,
+preempted, cancelled, skipped (a dependency failed). From MLflow and sacct/squeue together,
+one query each for the whole grid. Exit status 2 for a bad grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd.grid import GridError, load_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch/status.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("grid")
+    parser.add_argument(
+        "overrides", nargs="*", help="the same overrides the grid was launched with"
+    )
+    parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    parser.add_argument("--json", action="store_true", help="one JSON list of rows")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=10.0,
+        metavar="SECONDS",
+        help="refresh until every row is done (default every 10 s)",
+    )
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
+    except GridError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from kd.tracking import resolve_tracking_uri
+    from slurm.launcher import absolute_uri
+    from slurm.status import format_table, grid_status
+
+    uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+    while True:
+        rows = grid_status(grid, uri)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in rows], indent=1), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[2J\x1b[H", end="")
+            counts = {}
+            for r in rows:
+                counts[r.state] = counts.get(r.state, 0) + 1
+            summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+            print(f"grid '{grid.name}' ({grid.file}), experiment '{grid.experiment}': {summary}")
+            print(format_table(rows), flush=True)
+        active = any(r.state in ("pending", "running", "preempted") for r in rows)
+        if not args.watch or not active:
+            return 0
+        time.sleep(args.watch)
+        if not args.json:
+            print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Where every row of a grid stands: MLflow (what the row recorded) and SLURM (what the job did).
+
+One MLflow search, one `sacct` call and one `squeue` call for the whole grid. MLflow is the
+truth about results, SLURM about jobs: a job SLURM calls COMPLETED whose run never finished is
+failed; a run still marked RUNNING whose job timed out is a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from kd.grid import Grid, Row
+from kd.tracking import TAG, RunRecord, Tracker, store_exists
+from slurm.state import JobState, cancel, job_states
+
+STATES = (
+    "not_submitted",
+    "pending",
+    "running",
+    "finished",
+    "failed",
+    "timeout",
+    "preempted",
+    "cancelled",
+    "skipped",
+)
+SLURM_TO_STATE = {
+    "PENDING": "pending",
+    "REQUEUED": "pending",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "CONFIGURING": "running",
+    "SUSPENDED": "preempted",
+    "PREEMPTED": "preempted",
+    "TIMEOUT": "timeout",
+    "CANCELLED": "cancelled",
+    "FAILED": "failed",
+    "NODE_FAIL": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "timeout",
+    "COMPLETED": "failed",  # only reached when the run did not finish (see row_state)
+}
+
+
+@dataclass(frozen=True)
+class RowStatus:
+    id: str
+    label: str
+    state: str
+    job_id: str | None
+    nodes: str | None
+    elapsed_s: int | None
+    epoch: int | None
+    epochs: int
+    acc1: float | None
+    run_id: str | None
+    reason: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def row_state(
+    record: RunRecord | None, job: JobState | None, local_alive: bool | None
+) -> tuple[str, str | None]:
+    """(state, reason) of one row from its latest run and its job."""
+    if record is None:
+        return "not_submitted", None
+    reason = record.tags.get(f"{TAG}.failure_reason")
+    if record.status == "FINISHED":
+        return "finished", None
+    if record.status == "FAILED":
+        if job is not None and job.state in ("TIMEOUT", "DEADLINE"):
+            return "timeout", reason
+        return "failed", reason
+    if record.status == "KILLED":
+        if reason and ("dependency" in reason or "not started" in reason):
+            return "skipped", reason
+        return "cancelled", reason
+    # SCHEDULED or RUNNING in MLflow: ask the executor
+    if local_alive is not None:
+        if not local_alive:
+            return "failed", "the local process is gone"
+        return ("running" if record.status == "RUNNING" else "pending"), None
+    if job is None:
+        return ("running" if record.status == "RUNNING" else "pending"), None
+    state = SLURM_TO_STATE.get(job.state, "pending")
+    if job.state == "COMPLETED":
+        return "failed", "SLURM says COMPLETED but the run never finished; see the job log"
+    if job.state == "CANCELLED" and "DependencyNeverSatisfied" in (job.reason or ""):
+        return "skipped", "a dependency failed"
+    return state, job.reason or None
+
+
+def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
+    latest: dict[str, RunRecord] = {}
+    metrics: dict[str, dict] = {}
+    if store_exists(tracking_uri):
+        tracker = Tracker(tracking_uri)
+        experiment_id = tracker.experiment_id(grid.experiment)
+        if experiment_id:
+            runs = tracker.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{TAG}.grid` = '{grid.name}'",
+                max_results=5000,
+            )
+            for run in sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True):
+                key = run.data.tags.get(f"{TAG}.key")
+                if key and key not in latest:
+                    latest[key] = RunRecord(
+                        run_id=run.info.run_id,
+                        key=key,
+                        row_id=run.data.tags.get(f"{TAG}.id", ""),
+                        status=run.info.status,
+                        start_time=run.info.start_time or 0,
+                        tags=dict(run.data.tags),
+                    )
+                    metrics[run.info.run_id] = {
+                        "metrics": run.data.metrics,
+                        "end": run.info.end_time,
+                        "start": run.info.start_time,
+                    }
+    slurm_ids = [
+        r.job_id for r in latest.values() if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
+    ]
+    jobs = job_states(slurm_ids)
+    out = []
+    for row in grid.rows:
+        record = latest.get(row.key)
+        job = jobs.get(record.job_id) if record is not None and record.job_id else None
+        local_alive = None
+        if record is not None and record.tags.get(f"{TAG}.executor") in ("local", "inline"):
+            from slurm.local import local_run_alive
+
+            local_alive = (
+                local_run_alive(record.tags) if record.status in ("SCHEDULED", "RUNNING") else True
+            )
+        state, reason = row_state(record, job, local_alive)
+        info = metrics.get(record.run_id, {}) if record else {}
+        values = info.get("metrics", {})
+        elapsed = job.elapsed_s if job is not None else _elapsed(record, info)
+        out.append(
+            RowStatus(
+                id=row.id,
+                label=row.label,
+                state=state,
+                job_id=record.job_id if record else None,
+                nodes=(job.nodes or None) if job is not None else None,
+                elapsed_s=elapsed,
+                epoch=int(values["epoch"]) if "epoch" in values else None,
+                epochs=row.config.train.epochs,
+                acc1=values.get("val/acc1"),
+                run_id=record.run_id if record else None,
+                reason=reason,
+            )
+        )
+    return out
+
+
+def _elapsed(record: RunRecord | None, info: dict) -> int | None:
+    if record is None:
+        return None
+    started = record.tags.get(f"{TAG}.started_at_ms")
+    if started is None:
+        return None
+    end = info.get("end") or int(time.time() * 1000)
+    return max(0, int((end - int(started)) / 1000))
+
+
+def format_table(rows: Iterable[RowStatus]) -> str:
+    headers = ["id", "label", "state", "job", "nodes", "elapsed", "epoch", "acc1", "note"]
+    lines = []
+    for s in rows:
+        lines.append(
+            [
+                s.id,
+                s.label,
+                s.state,
+                s.job_id or "-",
+                s.nodes or "-",
+                _hms(s.elapsed_s),
+                f"{s.epoch}/{s.epochs}" if s.epoch is not None else f"-/{s.epochs}",
+                f"{s.acc1:.2f}" if s.acc1 is not None else "-",
+                (s.reason or "")[:60],
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [headers, *lines]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *lines]
+    )
+
+
+def _hms(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
+    """Cancel the jobs (or local processes) of rows that are pending or running; mark their runs
+    KILLED. Returns the ids of the rows cancelled."""
+    if not store_exists(tracking_uri):
+        return []
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment_id(grid.experiment)
+    if experiment_id is None:
+        return []
+    latest = tracker.latest_by_key(experiment_id)
+    cancelled, job_ids = [], []
+    for row in rows:
+        record = latest.get(row.key)
+        if record is None or record.status not in ("SCHEDULED", "RUNNING"):
+            continue
+        if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
+            job_ids.append(record.job_id)
+        elif record.tags.get(f"{TAG}.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                os.killpg(int(record.tags[f"{TAG}.pid"]), signal.SIGTERM)
+        cancelled.append((row, record))
+    cancel(job_ids)
+    for _, record in cancelled:
+        tracker.mark(record.run_id, "KILLED", "cancelled with launch/grid.py --cancel")
+    return [row.id for row, _ in cancelled]
+
+
+__all__ = ["STATES", "RowStatus", "cancel_rows", "format_table", "grid_status", "row_state"]

@@ -1,0 +1,223 @@
+"""Rows -> SLURM jobs through submitit: parameters, checks against `sinfo`, arrays, dependencies.
+
+A grid is submitted in dependency waves: rows whose dependencies are all outside the launch (or
+finished) first, then rows that wait on those, and so on. Within a wave, rows with the same
+resources and the same dependencies share one job array (submitit `batch()`), so a 1000-row
+grid costs a handful of `sbatch` calls. Edges become `afterok` dependencies with
+`--kill-on-invalid-dep=yes`, so a failed teacher cancels its students instead of leaving them
+pending forever. Every value that reaches an sbatch line is checked first; none goes through a
+shell.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kd.config import closest
+from kd.grid import Row
+
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
+SAFE_FLAG = re.compile(r"^[a-z][a-z0-9-_]*$")
+# Flags the launcher sets itself; a grid's `sbatch_extra` may not override them.
+RESERVED_FLAGS = {
+    "dependency",
+    "array",
+    "output",
+    "error",
+    "job-name",
+    "wrap",
+    "kill-on-invalid-dep",
+}
+SIGNAL_DELAY_S = 120  # USR2 this long before the time limit: time to finish writing a checkpoint
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    default: bool
+    gres: str  # e.g. "(null)" or "gpu:8"
+
+    @property
+    def has_gpus(self) -> bool:
+        return "gpu" in self.gres
+
+
+class SlurmUnavailable(RuntimeError):
+    """The SLURM controller does not answer: nothing can be checked or submitted."""
+
+
+def read_partitions() -> dict[str, Partition]:
+    """Partitions as `sinfo` reports them (one call)."""
+    try:
+        done = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmUnavailable(f"cannot run sinfo: {exc}") from None
+    if done.returncode != 0:
+        detail = (
+            done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else f"exit {done.returncode}"
+        )
+        raise SlurmUnavailable(
+            f"sinfo failed ({detail}); is the SLURM controller up? (slurm/cluster.sh status), "
+            "or run with --executor local"
+        )
+    out = done.stdout
+    partitions: dict[str, Partition] = {}
+    for line in out.splitlines():
+        if "|" not in line:
+            continue
+        name, gres = line.split("|", 1)
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        prev = partitions.get(name)
+        gres = gres if prev is None or prev.gres in ("(null)", "") else f"{prev.gres},{gres}"
+        partitions[name] = Partition(name, default or (prev is not None and prev.default), gres)
+    return partitions
+
+
+def check_rows(rows: Sequence[Row], partitions: Mapping[str, Partition] | None) -> list[str]:
+    """Every problem with the rows' SLURM fields, before anything is submitted."""
+    problems = []
+    default = next((p for p in (partitions or {}).values() if p.default), None)
+    for row in rows:
+        res = row.config.resources
+        where = f"{row.grid_file}: row '{row.id}' ({row.label})"
+        for key in ("partition", "account", "qos", "constraint", "exclude"):
+            value = getattr(res, key)
+            if value is not None and not SAFE_VALUE.match(value):
+                problems.append(
+                    f"{where}: resources.{key}: {value!r} contains characters SLURM does not accept "
+                    "here (letters, digits and _ . , : = + @ % / [ ] - only)"
+                )
+        for flag, value in res.sbatch_extra.items():
+            if not SAFE_FLAG.match(flag) or flag.replace("_", "-") in RESERVED_FLAGS:
+                problems.append(
+                    f"{where}: resources.sbatch_extra.{flag}: not an sbatch flag this launcher lets a grid set"
+                )
+            if not SAFE_VALUE.match(str(value)):
+                problems.append(f"{where}: resources.sbatch_extra.{flag}: unsafe value {value!r}")
+        if partitions is None:
+            continue
+        partition = partitions.get(res.partition) if res.partition else default
+        if res.partition and partition is None:
+            problems.append(
+                f"{where}: resources.partition: no partition '{res.partition}' on this cluster"
+                f"{closest(res.partition, partitions)}; sinfo lists: {', '.join(sorted(partitions))}"
+            )
+        elif partition is not None and res.gpus_per_node > 0 and not partition.has_gpus:
+            problems.append(
+                f"{where}: resources.gpus_per_node: {res.gpus_per_node} GPUs requested but partition "
+                f"'{partition.name}' has no GPUs (gres {partition.gres}); set resources.gpus_per_node=0 "
+                "or choose a GPU partition"
+            )
+    return problems
+
+
+def executor_parameters(row: Row, array_parallelism: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one row (the same for rows that share an array)."""
+    res = row.config.resources
+    tasks = res.tasks_per_node or max(res.gpus_per_node, 1)
+    params: dict[str, Any] = {
+        "job_name": f"kd-{row.grid}",
+        "nodes": res.nodes,
+        "ntasks_per_node": tasks,
+        "cpus_per_task": res.cpus_per_task,
+        "mem": f"{int(round(res.mem_gb * 1024))}M",
+        "time": res.time_min,
+        "signal_delay_s": min(SIGNAL_DELAY_S, max(res.time_min * 60 // 4, 10)),
+        "array_parallelism": array_parallelism,
+        "stderr_to_stdout": True,
+        "additional_parameters": {
+            "kill_on_invalid_dep": "yes",
+            **dict(sorted(res.sbatch_extra.items())),
+        },
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        value = getattr(res, key)
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def dependency_waves(rows: Sequence[Row]) -> list[list[Row]]:
+    """Rows by depth in the launch's DAG: a row comes after every launched row it needs."""
+    in_launch = {r.id: r for r in rows}
+    depth: dict[str, int] = {}
+
+    def visit(row: Row) -> int:
+        if row.id not in depth:
+            deps = [in_launch[d] for d in row.depends_on if d in in_launch]
+            depth[row.id] = 1 + max((visit(d) for d in deps), default=-1)
+        return depth[row.id]
+
+    for row in rows:
+        visit(row)
+    waves: list[list[Row]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for row in rows:
+        waves[depth[row.id]].append(row)
+    return waves
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def submit_rows(
+    rows: Sequence[Row],
+    run_ids: Mapping[str, str],
+    tracking_uri: str,
+    *,
+    folder: Path,
+    existing_jobs: Mapping[str, str] | None = None,
+    array_parallelism: int = 256,
+) -> dict[str, str]:
+    """Submit rows (all at once, not waiting for any) and return row id -> SLURM job id.
+
+    `existing_jobs` maps dependency rows that are already queued or running (from an earlier
+    launch) to their job ids, so new rows can wait on them too.
+    """
+    import submitit
+
+    from slurm.job import RowJob, write_row_file
+
+    job_ids: dict[str, str] = dict(existing_jobs or {})
+    submitted: dict[str, str] = {}
+    for wave in dependency_waves(rows):
+        groups: dict[Any, list[Row]] = {}
+        for row in wave:
+            deps = sorted(job_ids[d] for d in row.depends_on if d in job_ids)
+            params = executor_parameters(row, array_parallelism)
+            if deps:
+                params["dependency"] = "afterok:" + ":".join(deps)
+            groups.setdefault(_freeze(params), []).append(row)
+        for frozen, group in groups.items():
+            params = dict(frozen)
+            params["additional_parameters"] = dict(params["additional_parameters"])
+            executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
+            executor.update_parameters(**params)
+            row_files = [str(write_row_file(row).resolve()) for row in group]
+            with executor.batch():
+                jobs = [
+                    executor.submit(RowJob(), row_file, run_ids[row.id], tracking_uri)
+                    for row, row_file in zip(group, row_files, strict=True)
+                ]
+            for row, job in zip(group, jobs, strict=True):
+                job_ids[row.id] = submitted[row.id] = str(job.job_id)
+    return submitted
+
+
+def slurm_available() -> bool:
+    return shutil.which("sbatch") is not None
