@@ -67,7 +67,7 @@ class LocalExecutor:
 
     def run(self, rows: Sequence[Row], run_ids: Mapping[str, str]) -> LocalResult:
         """Run `rows` (dependencies first) and wait for all of them."""
-        pending = list(rows)
+        pending = _critical_first(rows)
         in_launch = {r.id for r in rows}
         running: dict[str, RowProcess] = {}
         result = LocalResult()
@@ -185,6 +185,20 @@ class LocalExecutor:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         self._drawn_lines = 0 if final else len(lines)
+
+
+def _critical_first(rows: Sequence[Row]) -> list[Row]:
+    """Rows that more rows (transitively) wait on start first; otherwise grid order."""
+    waiting: dict[str, set[str]] = {r.id: set() for r in rows}
+    for row in rows:
+        stack = list(row.depends_on)
+        while stack:
+            dep = stack.pop()
+            if dep in waiting and row.id not in waiting[dep]:
+                waiting[dep].add(row.id)
+                stack.extend(next((r.depends_on for r in rows if r.id == dep), ()))
+    order = {r.id: i for i, r in enumerate(rows)}
+    return sorted(rows, key=lambda r: (-len(waiting[r.id]), order[r.id]))
 
 
 def _progress_line(proc: RowProcess) -> str:
