@@ -259,15 +259,78 @@ class RowRun:
         self._retry(self.client.set_terminated, self.run_id, status=status)
 
 
-def metric_history(
-    tracking_uri: str, run_ids: Iterable[str], names: Iterable[str]
-) -> dict[str, dict]:
-    """Latest values of `names` for each run (for status and tables)."""
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class RunSummary:
+    """A row's latest run with its latest metric values and params (from one search)."""
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    out: dict[str, dict] = {}
-    for run_id in run_ids:
-        metrics = client.get_run(run_id).data.metrics
-        out[run_id] = {n: metrics.get(n) for n in names}
-    return out
+    record: RunRecord
+    metrics: Mapping[str, float]
+    params: Mapping[str, str]
+    start_time: int
+    end_time: int | None
+
+
+def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict[str, RunSummary]:
+    """Content key -> the latest run of that key in the grid, with metrics: one paged search for
+    the whole grid (status and tables call this; no per-row requests)."""
+    if not store_exists(tracking_uri):
+        return {}
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment_id(experiment)
+    if experiment_id is None:
+        return {}
+    latest: dict[str, RunSummary] = {}
+    token = None
+    while True:
+        page = tracker.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG}.grid` = '{grid_name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            tags = run.data.tags
+            key = tags.get(f"{TAG}.key")
+            if not key or key in latest:
+                continue
+            record = RunRecord(
+                run_id=run.info.run_id,
+                key=key,
+                row_id=tags.get(f"{TAG}.id", ""),
+                status=run.info.status,
+                start_time=run.info.start_time or 0,
+                tags=dict(tags),
+            )
+            latest[key] = RunSummary(
+                record=record,
+                metrics=dict(run.data.metrics),
+                params=dict(run.data.params),
+                start_time=run.info.start_time or 0,
+                end_time=run.info.end_time,
+            )
+        token = page.token
+        if not token:
+            return latest
+
+
+def log_grid_artifacts(
+    tracking_uri: str, experiment: str, grid_name: str, files: Iterable[str | Path]
+) -> str:
+    """Log the grid's table and plot to its grid-level run (one per grid, updated in place)."""
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.ensure_experiment(experiment)
+    found = tracker.client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG}.table_of` = '{grid_name}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {f"{TAG}.table_of": grid_name, f"{TAG}.commit": project_commit()}
+        run_id = tracker.client.create_run(
+            experiment_id, run_name=f"table {grid_name}", tags=tags
+        ).info.run_id
+    for path in files:
+        tracker.client.log_artifact(run_id, str(path), "table")
+    tracker.client.set_terminated(run_id, status="FINISHED")
+    return run_id

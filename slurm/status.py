@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from kd.grid import Grid, Row
-from kd.tracking import TAG, RunRecord, Tracker, store_exists
+from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
 from slurm.state import JobState, cancel, job_states
 
 STATES = (
@@ -99,33 +99,12 @@ def row_state(
 
 
 def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
-    latest: dict[str, RunRecord] = {}
-    metrics: dict[str, dict] = {}
-    if store_exists(tracking_uri):
-        tracker = Tracker(tracking_uri)
-        experiment_id = tracker.experiment_id(grid.experiment)
-        if experiment_id:
-            runs = tracker.client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`{TAG}.grid` = '{grid.name}'",
-                max_results=5000,
-            )
-            for run in sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True):
-                key = run.data.tags.get(f"{TAG}.key")
-                if key and key not in latest:
-                    latest[key] = RunRecord(
-                        run_id=run.info.run_id,
-                        key=key,
-                        row_id=run.data.tags.get(f"{TAG}.id", ""),
-                        status=run.info.status,
-                        start_time=run.info.start_time or 0,
-                        tags=dict(run.data.tags),
-                    )
-                    metrics[run.info.run_id] = {
-                        "metrics": run.data.metrics,
-                        "end": run.info.end_time,
-                        "start": run.info.start_time,
-                    }
+    summaries = latest_grid_runs(tracking_uri, grid.experiment, grid.name)
+    latest = {key: summary.record for key, summary in summaries.items()}
+    metrics = {
+        summary.record.run_id: {"metrics": summary.metrics, "end": summary.end_time, "start": summary.start_time}
+        for summary in summaries.values()
+    }
     slurm_ids = [
         r.job_id for r in latest.values() if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
     ]

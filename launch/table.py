@@ -1,0 +1,77 @@
+"""The paper's table, rebuilt from MLflow, beside the paper's own numbers.
+
+    python launch/table.py grids/table2b.yaml                      # markdown
+    python launch/table.py grids/table2b.yaml --format csv
+    python launch/table.py grids/table2b.yaml --smoke --plot table2b.png
+
+Rows in the paper's order with their labels and descriptive columns; measured acc@1, acc@5,
+test loss and parameter count beside the paper's values and the acc@1 difference; rows not
+finished are shown with their state. The table (and plot) are also logged as artifacts of the
+grid's table run in the same MLflow experiment. Exit status 2 for a bad grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd.grid import GridError, load_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch/table.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("grid")
+    parser.add_argument(
+        "overrides", nargs="*", help="the same overrides the grid was launched with"
+    )
+    parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    parser.add_argument(
+        "--plot", metavar="PNG", help="also draw measured against paper acc@1 per row"
+    )
+    parser.add_argument(
+        "--metrics", default="", help="extra metric columns, comma-separated (e.g. cluster/cub/nmi)"
+    )
+    parser.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
+    except GridError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from kd import results
+    from kd.tracking import latest_grid_runs, log_grid_artifacts, resolve_tracking_uri, store_exists
+
+    uri = resolve_tracking_uri(args.tracking_uri, grid.tracking_uri)
+    extra = [m for m in args.metrics.split(",") if m]
+    table = results.build_table(grid, latest_grid_runs(uri, grid.experiment, grid.name), extra)
+    text = {
+        "md": lambda: results.to_markdown(table, extra),
+        "csv": lambda: results.to_csv(table, extra),
+        "json": lambda: results.to_json(table),
+    }[args.format]()
+    print(text, end="")
+    files = []
+    if args.plot:
+        files.append(results.plot(table, args.plot, f"{grid.name}: measured vs paper acc@1"))
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if not args.no_log and store_exists(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            name = Path(tmp) / f"{grid.name}.{args.format}"
+            name.write_text(text)
+            run_id = log_grid_artifacts(uri, grid.experiment, grid.name, [name, *files])
+        print(f"logged to MLflow run {run_id} (experiment '{grid.experiment}')", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
