@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from kd import config as C
 from kd.grid import Row, dependency_checkpoint
@@ -100,7 +101,7 @@ def run(
     `StopRequested` is raised so the caller can requeue.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
 
     from kd import tracking
 
@@ -120,6 +121,10 @@ def run(
         run_id = tracker.create_row_run(
             tracker.ensure_experiment(row.experiment), row, executor="inline"
         )
+    if accelerator.num_processes > 1:
+        # Only the main process created the run; every process needs its id, since whether a
+        # saved state is resumed depends on it, and all must make the same decision.
+        run_id = broadcast_object_list([run_id], from_process=0)[0]
     mlrun = tracking.RowRun(uri, run_id) if main and run_id else None
     out_dir = row.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,12 +258,14 @@ def build(row: Row, accelerator: Any) -> Built:
     )
     train_ds = D.load_split(spec, "train", transform=train_tf)
     test_ds = D.load_split(spec, "test", transform=eval_tf)
-    train_loader = D.build_loader(
-        train_ds,
-        batch_size=cfg.train.batch_size,
-        train=True,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
+    train_loader = _fresh_workers_every_epoch(
+        D.build_loader(
+            train_ds,
+            batch_size=cfg.train.batch_size,
+            train=True,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+        )
     )
     test_loader = D.build_loader(
         test_ds,
@@ -291,6 +298,37 @@ def build(row: Row, accelerator: Any) -> Built:
         mixup=mixup,
         teacher_renorm=renorm,
         num_classes=num_classes,
+    )
+
+
+def _fresh_workers_every_epoch(loader: DataLoader) -> DataLoader:
+    """The training loader with its worker processes started afresh at every epoch.
+
+    Persistent workers seed their RNGs (random, numpy, torch: the augmentations) once, when
+    they start, and carry those streams from epoch to epoch; a resumed job starts them at the
+    resume epoch instead, so its augmentations, and then its weights, differ from those of an
+    uninterrupted run. Fresh workers draw their seeds from the loader's generator, which
+    `seed_epoch` re-seeds from (seed, epoch), so each epoch's augmentations depend only on the
+    epoch. The cost is one worker start-up per epoch. (Evaluation has no randomness, so the
+    test loader keeps its persistent workers.)
+    """
+    if not loader.persistent_workers:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=loader.sampler,  # keeps the shuffle and its generator
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=False,
+        pin_memory_device=loader.pin_memory_device,
     )
 
 
@@ -344,6 +382,21 @@ def build_scheduler(cfg: C.TrainConfig, optimizer, updates_per_epoch: int):
     return scheduler
 
 
+def epoch_length(loader_batches: int, cfg: C.TrainConfig) -> tuple[int, int]:
+    """(micro-batches, optimizer updates) per epoch for one process.
+
+    Accelerate updates after every `grad_accum_steps` micro-batches and after the last batch of
+    the loader. An epoch cut short by `limit_train_batches` therefore ends on an update
+    boundary: cut inside an accumulation, its gradients (and Accelerate's step count) would
+    leak into the next epoch, and a resumed run, which starts without them, would diverge.
+    """
+    accum = cfg.grad_accum_steps
+    steps = loader_batches
+    if cfg.limit_train_batches and cfg.limit_train_batches < loader_batches:
+        steps = min(loader_batches, max(accum, cfg.limit_train_batches // accum * accum))
+    return steps, max(1, math.ceil(steps / accum))
+
+
 def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator) -> None:
     """All randomness of an epoch derives from (seed, epoch, rank): resume is exact."""
     base = seed * 100_003 + epoch * 1_009
@@ -361,19 +414,17 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     cfg = row.config
     tcfg = cfg.train
     cuda = accelerator.device.type == "cuda"
-    steps_per_epoch = len(built.train_loader)
-    if tcfg.limit_train_batches:
-        steps_per_epoch = min(steps_per_epoch, tcfg.limit_train_batches)
-    updates_per_epoch = max(1, steps_per_epoch // tcfg.grad_accum_steps)
     if cuda and tcfg.channels_last:
         built.step_module.to(memory_format=torch.channels_last)
         if built.teacher is not None:
             built.teacher.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(tcfg, built.step_module, cuda)
-    scheduler = build_scheduler(tcfg, optimizer, updates_per_epoch)
+    raw_optimizer = build_optimizer(tcfg, built.step_module, cuda)
     step_module, optimizer, train_loader, test_loader = accelerator.prepare(
-        built.step_module, optimizer, built.train_loader, built.test_loader
+        built.step_module, raw_optimizer, built.train_loader, built.test_loader
     )
+    # Counted on the prepared loader: with several processes each one iterates its shard only.
+    steps_per_epoch, updates_per_epoch = epoch_length(len(train_loader), tcfg)
+    scheduler = build_scheduler(tcfg, raw_optimizer, updates_per_epoch)
     teacher = built.teacher.to(accelerator.device) if built.teacher is not None else None
     if cuda and tcfg.compile:
         step_module = torch.compile(step_module)
