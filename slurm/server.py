@@ -1,0 +1,187 @@
+"""An MLflow tracking server for a cluster: one database, one artifact root, many jobs.
+
+Many SLURM jobs writing one SQLite file on a shared filesystem lock it; a tracking server
+serialises their writes. `start` runs `mlflow server` with a database backend and an artifact
+root under one folder (on a shared path), on this host or as a long-running SLURM job, waits
+until it answers, and records where it runs in `<folder>/server.json`; grids then log to the
+printed URI (`--tracking-uri` or `tracking_uri:`). It binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SERVER_FILE = "server.json"
+
+
+def server_command(
+    folder: Path, host: str, port: int, backend_uri: str | None, workers: int
+) -> list[str]:
+    backend = backend_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str((folder / "artifacts").resolve()),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def wait_healthy(uri: str, timeout_s: float = 120.0) -> bool:
+    """Poll the server's /health until it answers (or time runs out)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def read_server(folder: Path) -> dict | None:
+    path = folder / SERVER_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_server(folder: Path, info: dict) -> None:
+    tmp = folder / f".{SERVER_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, folder / SERVER_FILE)
+
+
+def client_host(host: str) -> str:
+    """The address clients use: the node's name when bound to every interface."""
+    return socket.gethostname() if host in ("0.0.0.0", "::") else host
+
+
+def start_local(
+    folder: Path, host: str, port: int, backend_uri: str | None = None, workers: int = 4
+) -> dict:
+    """Start the server on this host, detached; return its record (uri, pid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = read_server(folder)
+    if (
+        existing
+        and existing.get("pid")
+        and _alive(existing["pid"])
+        and wait_healthy(existing["uri"], 5)
+    ):
+        return existing | {"already_running": True}
+    uri = f"http://{client_host(host)}:{port}"
+    log = open(folder / "server.log", "ab")  # noqa: SIM115 - handed to the detached server
+    process = subprocess.Popen(
+        server_command(folder, host, port, backend_uri, workers),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    info = {
+        "uri": uri,
+        "pid": process.pid,
+        "host": socket.gethostname(),
+        "port": port,
+        "folder": str(folder),
+    }
+    if not wait_healthy(uri):
+        process.terminate()
+        raise RuntimeError(
+            f"the MLflow server did not answer at {uri}; see {folder / 'server.log'}"
+        )
+    _write_server(folder, info)
+    return info
+
+
+def serve_in_job(folder: str, host: str, port: int, backend_uri: str | None, workers: int) -> None:
+    """The body of the SLURM job: run the server until the job ends, record where it runs."""
+    folder_path = Path(folder)
+    process = subprocess.Popen(server_command(folder_path, host, port, backend_uri, workers))
+    uri = f"http://{client_host(host)}:{port}"
+    if wait_healthy(uri):
+        _write_server(
+            folder_path,
+            {
+                "uri": uri,
+                "host": socket.gethostname(),
+                "port": port,
+                "job_id": os.environ.get("SLURM_JOB_ID"),
+            },
+        )
+    process.wait()
+
+
+def start_slurm(
+    folder: Path,
+    host: str,
+    port: int,
+    *,
+    partition: str | None,
+    time_min: int,
+    backend_uri: str | None = None,
+    workers: int = 4,
+) -> dict:
+    """Submit the server as a long-running SLURM job; wait until it answers; return its record."""
+    import submitit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = folder / SERVER_FILE
+    if stale.exists():
+        stale.unlink()
+    executor = submitit.AutoExecutor(folder=folder / "slurm")
+    params = {"timeout_min": time_min, "name": "mlflow-server", "cpus_per_task": 2, "mem_gb": 4}
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    job = executor.submit(serve_in_job, str(folder.resolve()), host, port, backend_uri, workers)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        info = read_server(folder)
+        if info and wait_healthy(info["uri"], 5):
+            return info | {"job_id": job.job_id}
+        if job.done():
+            raise RuntimeError(f"the server job {job.job_id} ended; see {folder / 'slurm'}")
+        time.sleep(1)
+    raise RuntimeError(f"the server job {job.job_id} did not answer within 5 minutes")
+
+
+def stop(folder: Path) -> bool:
+    info = read_server(folder)
+    if not info:
+        return False
+    if info.get("job_id"):
+        subprocess.run(["scancel", str(info["job_id"])], check=False)
+    elif info.get("pid") and _alive(info["pid"]):
+        os.killpg(info["pid"], signal.SIGTERM)
+    (folder / SERVER_FILE).unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
