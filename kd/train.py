@@ -132,6 +132,9 @@ def run(
         if mlrun:
             mlrun.start(
                 {
+                    "kdgrid.started_at_ms": str(
+                        int(time.time() * 1000)
+                    ),  # start_time is the launch
                     "kdgrid.world_size": str(accelerator.num_processes),
                     "kdgrid.device": str(accelerator.device),
                 }
@@ -139,7 +142,9 @@ def run(
         set_seed(cfg.train.seed)
         built = build(row, accelerator)
         result = _train(row, accelerator, built, mlrun, run_id, stop_requested, log)
-    except StopRequested:
+    except (StopRequested, SystemExit):
+        # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
+        # the run stays open, and the requeued job resumes into it from the saved state.
         raise
     except BaseException as exc:
         if mlrun:
