@@ -118,12 +118,23 @@ class Tracker:
                 self.client.restore_experiment(found.experiment_id)
             return found.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(
+                name, artifact_location=self._artifact_location(name)
+            )
         except MlflowException:
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+    def _artifact_location(self, name: str) -> str | None:
+        """For a SQLite store, artifacts beside the database file (not in whatever folder the
+        launcher happened to run in); a server decides for itself."""
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///")).resolve()
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            return (db.parent / "mlartifacts" / safe).as_uri()
+        return None
 
     def experiment_id(self, name: str) -> str | None:
         found = self.client.get_experiment_by_name(name)

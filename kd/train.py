@@ -141,6 +141,13 @@ def run(
             )
         set_seed(cfg.train.seed)
         built = build(row, accelerator)
+        if mlrun:
+            from kd.models import count_params
+
+            sizes = {"model/params": count_params(built.student)}
+            if built.teacher is not None:
+                sizes["model/teacher_params"] = count_params(built.teacher)
+            mlrun.log_metrics(sizes, step=0)
         result = _train(row, accelerator, built, mlrun, run_id, stop_requested, log)
     except (StopRequested, SystemExit):
         # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
@@ -503,8 +510,21 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         scheduler.step(epoch + 1)
         train_time = time.time() - epoch_start
         img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
-        metrics = {f"train/{k}": float(v.item()) / max(steps_per_epoch, 1) for k, v in sums.items()}
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        # Mean over every process's steps, not just the main process's share.
+        names = sorted(sums)
+        local = torch.stack(
+            [
+                torch.as_tensor(sums[k], dtype=torch.float64, device=accelerator.device)
+                for k in names
+            ]
+        )
+        totals = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+        metrics = {
+            f"train/{k}": float(v) / max(steps_per_epoch, 1)
+            for k, v in zip(names, totals.tolist(), strict=True)
+        }
+        # The peak group's lr: with layer decay, group 0 is the most scaled-down layer.
+        metrics["train/lr"] = max(group["lr"] for group in optimizer.param_groups)
         metrics["train/img_per_s"] = img_per_s
         val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
         metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
@@ -615,6 +635,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
     finally:
         if tmp.exists():
             tmp.unlink()
