@@ -71,6 +71,22 @@ class DataConfig:
     num_workers: int = 8  # data-loading processes per training process
 
 
+# Datasets whose test split `evaluate.cluster` can cluster (cub_dogs needs two roots: use cub, dogs).
+CLUSTER_DATASETS = ("cub", "dogs", "foodx", "cifar10", "imagefolder")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What is measured after training (kd.cluster); never part of the row's content key."""
+
+    # dataset name -> root of its copy; the test split of each is embedded and clustered
+    cluster: dict[str, str] = field(default_factory=dict)
+    max_samples: int | None = None  # test images per dataset for k-means NMI/ARI (None = all)
+    tsne_samples: int = 2000  # points in the t-SNE map (a fixed random subset; t-SNE is O(n^2))
+    normalize: bool = True  # L2-normalise embeddings before k-means and t-SNE (cosine geometry)
+    checkpoint: Literal["best", "last"] = "best"  # which weights are clustered
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 60
@@ -149,12 +165,15 @@ class RowConfig:
     kd_options: KDOptionsConfig = field(default_factory=KDOptionsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output_dir: str = "outputs"
     paper: PaperConfig = field(default_factory=PaperConfig)
 
 
-PLACEMENT_SECTIONS = ("id", "label", "recipe", "resources", "output_dir", "paper")
+# `evaluate` decides what is measured after training, not what is trained (and its roots say
+# where copies live): changing it never reruns a finished row.
+PLACEMENT_SECTIONS = ("id", "label", "recipe", "resources", "output_dir", "paper", "evaluate")
 PLACEMENT_FIELDS = {"data.root", "data.dogs_root", "data.num_workers", "train.compile"}
 
 # Range rules: dotted key -> (check, what it must be). Types are checked from the annotations.
@@ -182,6 +201,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.limit_train_batches": (lambda v: v >= 1, ">= 1"),
     "train.limit_eval_batches": (lambda v: v >= 1, ">= 1"),
+    "evaluate.max_samples": (lambda v: v >= 2, ">= 2"),
+    "evaluate.tsne_samples": (lambda v: v >= 0, ">= 0 (0 = no map)"),
     "resources.nodes": (lambda v: v >= 1, ">= 1"),
     "resources.gpus_per_node": (lambda v: v >= 0, ">= 0"),
     "resources.tasks_per_node": (lambda v: v >= 1, ">= 1"),
@@ -189,6 +210,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "resources.mem_gb": (lambda v: v > 0, "> 0"),
     "resources.time_min": (lambda v: v >= 1, ">= 1"),
 }
+
+# Mappings whose keys come from a fixed set of names: dotted key -> the valid names.
+DICT_KEYS: dict[str, tuple[str, ...]] = {"evaluate.cluster": CLUSTER_DATASETS}
 
 
 @dataclass(frozen=True)
@@ -306,7 +330,17 @@ def _check_value(
             problems.append(Problem(dotted, f"must be a mapping, got {value!r}"))
             return False, None
         out = {}
+        names = DICT_KEYS.get(dotted)
         for k, v in value.items():
+            if names is not None and str(k) not in names:
+                problems.append(
+                    Problem(
+                        f"{dotted}.{k}",
+                        f"unknown name '{k}'{closest(str(k), names, dotted)}; "
+                        f"valid: {', '.join(names)}",
+                    )
+                )
+                continue
             ok, coerced = _check_scalar(v, value_type)
             if not ok:
                 problems.append(

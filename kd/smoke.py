@@ -2,9 +2,11 @@
 
 Every model becomes a tiny model of the same family (`kd.models.SMOKE_MODELS`), built from
 scratch (no downloads); every dataset becomes a small copy generated in its real on-disk layout;
-images are 32 px, 2 epochs, batch 8, no data-loading workers. The KD terms, the dependency
-edges, the recipes' optimiser settings and everything else stay as the grid says, so a smoke
-run exercises the same code paths as the real one. Smoke rows log to `<experiment>-smoke`.
+images are 32 px, 2 epochs, batch 8, no data-loading workers. The datasets clustered after
+training (`evaluate.cluster`) become generated copies too (the training data's own copy when it
+is the same dataset). The KD terms, the dependency edges, the recipes' optimiser settings and
+everything else stay as the grid says, so a smoke run exercises the same code paths as the real
+one. Smoke rows log to `<experiment>-smoke`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def smoke_row(cfg: C.RowConfig, grid_name: str) -> C.RowConfig:
             file=None,
             pretrained=False,
         )
+    evaluate = dataclasses.replace(
+        cfg.evaluate,
+        cluster={name: str(smoke_data_root(output_dir, name)) for name in cfg.evaluate.cluster},
+    )
     resources = dataclasses.replace(
         cfg.resources, gpus_per_node=0, cpus_per_task=1, mem_gb=2, time_min=30
     )
@@ -67,6 +73,7 @@ def smoke_row(cfg: C.RowConfig, grid_name: str) -> C.RowConfig:
         teacher=teacher,
         data=data,
         train=train,
+        evaluate=evaluate,
         resources=resources,
         output_dir=output_dir,
     )
@@ -78,9 +85,10 @@ def prepare_smoke_data(rows) -> None:
 
     done: set[tuple[str, str]] = set()
     for row in rows:
-        data = row.config.data
-        target = smoke_data_root(row.config.output_dir, data.dataset)
-        if (data.dataset, str(target)) in done:
-            continue
-        generate_dataset(data.dataset, target, num_classes=SMOKE_CLASSES, image_size=48, seed=0)
-        done.add((data.dataset, str(target)))
+        # the training dataset, and the datasets clustered after training (`evaluate.cluster`)
+        for name in (row.config.data.dataset, *row.config.evaluate.cluster):
+            target = smoke_data_root(row.config.output_dir, name)
+            if (name, str(target)) in done:
+                continue
+            generate_dataset(name, target, num_classes=SMOKE_CLASSES, image_size=48, seed=0)
+            done.add((name, str(target)))
