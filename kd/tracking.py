@@ -27,6 +27,7 @@ TAG = "kdgrid"  # tag namespace
 ACTIVE = ("SCHEDULED", "RUNNING")
 FAILED = ("FAILED", "KILLED")
 PARAM_MAX_CHARS = 6000
+SYSTEM_METRICS_INTERVAL_S = 10
 
 
 def resolve_tracking_uri(explicit: str | None = None, grid_uri: str | None = None) -> str:
@@ -204,6 +205,25 @@ class Tracker:
         self.client.update_run(run_id, status="SCHEDULED")
         return run_id
 
+    def create_launch_run(
+        self, experiment_id: str, grid_name: str, grid_file: str, executor: str, rows: int
+    ) -> str:
+        """The parent of one launch's row runs, so the MLflow UI groups a launch's rows."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        tags = {
+            f"{TAG}.launch_of": grid_name,
+            f"{TAG}.grid_file": grid_file,
+            f"{TAG}.executor": executor,
+            f"{TAG}.commit": project_commit(),
+            f"{TAG}.launch_host": socket.gethostname(),
+            "mlflow.source.git.commit": project_commit(),
+        }
+        run = self.client.create_run(
+            experiment_id, run_name=f"launch {grid_name} {stamp}", tags=tags
+        )
+        self.client.log_param(run.info.run_id, "rows", rows)
+        return run.info.run_id
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
@@ -228,6 +248,7 @@ class RowRun:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.retries = retries
 
@@ -243,10 +264,22 @@ class RowRun:
                 delay = min(delay * 2, 30)
         return None
 
-    def start(self, tags: Mapping[str, str] | None = None) -> None:
+    def start(self, tags: Mapping[str, str] | None = None, *, system_metrics: bool = False) -> None:
+        """Mark the run RUNNING; with `system_metrics`, sample CPU, memory, disk, network and (with
+        NVML) GPU utilisation and memory into `system/*` metrics until `finish`."""
         self._retry(self.client.update_run, self.run_id, status="RUNNING")
         for key, value in (tags or {}).items():
             self._retry(self.client.set_tag, self.run_id, key, value)
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                resume_logging=True,  # a requeued job continues the steps of the same run
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
 
     def status(self) -> str:
         return self._retry(self.client.get_run, self.run_id).info.status
@@ -265,6 +298,10 @@ class RowRun:
         self._retry(self.client.set_tag, self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.finish()
+            self._monitor = None
         if reason:
             self.set_tag(f"{TAG}.failure_reason", reason[:5000])
         self._retry(self.client.set_terminated, self.run_id, status=status)

@@ -118,8 +118,13 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
 
         prepare_smoke_data(to_run)
     experiment_id = tracker.ensure_experiment(grid.experiment)
+    parent = tracker.create_launch_run(
+        experiment_id, grid.name, grid.file, options.executor, len(to_run)
+    )
     run_ids = {
-        row.id: tracker.create_row_run(experiment_id, row, executor=options.executor)
+        row.id: tracker.create_row_run(
+            experiment_id, row, executor=options.executor, parent_run_id=parent
+        )
         for row in to_run
     }
     if options.executor == "slurm":
@@ -128,8 +133,12 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
             for d in decisions
             if d.action == "skip_active" and d.previous is not None and d.previous.job_id
         }
-        return _submit(grid, to_run, run_ids, tracker, uri, active_deps, options)
-    return _run_local(grid, to_run, run_ids, tracker, options)
+        status = _submit(grid, to_run, run_ids, tracker, uri, active_deps, options)
+    else:
+        status = _run_local(grid, to_run, run_ids, tracker, options)
+    # The launch run ends with the launch: for SLURM, once every row is queued.
+    tracker.mark(parent, "FINISHED" if status == 0 else "FAILED")
+    return status
 
 
 def _run_local(grid, to_run, run_ids, tracker, options) -> int:

@@ -6,48 +6,35 @@ skips every row; a row made to fail (NaN injected) is the only row `--rerun-fail
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
-def launch(
-    workdir: Path, *args: str, env: dict | None = None, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch" / "grid.py"), *args, "--executor", "local"],
-        cwd=workdir,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+def row_runs(client: MlflowClient, experiment: str) -> list:
+    """The row runs (not the launch runs that group them)."""
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs(
+        [exp.experiment_id], filter_string="tags.`kdgrid.key` != ''", max_results=1000
     )
 
 
-def row_runs(client: MlflowClient, experiment: str) -> list:
+def launch_runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=1000)
+    return client.search_runs(
+        [exp.experiment_id], filter_string="tags.`kdgrid.launch_of` != ''", max_results=1000
+    )
 
 
 @pytest.fixture(scope="module")
-def smoke_grid(tmp_path_factory):
-    """The README's main job: table2b --smoke, run once for the whole module."""
-    workdir = tmp_path_factory.mktemp("smoke")
-    shutil.copytree(REPO / "grids", workdir / "grids")
-    result = launch(workdir, "grids/table2b.yaml", "--smoke", "--max-parallel", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return workdir, result
+def smoke_grid(table2b_smoke):
+    return table2b_smoke
 
 
 def test_every_row_finishes_with_metrics_params_and_artifacts(smoke_grid):
@@ -85,6 +72,9 @@ def test_every_row_finishes_with_metrics_params_and_artifacts(smoke_grid):
         assert "row.yaml" in artifacts
         checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
         assert checkpoints == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    (parent,) = launch_runs(client, "kd-table2b-smoke")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     hard = next(r for r in runs if r.data.tags["kdgrid.label"] == "2b-6")
     assert hard.data.params["kd.deit_hard"] == "0.5"
     assert "train/deit_hard" in hard.data.metrics
