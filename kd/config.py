@@ -115,6 +115,8 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile student and teacher (CUDA only)
     seed: int = 0
+    # head: only the classifier head learns (a linear probe: the backbone is frozen, in eval mode)
+    trainable: Literal["all", "head"] = "all"
     limit_train_batches: int | None = None  # cap batches per epoch (debugging, --smoke)
     limit_eval_batches: int | None = None
 

@@ -226,6 +226,8 @@ def build(row: Row, accelerator: Any) -> Built:
         # the heads) scores a trained classifier.
         uses_dist_head = any(cfg.kd.get(t, 0) > 0 for t in ("deit_hard", "deit_soft"))
         student.set_distilled_training(uses_dist_head)
+    if cfg.train.trainable == "head":
+        freeze_backbone(student)
     teacher = None
     if cfg.teacher is not None:
         teacher = M.build_model(
@@ -236,6 +238,7 @@ def build(row: Row, accelerator: Any) -> Built:
             **resolve_weights(row, cfg.teacher, pretrained_ok=cfg.teacher.pretrained),
         )
         M.freeze_teacher(teacher)
+        teacher.kdgrid_feature_layer = cfg.teacher.feature_layer  # read by _teacher_forward
     kd_loss = KDLoss(
         cfg.kd,
         KDOptions(
@@ -243,8 +246,12 @@ def build(row: Row, accelerator: Any) -> Built:
             soft_reduction=cfg.kd_options.soft_reduction,
             label_smoothing=cfg.train.label_smoothing,
         ),
-        student_dim=M.embedding_dim(student),
-        teacher_dim=M.embedding_dim(teacher) if teacher is not None else None,
+        student_dim=M.embedding_dim(student, feature_layer=cfg.student.feature_layer),
+        teacher_dim=(
+            M.embedding_dim(teacher, feature_layer=cfg.teacher.feature_layer)
+            if teacher is not None
+            else None
+        ),
     )
     if teacher is not None and not kd_loss.needs_teacher:
         teacher = None  # only used for terms with weight 0: don't pay for its forward pass
@@ -311,6 +318,34 @@ def build(row: Row, accelerator: Any) -> Built:
         teacher_renorm=renorm,
         num_classes=num_classes,
     )
+
+
+def freeze_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """`train.trainable: head`: only the classifier head(s) learn (a linear probe).
+
+    Every other parameter stops requiring gradients (timm's optimizer factory leaves such
+    parameters out), and the backbone stays in eval mode whatever `.train()` says, so its
+    BatchNorm statistics, dropout and stochastic depth do not move either. The override is a
+    bound method, so copies of the model (EMA, clustering) keep the behaviour for themselves.
+    """
+    import types
+
+    heads = model.get_classifier()
+    heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
+    head_params = {id(p) for head in heads for p in head.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in head_params)
+
+    def train_head_only(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+        torch.nn.Module.train(self, False)
+        self.training = mode
+        classifier = self.get_classifier()
+        for head in classifier if isinstance(classifier, (tuple, list)) else [classifier]:
+            head.train(mode)
+        return self
+
+    model.train = types.MethodType(train_head_only, model)
+    return model.train(model.training)
 
 
 def _fresh_workers_every_epoch(loader: DataLoader) -> DataLoader:
@@ -573,6 +608,10 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         accelerator.wait_for_everyone()
         if stop_requested is not None and stop_requested() and epoch + 1 < tcfg.epochs:
             raise StopRequested(f"stopped after epoch {epoch + 1}; state saved at {state_path}")
+    if accelerator.is_main_process and cfg.evaluate.cluster:
+        from kd.cluster import log_clustering
+
+        log_clustering(row, student, mlrun, device=accelerator.device, log=log)
     if accelerator.is_main_process and mlrun:
         for name in (BEST_FILE, LAST_FILE):
             if (row.output_dir / name).is_file():
@@ -584,11 +623,12 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
 def _teacher_forward(teacher, images, renorm, accelerator):
     """Teacher logits and embedding on the same augmented batch, frozen, in inference mode.
     The outputs are cloned so autograd may save them for the student's backward."""
-    from kd.models import forward_with_embedding
+    from kd.models import forward_with_embedding, unwrap_model
 
+    layer = getattr(unwrap_model(teacher), "kdgrid_feature_layer", None)  # teacher.feature_layer
     with torch.inference_mode(), accelerator.autocast():
         x = images * renorm[0] + renorm[1] if renorm is not None else images
-        out = forward_with_embedding(teacher, x)
+        out = forward_with_embedding(teacher, x, feature_layer=layer)
     return out.logits.clone(), out.embedding.clone()
 
 
