@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import time
@@ -77,6 +78,24 @@ class RunRecord:
         return self.tags.get(f"{TAG}.job_id")
 
 
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+REDACTED = "<redacted>"
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables whose names say they are secrets (tokens, passwords, keys)."""
+    environ = os.environ if environ is None else environ
+    return sorted({v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every secret environment value replaced, so that a secret interpolated into a
+    row (`${oc.env:HF_TOKEN}`) never reaches MLflow as a param, tag or artifact."""
+    for secret in secret_values() if secrets is None else secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def row_params(row: Row) -> dict[str, str]:
     """The resolved row config as flat dotted params, the same keys in every row.
 
@@ -93,11 +112,12 @@ def row_params(row: Row) -> dict[str, str]:
     flat = C.flatten(tree)
     flat["key"] = row.key
     flat["smoke"] = row.smoke
-    return {k: ("" if v is None else str(v))[:PARAM_MAX_CHARS] for k, v in sorted(flat.items())}
+    secrets = secret_values()
+    return {k: redact("" if v is None else str(v), secrets)[:PARAM_MAX_CHARS] for k, v in sorted(flat.items())}
 
 
 def row_yaml(row: Row) -> str:
-    return yaml.safe_dump(row.to_dict(), sort_keys=False)
+    return redact(yaml.safe_dump(row.to_dict(), sort_keys=False))
 
 
 class Tracker:

@@ -7,10 +7,13 @@ before the first row starts; the launch record is written beside the rows' outpu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +66,75 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def grid_lock(grid: Grid, timeout_s: float = 600.0) -> Iterator[None]:
+    """One launch of a grid at a time, from planning until every row's run exists (and, on SLURM,
+    is submitted): a second launch started at the same moment then sees the first one's runs as
+    scheduled and submits nothing twice. Status reads never take it."""
+    root = Path(grid.rows[0].config.output_dir) if grid.rows else Path("outputs")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".launch.lock"
+    with open(path, "a+") as handle:
+        deadline = time.time() + timeout_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    print(
+                        f"another launch of grid '{grid.name}' is planning or submitting ({path}); waiting"
+                    )
+                    told = True
+                if time.time() > deadline:
+                    raise TimeoutError(
+                        f"another launch of grid '{grid.name}' holds {path} for over {timeout_s:.0f}s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class Prepared:
+    """A planned launch whose runs exist: what an executor needs."""
+
+    grid: Grid
+    rows: list  # the rows to run, dependencies first
+    run_ids: dict[str, str]
+    tracker: Tracker
+    uri: str
+    active_deps: dict[str, str]  # dependency row -> job id still queued from an earlier launch
+    parent_run_id: str
+
+
 def launch(grid: Grid, options: LaunchOptions) -> int:
     """Plan, record and run or submit a grid. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
+    try:
+        with grid_lock(grid):
+            prepared = _prepare(grid, options)
+            if isinstance(prepared, int):
+                return prepared
+            if options.executor == "slurm":
+                return _finish(prepared, _submit(prepared, options))
+    except TimeoutError as exc:
+        print(f"launch/grid.py: {exc}", file=sys.stderr)
+        return 2
+    # Local rows run outside the lock: their runs exist, so another launch sees them as active.
+    return _finish(prepared, _run_local(prepared, options))
+
+
+def _finish(prepared: Prepared, status: int) -> int:
+    """The launch run ends with the launch: for SLURM, once every row is queued."""
+    prepared.tracker.mark(prepared.parent_run_id, "FINISHED" if status == 0 else "FAILED")
+    return status
+
+
+def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
+    """Plan against MLflow and create the runs; an int is an exit status (nothing to run, bad input)."""
     uri = absolute_uri(resolve_tracking_uri(options.tracking_uri, grid.tracking_uri))
     latest: dict[str, RunRecord] = {}
     if store_exists(uri):
@@ -127,25 +197,20 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
         )
         for row in to_run
     }
-    if options.executor == "slurm":
-        active_deps = {
-            d.row.id: d.previous.job_id
-            for d in decisions
-            if d.action == "skip_active" and d.previous is not None and d.previous.job_id
-        }
-        status = _submit(grid, to_run, run_ids, tracker, uri, active_deps, options)
-    else:
-        status = _run_local(grid, to_run, run_ids, tracker, options)
-    # The launch run ends with the launch: for SLURM, once every row is queued.
-    tracker.mark(parent, "FINISHED" if status == 0 else "FAILED")
-    return status
+    active_deps = {
+        d.row.id: d.previous.job_id
+        for d in decisions
+        if d.action == "skip_active" and d.previous is not None and d.previous.job_id
+    }
+    return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent)
 
 
-def _run_local(grid, to_run, run_ids, tracker, options) -> int:
+def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
     from slurm.local import LocalExecutor
 
+    grid, to_run, run_ids = prepared.grid, prepared.rows, prepared.run_ids
     record_launch(grid, to_run, run_ids, "local")
-    executor = LocalExecutor(tracker, max_parallel=options.max_parallel, live=options.live)
+    executor = LocalExecutor(prepared.tracker, max_parallel=options.max_parallel, live=options.live)
     result = executor.run(to_run, run_ids)
     print(
         f"done: {len(result.finished)} finished, {len(result.failed)} failed, {len(result.skipped)} not started"
@@ -158,12 +223,18 @@ def _run_local(grid, to_run, run_ids, tracker, options) -> int:
     return 0 if result.ok else 1
 
 
-def _submit(grid, to_run, run_ids, tracker, uri, active_deps, options) -> int:
+def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     """Submit every row and return at once; on any submission error, cancel what was submitted."""
     from kd.tracking import TAG
     from slurm.state import cancel
     from slurm.submit import submit_rows
 
+    grid, to_run, run_ids, tracker = (
+        prepared.grid,
+        prepared.rows,
+        prepared.run_ids,
+        prepared.tracker,
+    )
     folder = Path(to_run[0].config.output_dir).resolve() / "slurm"
     # sbatch exports this environment to the job: make the project importable there even when
     # it is run from a checkout rather than installed.
@@ -171,13 +242,14 @@ def _submit(grid, to_run, run_ids, tracker, uri, active_deps, options) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     submitted: dict[str, str] = {}
     try:
-        submitted = submit_rows(
+        submit_rows(
             to_run,
             run_ids,
-            uri,
+            prepared.uri,
             folder=folder,
-            existing_jobs=active_deps,
+            existing_jobs=prepared.active_deps,
             array_parallelism=options.array_parallelism,
+            submitted=submitted,
         )
     except Exception as exc:
         cancel(submitted.values())

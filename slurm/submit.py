@@ -182,6 +182,7 @@ def submit_rows(
     *,
     folder: Path,
     existing_jobs: Mapping[str, str] | None = None,
+    submitted: dict[str, str] | None = None,
     array_parallelism: int = 256,
 ) -> dict[str, str]:
     """Submit rows (all at once, not waiting for any) and return row id -> SLURM job id.
@@ -194,7 +195,9 @@ def submit_rows(
     from slurm.job import RowJob, write_row_file
 
     job_ids: dict[str, str] = dict(existing_jobs or {})
-    submitted: dict[str, str] = {}
+    # Filled as jobs are queued: the caller's dict, so that after a failure half-way it still
+    # knows what to cancel.
+    submitted = {} if submitted is None else submitted
     for wave in dependency_waves(rows):
         groups: dict[Any, list[Row]] = {}
         for row in wave:
