@@ -767,18 +767,23 @@ def _check_data(configs: Sequence[C.RowConfig], file: str) -> list[str]:
     """Missing or malformed dataset copies, reported once per copy with the rows that use it."""
     from kd.data import DatasetSpec, check_dataset
 
-    users: dict[DatasetSpec, list[str]] = {}
+    users: dict[tuple[DatasetSpec, str], list[str]] = {}
     for cfg in configs:
         spec = DatasetSpec(cfg.data.dataset, cfg.data.root, cfg.data.dogs_root)
-        users.setdefault(spec, []).append(cfg.id)
+        users.setdefault((spec, "data"), []).append(cfg.id)
+        # Clustering datasets are read after training: a wrong path must fail now, not then.
+        for name, root in cfg.evaluate.cluster.items():
+            users.setdefault((DatasetSpec(name, root), f"evaluate.cluster.{name}"), []).append(
+                cfg.id
+            )
     problems = []
-    for spec, row_ids in users.items():
+    for (spec, key), row_ids in users.items():
         rows = (
             f"row '{row_ids[0]}'"
             if len(row_ids) == 1
             else f"rows {', '.join(repr(r) for r in row_ids)}"
         )
-        problems.extend(f"{file}: {rows}: data: {p}" for p in check_dataset(spec))
+        problems.extend(f"{file}: {rows}: {key}: {p}" for p in check_dataset(spec))
     return problems
 
 
@@ -865,7 +870,9 @@ def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | 
         ref = tree.get(section)
         if isinstance(ref, dict) and ref.get("row"):
             ref["row"] = {"key": dep_keys[ref["row"]]}
-    tree["kd"] = {term: weight for term, weight in tree["kd"].items() if weight != 0}  # not computed
+    tree["kd"] = {
+        term: weight for term, weight in tree["kd"].items() if weight != 0
+    }  # not computed
     res = cfg.resources
     world_size = res.nodes * (res.tasks_per_node or max(res.gpus_per_node, 1))
     if world_size != 1:  # batch_size is per process: the global batch, and so the result, change

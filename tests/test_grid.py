@@ -727,3 +727,16 @@ def test_cli_bad_input_without_traceback(tmp_path, text, args, expected):
     assert expected in stderr and str(grid) in stderr
     assert "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_missing_clustering_dataset_is_reported_before_training(tmp_path):
+    from kd.data import generate_dataset
+
+    spec = generate_dataset("cifar10", tmp_path / "cifar", num_classes=2)
+    text = MINI.replace("root: /nonexistent/cifar10", f"root: {spec.root}").replace(
+        "output_dir: out/${name}",
+        "output_dir: out/${name}\n      evaluate: {cluster: {cifar10: /nonexistent/cifar10}}",
+    )
+    problems = problems_of(write(tmp_path, text), check_data=True)
+    assert problems, "a missing clustering dataset must be an error"
+    assert all("evaluate.cluster.cifar10" in p and "/nonexistent/cifar10" in p for p in problems)
