@@ -30,6 +30,7 @@ STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 PROGRESS_FILE = "progress.json"
+_IMPORTED_AT = time.time()
 NAN_CHECK_EVERY = 10  # steps between finiteness checks (each check syncs the GPU)
 
 
@@ -101,7 +102,7 @@ def run(
     `StopRequested` is raised so the caller can requeue.
     """
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
     from kd import tracking
 
@@ -113,6 +114,8 @@ def run(
         mixed_precision=_mixed_precision(cfg.train.precision, cuda),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         step_scheduler_with_optimizer=False,
+        # Pinned batches are copied to the GPU while the previous step still runs.
+        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
     )
     main = accelerator.is_main_process
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -202,23 +205,36 @@ def resolve_weights(
     return {"source": "pretrained" if pretrained_ok else "scratch"}
 
 
-def build(row: Row, accelerator: Any) -> Built:
-    """Models, loss, data and loaders for a row (not yet wrapped by Accelerate)."""
-    from kd import data as D
+@dataclass
+class Models:
+    """A row's models: what `build_models` returns."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None  # None when no term with a weight needs it
+    step_module: DistillationStep
+    teacher_renorm: tuple[torch.Tensor, torch.Tensor] | None
+    student_data: dict[str, Any]  # input size and normalisation the student expects
+
+
+def build_models(row: Row, num_classes: int, *, weights: bool = True) -> Models:
+    """Student, frozen teacher, KD loss and the step module of a row.
+
+    `weights=False` builds every model from scratch: the speed of a step does not depend on
+    the weights, so benchmarks need neither downloads nor the checkpoints of other rows.
+    """
     from kd import models as M
     from kd.losses import KDLoss, KDOptions
 
     cfg = row.config
     where = f"row '{row.id}' ({row.grid_file})"
-    spec = D.DatasetSpec(cfg.data.dataset, cfg.data.root, cfg.data.dogs_root)
-    num_classes = D.num_classes(spec)
+    scratch = {"source": "scratch"}
     student = M.build_model(
         cfg.student.model,
         num_classes=num_classes,
         img_size=cfg.data.img_size,
         drop_path_rate=cfg.student.drop_path,
         where=where,
-        **resolve_weights(row, cfg.init, pretrained_ok=True),
+        **(resolve_weights(row, cfg.init, pretrained_ok=True) if weights else scratch),
     )
     if M.is_distilled(student):
         # Two heads in training only when a term trains the distillation head; otherwise timm
@@ -235,7 +251,11 @@ def build(row: Row, accelerator: Any) -> Built:
             num_classes=num_classes,
             img_size=cfg.data.img_size,
             where=where + " teacher",
-            **resolve_weights(row, cfg.teacher, pretrained_ok=cfg.teacher.pretrained),
+            **(
+                resolve_weights(row, cfg.teacher, pretrained_ok=cfg.teacher.pretrained)
+                if weights
+                else scratch
+            ),
         )
         M.freeze_teacher(teacher)
         teacher.kdgrid_feature_layer = cfg.teacher.feature_layer  # read by _teacher_forward
@@ -256,6 +276,52 @@ def build(row: Row, accelerator: Any) -> Built:
     if teacher is not None and not kd_loss.needs_teacher:
         teacher = None  # only used for terms with weight 0: don't pay for its forward pass
     student_data = M.data_config(student)
+    renorm = None
+    if teacher is not None:
+        teacher_data = M.data_config(teacher)
+        if tuple(teacher_data["mean"]) != tuple(student_data["mean"]) or tuple(
+            teacher_data["std"]
+        ) != tuple(student_data["std"]):
+            renorm = _renorm_tensors(student_data, teacher_data)
+    step_module = DistillationStep(student, kd_loss, cfg.student.feature_layer)
+    return Models(student, teacher, step_module, renorm, student_data)
+
+
+def build(row: Row, accelerator: Any) -> Built:
+    """Models, loss, data and loaders for a row (not yet wrapped by Accelerate)."""
+    from kd import data as D
+
+    cfg = row.config
+    spec = D.DatasetSpec(cfg.data.dataset, cfg.data.root, cfg.data.dogs_root)
+    num_classes = D.num_classes(spec)
+    models = build_models(row, num_classes)
+    train_loader, test_loader = build_loaders(row, spec, models.student_data)
+    generator = getattr(train_loader, "generator", None) or getattr(
+        train_loader.sampler, "generator", None
+    )
+    if generator is None:
+        generator = torch.Generator()
+    mixup = D.build_mixup(num_classes, cfg.train.mixup, cfg.train.cutmix, cfg.train.label_smoothing)
+    return Built(
+        student=models.student,
+        teacher=models.teacher,
+        step_module=models.step_module,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        loader_generator=generator,
+        mixup=mixup,
+        teacher_renorm=models.teacher_renorm,
+        num_classes=num_classes,
+    )
+
+
+def build_loaders(
+    row: Row, spec: Any, student_data: dict[str, Any]
+) -> tuple[DataLoader, DataLoader]:
+    """The training and test loaders of a row, with the student's input normalisation."""
+    from kd import data as D
+
+    cfg = row.config
     train_tf = D.build_transforms(
         train=True,
         img_size=cfg.data.img_size,
@@ -293,31 +359,7 @@ def build(row: Row, accelerator: Any) -> Built:
         num_workers=cfg.data.num_workers,
         seed=cfg.train.seed,
     )
-    generator = getattr(train_loader, "generator", None) or getattr(
-        train_loader.sampler, "generator", None
-    )
-    if generator is None:
-        generator = torch.Generator()
-    mixup = D.build_mixup(num_classes, cfg.train.mixup, cfg.train.cutmix, cfg.train.label_smoothing)
-    renorm = None
-    if teacher is not None:
-        teacher_data = M.data_config(teacher)
-        if tuple(teacher_data["mean"]) != tuple(student_data["mean"]) or tuple(
-            teacher_data["std"]
-        ) != tuple(student_data["std"]):
-            renorm = _renorm_tensors(student_data, teacher_data)
-    step_module = DistillationStep(student, kd_loss, cfg.student.feature_layer)
-    return Built(
-        student=student,
-        teacher=teacher,
-        step_module=step_module,
-        train_loader=train_loader,
-        test_loader=test_loader,
-        loader_generator=generator,
-        mixup=mixup,
-        teacher_renorm=renorm,
-        num_classes=num_classes,
-    )
+    return train_loader, test_loader
 
 
 def freeze_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -453,39 +495,141 @@ def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator) -> 
     generator.manual_seed(base)  # same shuffle on every rank; Accelerate shards it
 
 
-def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -> dict[str, float]:
+@dataclass
+class StepParts:
+    """What one training step uses, prepared once by `prepare_step` (the loop and
+    `kd.bench` both step through `train_step` with it)."""
+
+    accelerator: Any
+    step_module: torch.nn.Module  # prepared by Accelerate (and compiled when asked)
+    optimizer: Any  # Accelerate's wrapper around `raw_optimizer`
+    raw_optimizer: Any
+    teacher: torch.nn.Module | None
+    renorm: tuple[torch.Tensor, torch.Tensor] | None
+    mixup: Callable | None
+    student: torch.nn.Module  # the unwrapped student (EMA, evaluation, checkpoints)
+    ema: Any
+    channels_last: bool
+    clip_grad: float | None
+    scheduler: Any = None  # set once the epoch length is known
+    global_step: int = 0  # optimizer updates so far
+
+
+def prepare_step(tcfg: C.TrainConfig, accelerator: Any, built: Built) -> StepParts:
+    """Memory format, optimizer, Accelerate wrapping, compilation and EMA for `train_step`."""
     from timm.utils import ModelEmaV3
 
-    from kd.evaluate import evaluate
-
-    cfg = row.config
-    tcfg = cfg.train
     cuda = accelerator.device.type == "cuda"
-    if cuda and tcfg.channels_last:
+    channels_last = cuda and tcfg.channels_last
+    if channels_last:
         built.step_module.to(memory_format=torch.channels_last)
         if built.teacher is not None:
             built.teacher.to(memory_format=torch.channels_last)
     raw_optimizer = build_optimizer(tcfg, built.step_module, cuda)
-    step_module, optimizer, train_loader, test_loader = accelerator.prepare(
-        built.step_module, raw_optimizer, built.train_loader, built.test_loader
-    )
-    # Counted on the prepared loader: with several processes each one iterates its shard only.
-    steps_per_epoch, updates_per_epoch = epoch_length(len(train_loader), tcfg)
-    scheduler = build_scheduler(tcfg, raw_optimizer, updates_per_epoch)
+    step_module, optimizer = accelerator.prepare(built.step_module, raw_optimizer)
     teacher = built.teacher.to(accelerator.device) if built.teacher is not None else None
+    if teacher is not None and accelerator.mixed_precision == "bf16":
+        teacher_weights_bf16(teacher)
     if cuda and tcfg.compile:
         step_module = torch.compile(step_module)
         teacher = torch.compile(teacher) if teacher is not None else None
     student = accelerator.unwrap_model(step_module).student
-    ema = ModelEmaV3(student, decay=tcfg.ema_decay) if tcfg.ema else None
     renorm = (
         tuple(t.to(accelerator.device) for t in built.teacher_renorm)
         if built.teacher_renorm
         else None
     )
+    return StepParts(
+        accelerator=accelerator,
+        step_module=step_module,
+        optimizer=optimizer,
+        raw_optimizer=raw_optimizer,
+        teacher=teacher,
+        renorm=renorm,
+        mixup=built.mixup,
+        student=student,
+        ema=ModelEmaV3(student, decay=tcfg.ema_decay) if tcfg.ema else None,
+        channels_last=channels_last,
+        clip_grad=tcfg.clip_grad,
+    )
+
+
+def teacher_weights_bf16(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Store the frozen teacher's convolution and linear weights in bf16, once.
+
+    Under bf16 autocast those layers run in bf16 anyway, but autocast caches its casts only for
+    weights that require grad: a frozen teacher's weights were cast again at every step. Norm
+    layers (and weight-standardised convolutions, which normalise their weight in the forward)
+    keep fp32, so the teacher computes exactly what autocast computed before, with half the
+    weight memory.
+    """
+    from timm.layers import Linear as TimmLinear
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, TimmLinear)
+    for module in teacher.modules():
+        if type(module) in kinds:
+            module.to(torch.bfloat16)
+    return teacher
+
+
+def train_step(parts: StepParts, images: torch.Tensor, targets: torch.Tensor) -> dict:
+    """One micro-batch: mixup, teacher forward, student forward and backward with every KD
+    term, and (on an accumulation boundary) clipping, the optimizer, the scheduler and EMA.
+
+    Returns each term's value and the total (`loss`), detached and left on the device: reading
+    them would wait for the GPU at every step.
+    """
+    accelerator = parts.accelerator
+    if parts.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if parts.mixup is not None:
+        images, targets = parts.mixup(images, targets)
+    teacher_logits = teacher_emb = None
+    if parts.teacher is not None:
+        teacher_logits, teacher_emb = _teacher_forward(
+            parts.teacher, images, parts.renorm, accelerator
+        )
+    with accelerator.accumulate(parts.step_module):
+        with accelerator.autocast():
+            losses = parts.step_module(images, targets, teacher_logits, teacher_emb)
+        loss = losses["loss"]
+        if _inject_nan(parts.global_step):
+            loss = loss * float("nan")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and parts.clip_grad:
+            accelerator.clip_grad_norm_(parts.step_module.parameters(), parts.clip_grad)
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        parts.global_step += 1
+        if parts.scheduler is not None:
+            parts.scheduler.step_update(num_updates=parts.global_step)
+        if parts.ema is not None:
+            parts.ema.update(parts.student, step=parts.global_step)
+    out = {name: value.detach() for name, value in losses.items()}
+    out["loss"] = loss.detach()
+    return out
+
+
+def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -> dict[str, float]:
+    from kd.evaluate import evaluate
+
+    cfg = row.config
+    tcfg = cfg.train
+    parts = prepare_step(tcfg, accelerator, built)
+    step_module, optimizer, student, ema = (
+        parts.step_module,
+        parts.optimizer,
+        parts.student,
+        parts.ema,
+    )
+    train_loader, test_loader = accelerator.prepare(built.train_loader, built.test_loader)
+    # Counted on the prepared loader: with several processes each one iterates its shard only.
+    steps_per_epoch, updates_per_epoch = epoch_length(len(train_loader), tcfg)
+    scheduler = parts.scheduler = build_scheduler(tcfg, parts.raw_optimizer, updates_per_epoch)
 
     state_path = row.output_dir / STATE_FILE
-    start_epoch, global_step, best_acc1, history = 0, 0, -1.0, []
+    start_epoch, best_acc1, history = 0, -1.0, []
     state = _load_state(state_path, run_id)
     if state is not None:
         accelerator.unwrap_model(step_module).load_state_dict(state["model"])
@@ -493,7 +637,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        start_epoch, global_step, best_acc1 = (
+        start_epoch, parts.global_step, best_acc1 = (
             state["epoch"] + 1,
             state["global_step"],
             state["best_acc1"],
@@ -503,6 +647,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         if mlrun and history:
             _log_missing_epoch(mlrun, history[-1])
     started = time.time()
+    startup_s = None  # process start -> first training step
     for epoch in range(start_epoch, tcfg.epochs):
         seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
         step_module.train()
@@ -511,33 +656,13 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         for step, (images, targets) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
-            if cuda and tcfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if built.mixup is not None:
-                images, targets = built.mixup(images, targets)
-            teacher_logits = teacher_emb = None
-            if teacher is not None:
-                teacher_logits, teacher_emb = _teacher_forward(teacher, images, renorm, accelerator)
-            with accelerator.accumulate(step_module):
-                with accelerator.autocast():
-                    losses = step_module(images, targets, teacher_logits, teacher_emb)
-                loss = losses["loss"]
-                if _inject_nan(global_step):
-                    loss = loss * float("nan")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tcfg.clip_grad:
-                    accelerator.clip_grad_norm_(step_module.parameters(), tcfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if startup_s is None:
+                startup_s = time.time() - process_started_at()
+                if accelerator.is_main_process:
+                    log(f"[{row.id}] first step {startup_s:.1f} s after the process started")
+            losses = train_step(parts, images, targets)
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + (
-                    loss.detach() if name == "loss" else value.detach()
-                )
-            if accelerator.sync_gradients:
-                global_step += 1
-                scheduler.step_update(num_updates=global_step)
-                if ema is not None:
-                    ema.update(student, step=global_step)
+                sums[name] = sums.get(name, 0.0) + value
             seen += images.shape[0]
             if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
                 _check_finite(sums, epoch, step)
@@ -561,6 +686,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         # The peak group's lr: with layer decay, group 0 is the most scaled-down layer.
         metrics["train/lr"] = max(group["lr"] for group in optimizer.param_groups)
         metrics["train/img_per_s"] = img_per_s
+        if epoch == start_epoch and startup_s is not None:
+            metrics["time/startup_s"] = startup_s
         val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
         metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
         if ema is not None:
@@ -585,7 +712,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     "scheduler": scheduler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None,
                     "epoch": epoch,
-                    "global_step": global_step,
+                    "global_step": parts.global_step,
                     "best_acc1": best_acc1,
                     "run_id": run_id,
                     "key": row.key,
@@ -618,6 +745,16 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                 mlrun.log_artifact(row.output_dir / name, "checkpoints")
     final = history[-1]["metrics"] if history else {}
     return {k: v for k, v in final.items() if isinstance(v, (int, float))}
+
+
+def process_started_at() -> float:
+    """When this process started (epoch seconds): start-up costs include the imports."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or /proc unreadable: count from the import of kd.train
+        return _IMPORTED_AT
 
 
 def _teacher_forward(teacher, images, renorm, accelerator):
