@@ -78,14 +78,20 @@ class RunRecord:
         return self.tags.get(f"{TAG}.job_id")
 
 
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
+SECRET_NAME = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I
+)
 REDACTED = "<redacted>"
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names say they are secrets (tokens, passwords, keys)."""
     environ = os.environ if environ is None else environ
-    return sorted({v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
+    return sorted(
+        {v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= 6},
+        key=len,
+        reverse=True,
+    )
 
 
 def redact(text: str, secrets: list[str] | None = None) -> str:
@@ -113,7 +119,10 @@ def row_params(row: Row) -> dict[str, str]:
     flat["key"] = row.key
     flat["smoke"] = row.smoke
     secrets = secret_values()
-    return {k: redact("" if v is None else str(v), secrets)[:PARAM_MAX_CHARS] for k, v in sorted(flat.items())}
+    return {
+        k: redact("" if v is None else str(v), secrets)[:PARAM_MAX_CHARS]
+        for k, v in sorted(flat.items())
+    }
 
 
 def row_yaml(row: Row) -> str:
@@ -243,6 +252,30 @@ class Tracker:
         )
         self.client.log_param(run.info.run_id, "rows", rows)
         return run.info.run_id
+
+    def reopen_row_run(
+        self, run_id: str, *, executor: str, parent_run_id: str | None = None
+    ) -> None:
+        """Schedule a failed row run again, to resume from its saved state (same run, same
+        metric history); its failure reason is kept as `kdgrid.previous_failure`."""
+        run = self.client.get_run(run_id)
+        tags = {
+            f"{TAG}.executor": executor,
+            f"{TAG}.launcher_pid": str(os.getpid()),
+            f"{TAG}.launch_host": socket.gethostname(),
+            f"{TAG}.resumed": str(int(run.data.tags.get(f"{TAG}.resumed", "0")) + 1),
+        }
+        reason = run.data.tags.get(f"{TAG}.failure_reason")
+        if reason:
+            tags[f"{TAG}.previous_failure"] = reason
+            self.client.delete_tag(run_id, f"{TAG}.failure_reason")
+        for stale in (f"{TAG}.pid", f"{TAG}.job_id"):
+            if stale in run.data.tags:
+                self.client.delete_tag(run_id, stale)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.set_tags(run_id, tags)
+        self.client.update_run(run_id, status="SCHEDULED")
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():

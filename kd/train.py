@@ -27,6 +27,7 @@ from kd import config as C
 from kd.grid import Row, dependency_checkpoint
 
 STATE_FILE = "state.pt"
+STATE_INFO_FILE = "state.json"  # run id, key and epoch of state.pt, readable without torch
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 PROGRESS_FILE = "progress.json"
@@ -140,7 +141,8 @@ def run(
                     ),  # start_time is the launch
                     "kdgrid.world_size": str(accelerator.num_processes),
                     "kdgrid.device": str(accelerator.device),
-                }
+                },
+                system_metrics=True,
             )
         set_seed(cfg.train.seed)
         built = build(row, accelerator)
@@ -721,6 +723,11 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                 },
                 state_path,
             )
+            # What the launcher reads (without torch) to resume a crashed row into its run.
+            _write_json(
+                row.output_dir / STATE_INFO_FILE,
+                {"run_id": run_id, "key": row.key, "epoch": epoch + 1, "epochs": tcfg.epochs},
+            )
             if mlrun:
                 mlrun.log_metrics(metrics, step=epoch + 1)
             elapsed = time.time() - started
@@ -802,6 +809,12 @@ def _model_checkpoint(
     }
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash mid-write
     leaves the previous file intact."""
@@ -852,14 +865,8 @@ def _log_missing_epoch(mlrun, last: dict) -> None:
 
 
 def _write_progress(row: Row, epoch: int, epochs: int, acc1: float, eta_s: float) -> None:
-    path = row.output_dir / PROGRESS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {"epoch": epoch, "epochs": epochs, "acc1": acc1, "eta_s": eta_s, "time": time.time()}
-        )
-    )
-    os.replace(tmp, path)
+    progress = {"epoch": epoch, "epochs": epochs, "acc1": acc1, "eta_s": eta_s, "time": time.time()}
+    _write_json(row.output_dir / PROGRESS_FILE, progress)
 
 
 def _hms(seconds: float) -> str:

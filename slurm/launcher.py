@@ -54,7 +54,8 @@ def liveness(latest: dict[str, RunRecord]):
 def describe(decisions: list[Decision]) -> None:
     for d in decisions:
         if d.action == "run":
-            print(f"  run      {d.row.id:<28} {d.row.label:<12} {d.reason}")
+            resume = "; resumes its saved state" if resumable_run(d) else ""
+            print(f"  run      {d.row.id:<28} {d.row.label:<12} {d.reason}{resume}")
         elif d.action in ("skip_finished", "skip_active"):
             print(f"  skipped  {d.row.id:<28} {d.row.label:<12} {d.reason}")
 
@@ -191,18 +192,42 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     parent = tracker.create_launch_run(
         experiment_id, grid.name, grid.file, options.executor, len(to_run)
     )
-    run_ids = {
-        row.id: tracker.create_row_run(
-            experiment_id, row, executor=options.executor, parent_run_id=parent
-        )
-        for row in to_run
-    }
+    run_ids: dict[str, str] = {}
+    for d in decisions:
+        if d.action != "run":
+            continue
+        resumable = None if options.force else resumable_run(d)
+        if resumable is not None:
+            tracker.reopen_row_run(resumable, executor=options.executor, parent_run_id=parent)
+            run_ids[d.row.id] = resumable
+        else:
+            run_ids[d.row.id] = tracker.create_row_run(
+                experiment_id, d.row, executor=options.executor, parent_run_id=parent
+            )
     active_deps = {
         d.row.id: d.previous.job_id
         for d in decisions
         if d.action == "skip_active" and d.previous is not None and d.previous.job_id
     }
     return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent)
+
+
+def resumable_run(decision: Decision) -> str | None:
+    """The run of a row that crashed (killed, node lost, time out of requeues) after saving
+    state: rerunning it resumes from that state into the same run instead of starting over.
+    `--force` starts over."""
+    from kd.train import STATE_INFO_FILE
+
+    previous = decision.previous
+    if previous is None or previous.status == "FINISHED":
+        return None
+    try:
+        info = json.loads((decision.row.output_dir / STATE_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("run_id") == previous.run_id and info.get("key") == decision.row.key:
+        return previous.run_id
+    return None
 
 
 def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
