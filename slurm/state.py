@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -20,15 +21,25 @@ TERMINAL = {
 }
 
 
+def _waiting(words: list[str], start: str) -> bool:
+    """Pending, or cancelled before it ever started."""
+    if not words:
+        return False
+    return words[0] in ("PENDING", "REQUEUED") or (
+        words[0] == "CANCELLED" and start in ("", "None", "Unknown")
+    )
+
+
 @dataclass(frozen=True)
 class JobState:
     job_id: str
     state: str  # sacct's State, first word (e.g. "CANCELLED by 0" -> "CANCELLED")
     elapsed_s: int = 0
     nodes: str = ""
-    reason: str = ""  # squeue's pending reason
+    reason: str = ""  # squeue's pending reason, else sacct's Reason (e.g. "Dependency")
     start: str = ""
     end: str = ""
+    cancelled_by: str = ""  # uid in sacct's "CANCELLED by UID"; "" when SLURM cancelled it itself
 
     @property
     def terminal(self) -> bool:
@@ -49,7 +60,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             "-j",
             ",".join(ids),
             "-o",
-            "JobID,State,ElapsedRaw,NodeList,Start,End",
+            "JobID,State,ElapsedRaw,NodeList,Start,End,Reason",
         ],
         capture_output=True,
         text=True,
@@ -59,21 +70,33 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     states: dict[str, JobState] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) < 6:
+        if len(parts) < 7:
             continue
-        job_id, state, elapsed, nodes, start, end = parts[:6]
+        job_id, state, elapsed, nodes, start, end, reason = parts[:7]
+        words = state.split()
         states[job_id] = JobState(
             job_id=job_id,
-            state=state.split()[0] if state else "UNKNOWN",
+            state=words[0] if words else "UNKNOWN",
             elapsed_s=int(elapsed) if elapsed.isdigit() else 0,
             nodes="" if nodes.startswith("None") else nodes,
+            # sacct keeps the last pending reason after the job started: only a pending job's,
+            # or a job's cancelled before it started, says why it is (was) waiting
+            reason=reason if _waiting(words, start) and reason != "None" else "",
             start=start,
             end=end,
+            cancelled_by=words[2] if len(words) > 2 and words[1] == "by" else "",
         )
     _expand_pending_arrays(states, ids)
-    for job_id, reason in _pending_reasons(ids).items():
-        if job_id in states:
-            states[job_id] = JobState(**{**states[job_id].__dict__, "reason": reason})
+    # squeue is the controller's own view of live jobs; sacct (slurmdbd) lags it by seconds and
+    # does not know a job submitted a moment ago at all.
+    for job_id, (state, reason, nodes) in _queued(ids).items():
+        known = states.get(job_id, JobState(job_id=job_id, state=state))
+        states[job_id] = dataclasses.replace(
+            known,
+            state=state,
+            reason=reason if state == "PENDING" else known.reason,
+            nodes=nodes or known.nodes,
+        )
     return states
 
 
@@ -102,23 +125,25 @@ def _task_in_range(task: str, spec: str) -> bool:
     return False
 
 
-def _pending_reasons(ids: list[str]) -> dict[str, str]:
+def _queued(ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(state, pending reason, nodes) of the asked-for jobs squeue still lists."""
     if shutil.which("squeue") is None:
         return {}
     out = subprocess.run(
-        ["squeue", "-h", "-r", "-t", "PENDING", "-o", "%i|%r"],
+        ["squeue", "-h", "-r", "-o", "%i|%T|%r|%N"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     ).stdout
     wanted = set(ids)
-    reasons = {}
+    queued = {}
     for line in out.splitlines():
-        job_id, _, reason = line.partition("|")
-        if job_id in wanted:
-            reasons[job_id] = reason
-    return reasons
+        parts = line.split("|")
+        if len(parts) == 4 and parts[0] in wanted:
+            job_id, state, reason, nodes = parts
+            queued[job_id] = (state, "" if reason == "None" else reason, nodes)
+    return queued
 
 
 def cancel(job_ids: Iterable[str]) -> None:

@@ -93,8 +93,9 @@ def row_state(
     state = SLURM_TO_STATE.get(job.state, "pending")
     if job.state == "COMPLETED":
         return "failed", "SLURM says COMPLETED but the run never finished; see the job log"
-    if job.state == "CANCELLED" and "DependencyNeverSatisfied" in (job.reason or ""):
-        return "skipped", "a dependency failed"
+    if job.state == "CANCELLED" and not job.cancelled_by and "Dependency" in job.reason:
+        # cancelled by SLURM itself (--kill-on-invalid-dep), not by a user: a dependency failed
+        return "skipped", "a dependency failed; SLURM cancelled the job"
     return state, job.reason or None
 
 
@@ -102,7 +103,11 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
     summaries = latest_grid_runs(tracking_uri, grid.experiment, grid.name)
     latest = {key: summary.record for key, summary in summaries.items()}
     metrics = {
-        summary.record.run_id: {"metrics": summary.metrics, "end": summary.end_time, "start": summary.start_time}
+        summary.record.run_id: {
+            "metrics": summary.metrics,
+            "end": summary.end_time,
+            "start": summary.start_time,
+        }
         for summary in summaries.values()
     }
     slurm_ids = [
