@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         help="refresh until every row is done (default every 10 s)",
     )
     parser.add_argument("--tracking-uri")
-    args = parser.parse_args(argv)
+    # intermixed: `status.py GRID --smoke train.epochs=3` (overrides after options) works too
+    args = parser.parse_intermixed_args(argv)
     try:
         grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
     except GridError as exc:
