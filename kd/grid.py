@@ -225,7 +225,7 @@ class _GridLoader(yaml.SafeLoader):
                     (
                         mark.line + 1,
                         f"{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
-                        "(a later value would silently replace the earlier one)",
+                        "(a later value would silently replace the earlier one); keep one",
                     )
                 )
             seen.add(key_node.value)
@@ -256,7 +256,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise GridError([f"{path}: cannot read the grid file: {exc.strerror}"]) from None
+        raise GridError(
+            [f"{path}: cannot read the grid file: {exc.strerror}; check the path"]
+        ) from None
     loader = _GridLoader(text)
     loader.duplicates = []
     try:
@@ -265,7 +267,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise GridError([f"{where}: YAML syntax error: {problem}"]) from None
+        raise GridError([f"{where}: YAML syntax error: {problem}; fix the YAML there"]) from None
     finally:
         loader.dispose()
     if loader.duplicates:
@@ -291,10 +293,13 @@ def parse_overrides(overrides: Sequence[str], file: str) -> list[Any]:
             (override,) = parser.parse_overrides([text])
         except HydraException as exc:
             first = str(exc).splitlines()[0]
-            problems.append(f"{file}: override '{text}': {first}")
+            problems.append(
+                f"{file}: override '{text}': {first}; write key=value, +key=value (add), ~key "
+                "(remove) or key=a,b (a sweep), quoting values with spaces or brackets"
+            )
             continue
         if not override.key_or_group:  # Hydra's grammar lets `=3` through with an empty key
-            problems.append(f"{file}: override '{text}': no key before '='")
+            problems.append(f"{file}: override '{text}': no key before '='; write key=value")
             continue
         parsed.append(override)
     if problems:
@@ -546,16 +551,21 @@ def load_grid(
     if smoke:
         experiment = f"{experiment}-smoke"
     configs: list[C.RowConfig] = []
+    bad_data: set[str] = set()  # rows whose `data` section is wrong: their copy is not checked
     for merged in raw_rows:
         where = _where(file, merged)
         row_problems: list[C.Problem] = []
         cfg = C.validate_section(C.RowConfig, merged, "", row_problems)
         problems.extend(f"{where}: {p.key}: {p.message}" for p in row_problems)
+        if any(p.key.split(".")[0] in ("data", "evaluate") for p in row_problems):
+            bad_data.add(cfg.id)
         configs.append(cfg)
     if not configs and not problems:
         problems.append(f"{file}: the grid has no rows: add `rows:` or `axes:`")
     problems.extend(
-        _check_rows(configs, file, smoke, check_data, check_models, unresolved=unresolved)
+        _check_rows(
+            configs, file, smoke, check_data, check_models, unresolved=unresolved, skip=bad_data
+        )
     )
     configs = [_resolve_teacher_model(cfg, configs) for cfg in configs]
     order = _topological_order(configs, file, problems)
@@ -661,7 +671,13 @@ def _compose_row(
         resolved = OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "interpolation"
-        problems.append(f"{_where(file, merged)}: {key}: {str(exc).splitlines()[0]}")
+        message = str(exc).splitlines()[0]
+        hint = (
+            "export it, or give a default: ${oc.env:NAME,default}"
+            if "Environment variable" in message
+            else "fix the ${...} expression (OmegaConf interpolation)"
+        )
+        problems.append(f"{_where(file, merged)}: {key}: {message}; {hint}")
         return None
     for key in context:
         resolved.pop(key, None)
@@ -686,11 +702,13 @@ def _check_rows(
     check_data: bool,
     check_models: bool,
     unresolved: Iterable[str] = (),
+    skip: Iterable[str] = (),
 ) -> list[str]:
     """Checks that need more than one key: ids, references, models, KD terms, datasets."""
     from kd import losses
 
     problems: list[str] = []
+    checked: dict[tuple[str, str, int], list[str]] = {}  # checkpoint checks shared by rows
     unresolved = set(unresolved)
     ids = [c.id for c in configs]
     by_id = {c.id: c for c in configs}
@@ -734,7 +752,10 @@ def _check_rows(
             and not smoke
             and not Path(cfg.init.file).is_file()
         ):
-            problems.append(f"{where}: init.file: no checkpoint file at '{cfg.init.file}'")
+            problems.append(
+                f"{where}: init.file: no checkpoint file at '{cfg.init.file}'; fix the path "
+                "(a relative path is read from the folder you launch in)"
+            )
         if cfg.teacher is not None:
             if cfg.teacher.row is None and cfg.teacher.model is None:
                 problems.append(
@@ -742,7 +763,8 @@ def _check_rows(
                 )
             if cfg.teacher.file and not smoke and not Path(cfg.teacher.file).is_file():
                 problems.append(
-                    f"{where}: teacher.file: no checkpoint file at '{cfg.teacher.file}'"
+                    f"{where}: teacher.file: no checkpoint file at '{cfg.teacher.file}'; fix the "
+                    "path (a relative path is read from the folder you launch in)"
                 )
         for problem in losses.check_terms(cfg.kd):
             problems.append(f"{where}: kd: {problem}")
@@ -758,8 +780,13 @@ def _check_rows(
             )
         if check_models:
             problems.extend(_check_models(cfg, where))
+            if not smoke:
+                problems.extend(_check_checkpoints(cfg, where, checked))
     if check_data and not smoke:
-        problems.extend(_check_data(configs, file))
+        # A row whose data section is itself wrong (a misspelt dataset name falls back to the
+        # default) would report a copy it never meant to use: its own problem says enough.
+        skip = set(skip)
+        problems.extend(_check_data([c for c in configs if c.id not in skip], file))
     return problems
 
 
@@ -783,7 +810,7 @@ def _check_data(configs: Sequence[C.RowConfig], file: str) -> list[str]:
             if len(row_ids) == 1
             else f"rows {', '.join(repr(r) for r in row_ids)}"
         )
-        problems.extend(f"{file}: {rows}: {key}: {p}" for p in check_dataset(spec))
+        problems.extend(f"{file}: {rows}: {key}: {p}" for p in check_dataset(spec, index=True))
     return problems
 
 
@@ -798,6 +825,33 @@ def _check_models(cfg: C.RowConfig, where: str) -> list[str]:
         message = check_model_name(name)
         if message:
             problems.append(f"{where}: {key}: {message}")
+    return problems
+
+
+def _check_checkpoints(
+    cfg: C.RowConfig, where: str, checked: dict[tuple[str, str, int], list[str]]
+) -> list[str]:
+    """`init.file` and `teacher.file` are read (memory-mapped, weights only) and fitted to their
+    architectures on the meta device: a corrupt file or one from another architecture is bad
+    input now, not a failed job later. Missing files and bad model names are reported above."""
+    from kd.models import check_checkpoint, check_model_name
+
+    files = []
+    if cfg.init.source == "file" and cfg.init.file:
+        files.append(("init.file", cfg.student.model, cfg.init.file))
+    teacher = cfg.teacher
+    if teacher is not None and teacher.row is None and teacher.model and teacher.file:
+        files.append(("teacher.file", teacher.model, teacher.file))
+    problems = []
+    for key, model, path in files:
+        if not Path(path).is_file() or check_model_name(model) is not None:
+            continue
+        what = (model, path, cfg.data.img_size)
+        if what not in checked:
+            checked[what] = check_checkpoint(model, path, img_size=cfg.data.img_size)
+        for problem in checked[what]:
+            head, *details = [line.strip() for line in problem.splitlines() if line.strip()]
+            problems.append(f"{where}: {key}: {' '.join([head, '; '.join(details)]).strip()}")
     return problems
 
 

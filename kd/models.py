@@ -39,6 +39,7 @@ __all__ = [
     "ModelLoadError",
     "ModelOutputs",
     "build_model",
+    "check_checkpoint",
     "check_model_name",
     "count_params",
     "data_config",
@@ -367,10 +368,19 @@ def embedding_dim(model: nn.Module, *, feature_layer: str | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path, *, trusted: bool) -> Any:
-    """torch.load with weights_only=True; a trusted file with extra objects falls back to pickle."""
+def _torch_load(path: Path, *, trusted: bool, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True; a trusted file with extra objects falls back to pickle.
+
+    `mmap` maps the tensors instead of reading them (a check that only needs names and shapes);
+    files in torch's legacy (non-zip) format cannot be mapped and are read instead.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
             raise
@@ -414,11 +424,14 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     return clean
 
 
-def load_state_file(path: str | Path, *, trusted: bool = False) -> dict[str, torch.Tensor]:
+def load_state_file(
+    path: str | Path, *, trusted: bool = False, mmap: bool = False
+) -> dict[str, torch.Tensor]:
     """A checkpoint file's weights as a clean state dict (``.safetensors`` or torch pickle).
 
     ``trusted`` (files this project wrote) only allows extra pickled objects next to the
-    weights; tensors are always loaded with ``weights_only=True`` first.
+    weights; tensors are always loaded with ``weights_only=True`` first. ``mmap`` maps a torch
+    file's tensors instead of reading them (safetensors files are always mapped).
     """
     path = Path(path)
     if not path.is_file():
@@ -427,15 +440,30 @@ def load_state_file(path: str | Path, *, trusted: bool = False) -> dict[str, tor
         if path.suffix == ".safetensors":
             obj: Any = safetensors.torch.load_file(str(path), device="cpu")
         else:
-            obj = _torch_load(path, trusted=trusted)
+            obj = _torch_load(path, trusted=trusted, mmap=mmap)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt/truncated files raise many types
         raise ModelLoadError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]} "
-            "(corrupt, truncated, or not a torch/safetensors file?)"
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {_load_error_detail(exc)} "
+            "(corrupt, truncated, or not a torch/safetensors file?); copy or save it again"
         ) from exc
     return _strip_wrapper_prefixes(_select_state_dict(obj, path))
+
+
+def _load_error_detail(exc: Exception) -> str:
+    """The useful part of a load error. torch's weights-only unpickler wraps the real problem
+    (e.g. 'Unsupported operand 0' for random bytes) in advice to retry with weights_only=False,
+    which is wrong for a damaged file and unsafe for a foreign one: keep only the problem."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        lines = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        text = lines[0] if lines else text
+    if not text.strip():
+        return "empty or unreadable file"
+    first = text.strip().splitlines()[0]
+    return (first.split(". ")[0] if len(first) > 200 else first)[:300]
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,6 +584,42 @@ def _load_checkpoint(
                 left, list(result.unexpected_keys), [], where=where, path=path, model=model
             )
         )
+
+
+def check_checkpoint(
+    name: str, path: str | Path, *, img_size: int | None = None, num_classes: int = 1000
+) -> list[str]:
+    """Why ``build_model(name, source="file", checkpoint=path)`` would fail, found cheaply; [].
+
+    The grid validator calls this for every `init.file` and `teacher.file`, so that an unreadable
+    or corrupt file, or one saved from another architecture, is a bad-input error before anything
+    is submitted, not a failed job hours later. The file is read with ``weights_only=True`` and
+    its tensors memory-mapped (nothing is copied), the model is built on the meta device (no
+    memory, no initialisation), and the state dict is fitted exactly as loading it would be: a
+    foreign classifier head is dropped and ViT position embeddings are resampled, so neither
+    ``num_classes`` nor ``img_size`` of the checkpoint has to match.
+    """
+    path = Path(path)
+    try:
+        state = load_state_file(path, mmap=True)
+    except ModelLoadError as exc:
+        return [str(exc)]
+    arch, _ = _split_tag(name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if img_size is not None and _accepts_img_size(arch):
+        kwargs["img_size"] = img_size
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as exc:  # reported by the model-name check when the name is the problem
+        return [f"cannot build '{arch}' to check {path} against it: {exc}"]
+    try:
+        _fit_state_dict(state, model, source="file", where="", path=path)
+    except ModelLoadError as exc:
+        return [str(exc)]
+    except Exception as exc:  # e.g. pos_embed resampling on an odd checkpoint
+        return [f"cannot adapt checkpoint {path} to '{arch}': {exc}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ def placement_overrides(args: argparse.Namespace) -> list[str]:
         ("time_min", "time_min"),
     ):
         value = getattr(args, flag)
+        if isinstance(value, str):  # a plain string, not Hydra syntax: quoted, quotes escaped
+            value = "'" + value.replace("'", "\\'") + "'"
         if value is not None:
             out.append(f"resources.{key}={value}")
     return out
@@ -132,6 +134,44 @@ def choose_executor(name: str) -> str:
     return name
 
 
+def check_launch(grid: Grid, args: argparse.Namespace, executor: str) -> str | None:
+    """The launch's own checks, made again under the grid's launch lock (which writes the output
+    folder), made here first so that bad input leaves nothing behind: a `--rows` selection
+    missing a dependency (exactly, while the tracking store does not exist yet: then nothing
+    has run), and, for SLURM, every row's SLURM fields against `sinfo`. Returns the message
+    for stderr, or None."""
+    from kd.plan import plan_launch
+    from kd.tracking import resolve_tracking_uri, store_exists
+    from slurm.launcher import absolute_uri
+
+    names = args.rows.split(",") if args.rows else None
+    try:
+        uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+        if not store_exists(uri):
+            plan_launch(
+                grid,
+                {},
+                rows=names,
+                rerun_failed=args.rerun_failed,
+                force=args.force,
+                allow_active_dependencies=executor == "slurm",
+            )
+        if executor != "slurm":
+            return None
+        from slurm.submit import SlurmUnavailable, check_rows, read_partitions
+
+        try:
+            partitions = read_partitions()
+        except SlurmUnavailable as exc:
+            return f"launch/grid.py: {exc}; nothing was submitted"
+        problems = check_rows(grid.select(names) if names else list(grid.rows), partitions)
+        if problems:
+            raise GridError(problems)
+    except GridError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -158,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     executor = choose_executor(args.executor)
+    problem = check_launch(grid, args, executor)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     from slurm.launcher import LaunchOptions, launch
 
     options = LaunchOptions(
