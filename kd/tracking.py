@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ TAG = "kdgrid"  # tag namespace
 ACTIVE = ("SCHEDULED", "RUNNING")
 FAILED = ("FAILED", "KILLED")
 PARAM_MAX_CHARS = 6000
+BULK_THREADS = 8  # parallel requests to a tracking server when creating many runs
 SYSTEM_METRICS_INTERVAL_S = 10
 
 
@@ -60,6 +62,93 @@ def project_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class _BulkUnsupported(RuntimeError):
+    """This MLflow's tables do not take the bulk insert; nothing was written."""
+
+
+@dataclass(frozen=True)
+class _LeanInfo:
+    run_id: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+
+
+@dataclass(frozen=True)
+class _LeanData:
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _LeanRun:
+    """The parts of an `mlflow.entities.Run` this project reads."""
+
+    info: _LeanInfo
+    data: _LeanData
+
+
+def _search_tagged_sql(store: Any, experiment_id: str, key: str, value: str | None) -> list:
+    try:
+        from mlflow.entities import LifecycleStage
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+        from sqlalchemy import select
+    except ImportError as exc:
+        raise _BulkUnsupported(exc) from None
+    match = select(SqlTag.run_uuid).where(
+        SqlTag.key == key, SqlTag.value == value if value is not None else SqlTag.value != ""
+    )
+    runs = (
+        select(SqlRun.run_uuid)
+        .where(
+            SqlRun.experiment_id == int(experiment_id),
+            SqlRun.lifecycle_stage == LifecycleStage.ACTIVE,
+            SqlRun.run_uuid.in_(match),
+        )
+        .scalar_subquery()
+    )
+    try:
+        with store.ManagedSessionMaker() as session:
+            infos = session.execute(
+                select(SqlRun.run_uuid, SqlRun.status, SqlRun.start_time, SqlRun.end_time)
+                .where(SqlRun.run_uuid.in_(runs))
+                .order_by(SqlRun.start_time.desc(), SqlRun.run_uuid)
+            ).all()
+            tags = session.execute(
+                select(SqlTag.run_uuid, SqlTag.key, SqlTag.value).where(SqlTag.run_uuid.in_(runs))
+            ).all()
+            params = session.execute(
+                select(SqlParam.run_uuid, SqlParam.key, SqlParam.value).where(
+                    SqlParam.run_uuid.in_(runs)
+                )
+            ).all()
+            metrics = session.execute(
+                select(
+                    SqlLatestMetric.run_uuid,
+                    SqlLatestMetric.key,
+                    SqlLatestMetric.value,
+                    SqlLatestMetric.is_nan,
+                ).where(SqlLatestMetric.run_uuid.in_(runs))
+            ).all()
+    except Exception as exc:  # e.g. MLflow's tables changed: MLflow's own search instead
+        raise _BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    by_run: dict[str, _LeanData] = {r.run_uuid: _LeanData({}, {}, {}) for r in infos}
+    for run_id, k, v in tags:
+        if run_id in by_run:
+            by_run[run_id].tags[k] = v
+    for run_id, k, v in params:
+        if run_id in by_run:
+            by_run[run_id].params[k] = v
+    for run_id, k, v, is_nan in metrics:
+        if run_id in by_run:
+            by_run[run_id].metrics[k] = float("nan") if is_nan else v
+    return [
+        _LeanRun(_LeanInfo(r.run_uuid, r.status, r.start_time, r.end_time), by_run[r.run_uuid])
+        for r in infos
+    ]
 
 
 @dataclass(frozen=True)
@@ -102,31 +191,40 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
-def row_params(row: Row) -> dict[str, str]:
+def row_params(
+    row: Row, *, tree: dict[str, Any] | None = None, secrets: list[str] | None = None
+) -> dict[str, str]:
     """The resolved row config as flat dotted params, the same keys in every row.
 
     Every registered KD term appears (weight 0 when unused) and an absent teacher is spelled
-    out with null fields, so MLflow's compare view lines rows up key by key.
+    out with null fields, so MLflow's compare view lines rows up key by key. `tree` (the
+    config as `C.to_dict` gives it) and `secrets` spare a many-row caller recomputing them.
     """
     from kd import config as C
     from kd.losses import TERMS
 
-    tree = C.to_dict(row.config)
+    tree = dict(C.to_dict(row.config) if tree is None else tree)  # top-level keys replaced below
     tree["kd"] = {name: float(row.config.kd.get(name, 0.0)) for name in TERMS}
     if tree["teacher"] is None:
         tree["teacher"] = C.to_dict(C.TeacherConfig())
     flat = C.flatten(tree)
     flat["key"] = row.key
     flat["smoke"] = row.smoke
-    secrets = secret_values()
+    secrets = secret_values() if secrets is None else secrets
     return {
         k: redact("" if v is None else str(v), secrets)[:PARAM_MAX_CHARS]
         for k, v in sorted(flat.items())
     }
 
 
-def row_yaml(row: Row) -> str:
-    return redact(yaml.safe_dump(row.to_dict(), sort_keys=False))
+def row_yaml(
+    row: Row, *, data: dict[str, Any] | None = None, secrets: list[str] | None = None
+) -> str:
+    """The resolved row (`row.to_dict()`, or `data`) as YAML, secrets redacted."""
+    # libyaml's emitter when PyYAML has it: the same text, faster (1000-row launches)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    text = yaml.dump(row.to_dict() if data is None else data, Dumper=dumper, sort_keys=False)
+    return redact(text, secrets)
 
 
 class Tracker:
@@ -170,33 +268,49 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         return None if found is None else found.experiment_id
 
-    def row_runs(self, experiment_id: str) -> list[RunRecord]:
-        """Every row run of the experiment, newest first (one paged search, no per-row calls)."""
-        records: list[RunRecord] = []
+    def search_tagged(self, experiment_id: str, key: str, value: str | None = None) -> list[Any]:
+        """The active runs of the experiment whose tag `key` is `value` (None: set, not empty),
+        newest first, with their tags, params and latest metrics: what `search` returns for
+        that tag filter. On a database store they are read with plain SELECTs: MLflow's search
+        builds an ORM object per param and tag, 2.6 s for a 1000-row grid (0.3 s this way)."""
+        store = self._sql_store()
+        if store is not None:
+            try:
+                return _search_tagged_sql(store, experiment_id, key, value)
+            except _BulkUnsupported:
+                pass
+        where = f"tags.`{key}` = '{value}'" if value is not None else f"tags.`{key}` != ''"
+        runs: list[Any] = []
         token = None
         while True:
             page = self.client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{TAG}.key` != ''",
+                filter_string=where,
                 order_by=["attributes.start_time DESC"],
                 max_results=1000,
                 page_token=token,
             )
-            for run in page:
-                tags = run.data.tags
-                records.append(
-                    RunRecord(
-                        run_id=run.info.run_id,
-                        key=tags.get(f"{TAG}.key", ""),
-                        row_id=tags.get(f"{TAG}.id", ""),
-                        status=run.info.status,
-                        start_time=run.info.start_time or 0,
-                        tags=dict(tags),
-                    )
-                )
+            runs.extend(page)
             token = page.token
             if not token:
-                return records
+                return runs
+
+    def row_runs(self, experiment_id: str) -> list[RunRecord]:
+        """Every row run of the experiment, newest first (one query, no per-row calls)."""
+        records: list[RunRecord] = []
+        for run in self.search_tagged(experiment_id, f"{TAG}.key"):
+            tags = run.data.tags
+            records.append(
+                RunRecord(
+                    run_id=run.info.run_id,
+                    key=tags.get(f"{TAG}.key", ""),
+                    row_id=tags.get(f"{TAG}.id", ""),
+                    status=run.info.status,
+                    start_time=run.info.start_time or 0,
+                    tags=dict(tags),
+                )
+            )
+        return records
 
     def latest_by_key(self, experiment_id: str) -> dict[str, RunRecord]:
         latest: dict[str, RunRecord] = {}
@@ -204,12 +318,8 @@ class Tracker:
             latest.setdefault(record.key, record)
         return latest
 
-    def create_row_run(
-        self, experiment_id: str, row: Row, *, executor: str, parent_run_id: str | None = None
-    ) -> str:
-        """A SCHEDULED run with the row's tags, params and resolved config, before it starts."""
-        from mlflow.entities import Param
-
+    @staticmethod
+    def _row_tags(row: Row, executor: str, parent_run_id: str | None) -> dict[str, str]:
         tags = {
             f"{TAG}.grid": row.grid,
             f"{TAG}.grid_file": row.grid_file,
@@ -225,6 +335,15 @@ class Tracker:
         }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        return tags
+
+    def create_row_run(
+        self, experiment_id: str, row: Row, *, executor: str, parent_run_id: str | None = None
+    ) -> str:
+        """A SCHEDULED run with the row's tags, params and resolved config, before it starts."""
+        from mlflow.entities import Param
+
+        tags = self._row_tags(row, executor, parent_run_id)
         run = self.client.create_run(experiment_id, run_name=row.run_name, tags=tags)
         run_id = run.info.run_id
         params = [Param(k, v) for k, v in row_params(row).items()]
@@ -233,6 +352,200 @@ class Tracker:
         self.client.log_text(run_id, row_yaml(row), "row.yaml")
         self.client.update_run(run_id, status="SCHEDULED")
         return run_id
+
+    def create_row_runs(
+        self,
+        experiment_id: str,
+        rows: Iterable[Row],
+        *,
+        executor: str,
+        parent_run_id: str | None = None,
+    ) -> dict[str, str]:
+        """`create_row_run` for many rows at once: row id -> run id, the same runs, tags,
+        params and row.yaml.
+
+        One by one, a run costs five store calls (create, params, row.yaml, status, and the job
+        id tag later), about 50 ms each against SQLite: a 1000-row grid took 50 s to launch. On
+        a database store (SQLite, PostgreSQL, MySQL) every run, tag and param is inserted in
+        one transaction instead; a tracking server gets the per-row calls from a thread pool.
+        """
+        rows = list(rows)
+        store = self._sql_store()
+        if store is not None and len(rows) > 1:
+            try:
+                run_ids, yamls = self._insert_row_runs(
+                    store, experiment_id, rows, executor, parent_run_id
+                )
+            except _BulkUnsupported as exc:  # nothing was written: one by one, as before
+                print(f"kd.tracking: bulk run creation unavailable ({exc}); one run at a time")
+            else:
+                self._log_row_yamls(store, experiment_id, yamls)
+                return run_ids
+        workers = 1 if store is not None else min(BULK_THREADS, max(len(rows), 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {
+                row.id: pool.submit(
+                    self.create_row_run,
+                    experiment_id,
+                    row,
+                    executor=executor,
+                    parent_run_id=parent_run_id,
+                )
+                for row in rows
+            }
+            return {row_id: future.result() for row_id, future in futures.items()}
+
+    def _sql_store(self) -> Any:
+        """MLflow's database store behind the client, or None (a tracking server, a file store)."""
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = self.client._tracking_client.store
+        except Exception:
+            return None
+        return store if isinstance(store, SqlAlchemyStore) else None
+
+    def _insert_row_runs(
+        self,
+        store: Any,
+        experiment_id: str,
+        rows: list[Row],
+        executor: str,
+        parent_run_id: str | None,
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The SCHEDULED runs with their tags and params, in one transaction, through MLflow's
+        own tables and validation (what `SqlAlchemyStore.create_run` and `log_batch` write).
+        Returns row id -> run id, and run id -> the text of its row.yaml."""
+        import uuid
+
+        try:
+            from mlflow.entities import LifecycleStage, SourceType
+            from mlflow.store.tracking.dbmodels.models import SqlParam, SqlRun, SqlTag
+            from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
+            from mlflow.utils.uri import append_to_uri_path
+            from mlflow.utils.validation import _validate_param, _validate_tag
+            from sqlalchemy import insert
+        except ImportError as exc:
+            raise _BulkUnsupported(exc) from None
+        experiment = store.get_experiment(experiment_id)
+        if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
+            raise ValueError(f"experiment {experiment_id} is {experiment.lifecycle_stage}")
+        now = int(time.time() * 1000)
+        validate_tag = functools.lru_cache(maxsize=None)(_validate_tag)  # rows share most values
+        validate_param = functools.lru_cache(maxsize=None)(_validate_param)
+        secrets = secret_values()
+        runs: list[dict[str, Any]] = []
+        tags: list[dict[str, Any]] = []
+        params: list[dict[str, Any]] = []
+        run_ids: dict[str, str] = {}
+        yamls: dict[str, str] = {}
+        for row in rows:
+            run_id = uuid.uuid4().hex
+            run_ids[row.id] = run_id
+            row_tags = self._row_tags(row, executor, parent_run_id)
+            row_tags[MLFLOW_RUN_NAME] = row.run_name
+            runs.append(
+                {
+                    "run_uuid": run_id,
+                    "name": row.run_name,
+                    "artifact_uri": append_to_uri_path(
+                        experiment.artifact_location, run_id, "artifacts"
+                    ),
+                    "experiment_id": int(experiment_id),
+                    "source_type": SourceType.to_string(SourceType.UNKNOWN),
+                    "source_name": "",
+                    "entry_point_name": "",
+                    "user_id": row_tags.get(MLFLOW_USER, "unknown"),
+                    "status": "SCHEDULED",
+                    "start_time": now,
+                    "end_time": None,
+                    "deleted_time": None,
+                    "source_version": "",
+                    "lifecycle_stage": LifecycleStage.ACTIVE,
+                }
+            )
+            for key, value in row_tags.items():
+                tag = validate_tag(key, value)
+                tags.append({"key": tag.key, "value": tag.value, "run_uuid": run_id})
+            data = row.to_dict()
+            yamls[run_id] = row_yaml(row, data=data, secrets=secrets)
+            for key, value in row_params(row, tree=data["config"], secrets=secrets).items():
+                param = validate_param(key, value)
+                params.append({"key": param.key, "value": param.value, "run_uuid": run_id})
+        try:
+            with store.ManagedSessionMaker(read_only=False) as session:
+                # Core inserts (executemany) into MLflow's own tables: no ORM bookkeeping
+                session.execute(insert(SqlRun.__table__), runs)
+                session.execute(insert(SqlTag.__table__), tags)
+                session.execute(insert(SqlParam.__table__), params)
+        except Exception as exc:  # e.g. MLflow's tables changed; the transaction was rolled back
+            raise _BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        return run_ids, yamls
+
+    def _log_row_yamls(self, store: Any, experiment_id: str, yamls: Mapping[str, str]) -> None:
+        """Each run's row.yaml: written straight into its folder under a local artifact root
+        (what MLflow's local repository does, without a temporary copy); uploaded in parallel
+        through MLflow's artifact repository otherwise."""
+        import tempfile
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.utils.uri import append_to_uri_path
+
+        location = store.get_experiment(experiment_id).artifact_location
+        parsed = urlparse(location)
+        if parsed.scheme in ("", "file"):
+            root = Path(url2pathname(parsed.path) if parsed.scheme else location)
+            for run_id, text in yamls.items():
+                folder = root / run_id / "artifacts"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "row.yaml").write_text(text)
+            return
+
+        def upload(run_id: str, text: str, tmp: Path) -> None:
+            path = tmp / run_id / "row.yaml"
+            path.parent.mkdir()
+            path.write_text(text)
+            uri = append_to_uri_path(location, run_id, "artifacts")
+            get_artifact_repository(uri).log_artifact(str(path))
+
+        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(BULK_THREADS) as pool:
+            for future in [pool.submit(upload, r, t, Path(tmp)) for r, t in yamls.items()]:
+                future.result()
+
+    def set_tags_many(self, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
+        """`set_tags` for many runs: one transaction on a database store, else in parallel."""
+        store = self._sql_store()
+        if store is not None and len(tags_by_run) > 1:
+            try:
+                from mlflow.store.tracking.dbmodels.models import SqlTag
+                from mlflow.utils.validation import _validate_tag
+                from sqlalchemy import delete, insert
+            except ImportError:
+                pass
+            else:
+                new = [
+                    {"key": tag.key, "value": tag.value, "run_uuid": run_id}
+                    for run_id, tags in tags_by_run.items()
+                    for tag in (_validate_tag(k, v) for k, v in tags.items())
+                ]
+                keys = {t["key"] for t in new}
+                with store.ManagedSessionMaker(read_only=False) as session:
+                    ids = list(tags_by_run)
+                    for start in range(0, len(ids), 500):  # bound the IN (...) lists
+                        session.execute(
+                            delete(SqlTag).where(
+                                SqlTag.run_uuid.in_(ids[start : start + 500]),
+                                SqlTag.key.in_(keys),
+                            )
+                        )
+                    session.execute(insert(SqlTag.__table__), new)
+                return
+        workers = 1 if store is not None else BULK_THREADS
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(self.set_tags, r, t) for r, t in tags_by_run.items()]:
+                future.result()
 
     def create_launch_run(
         self, experiment_id: str, grid_name: str, grid_file: str, executor: str, rows: int
@@ -372,8 +685,8 @@ class RunSummary:
 
 
 def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict[str, RunSummary]:
-    """Content key -> the latest run of that key in the grid, with metrics: one paged search for
-    the whole grid (status and tables call this; no per-row requests)."""
+    """Content key -> the latest run of that key in the grid, with metrics: one query for the
+    whole grid (status and tables call this; no per-row requests)."""
     if not store_exists(tracking_uri):
         return {}
     tracker = Tracker(tracking_uri)
@@ -381,38 +694,27 @@ def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict
     if experiment_id is None:
         return {}
     latest: dict[str, RunSummary] = {}
-    token = None
-    while True:
-        page = tracker.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{TAG}.grid` = '{grid_name}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1000,
-            page_token=token,
+    for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name):
+        tags = run.data.tags
+        key = tags.get(f"{TAG}.key")
+        if not key or key in latest:
+            continue
+        record = RunRecord(
+            run_id=run.info.run_id,
+            key=key,
+            row_id=tags.get(f"{TAG}.id", ""),
+            status=run.info.status,
+            start_time=run.info.start_time or 0,
+            tags=dict(tags),
         )
-        for run in page:
-            tags = run.data.tags
-            key = tags.get(f"{TAG}.key")
-            if not key or key in latest:
-                continue
-            record = RunRecord(
-                run_id=run.info.run_id,
-                key=key,
-                row_id=tags.get(f"{TAG}.id", ""),
-                status=run.info.status,
-                start_time=run.info.start_time or 0,
-                tags=dict(tags),
-            )
-            latest[key] = RunSummary(
-                record=record,
-                metrics=dict(run.data.metrics),
-                params=dict(run.data.params),
-                start_time=run.info.start_time or 0,
-                end_time=run.info.end_time,
-            )
-        token = page.token
-        if not token:
-            return latest
+        latest[key] = RunSummary(
+            record=record,
+            metrics=dict(run.data.metrics),
+            params=dict(run.data.params),
+            start_time=run.info.start_time or 0,
+            end_time=run.info.end_time,
+        )
+    return latest
 
 
 def log_grid_artifacts(

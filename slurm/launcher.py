@@ -193,6 +193,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         experiment_id, grid.name, grid.file, options.executor, len(to_run)
     )
     run_ids: dict[str, str] = {}
+    fresh = []
     for d in decisions:
         if d.action != "run":
             continue
@@ -201,9 +202,12 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
             tracker.reopen_row_run(resumable, executor=options.executor, parent_run_id=parent)
             run_ids[d.row.id] = resumable
         else:
-            run_ids[d.row.id] = tracker.create_row_run(
-                experiment_id, d.row, executor=options.executor, parent_run_id=parent
-            )
+            fresh.append(d.row)
+    # All new runs at once: one transaction on a database store (a 1000-row grid in ~1 s,
+    # not ~50 s one by one), parallel requests to a tracking server.
+    run_ids |= tracker.create_row_runs(
+        experiment_id, fresh, executor=options.executor, parent_run_id=parent
+    )
     active_deps = {
         d.row.id: d.previous.job_id
         for d in decisions
@@ -282,8 +286,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
             tracker.mark(run_ids[row.id], "KILLED", f"submission failed: {exc}")
         print(f"launch/grid.py: submission failed, nothing left queued: {exc}", file=sys.stderr)
         return 1
-    for row in to_run:
-        tracker.set_tags(run_ids[row.id], {f"{TAG}.job_id": submitted[row.id]})
+    tracker.set_tags_many({run_ids[row.id]: {f"{TAG}.job_id": submitted[row.id]} for row in to_run})
     record_launch(grid, to_run, run_ids, "slurm", submitted)
     print(f"submitted {len(submitted)} rows (logs in {folder}):")
     for row in to_run:
