@@ -1,0 +1,327 @@
+"""launch/bench.py: every sub-command runs on tiny inputs and prints well-formed figures.
+
+No test asserts a speed: the figures depend on the machine and its load. What is checked is
+that the commands run the project's real code paths (the loop's `train_step`, the row's loader,
+the launcher's submit and status) and report positive numbers under the documented keys; and
+that the speed-ups behind them change nothing (bulk MLflow runs equal one-by-one runs, the lean
+search equals MLflow's search, a bf16 teacher computes what autocast computed).
+
+The `launch` test submits to the real SLURM cluster (slurm/cluster.sh) and checks that every
+job it submitted is gone afterwards. Outside CI it is skipped when SLURM is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = str(REPO / "grids" / "table2b.yaml")
+HARD_ROW = "2b-6"  # tiny DeiT distilled student <- tiny ConvNeXt teacher, hard distillation
+IN_CI = os.environ.get("CI") == "true"
+HAVE_SLURM = shutil.which("sbatch") is not None
+
+
+def _bench_cli():
+    spec = importlib.util.spec_from_file_location("launch_bench", REPO / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return _bench_cli()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """--threads sets torch's global thread count: give the next test the usual one back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_json(cli, capsys, *argv: str) -> dict[str, Any]:
+    assert cli.main([*argv, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def positive(result: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert key in result, f"{key} missing from {sorted(result)}"
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_step_reports_project_and_plain_throughput(cli, capsys, tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    r = run_json(
+        cli,
+        capsys,
+        "step",
+        GRID,
+        f"output_dir={out}",
+        "--row",
+        HARD_ROW,
+        "--smoke",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+    )
+    assert r["student"] == "deit_tiny_distilled_patch16_224"
+    assert r["teacher"] == "convnext_atto"
+    assert r["kd"] == {"ce": 0.5, "deit_hard": 0.5}
+    assert (r["batch_size"], r["img_size"], r["precision"], r["device"]) == (8, 32, "fp32", "cpu")
+    positive(
+        r,
+        "project_img_per_s",
+        "plain_img_per_s",
+        "ratio",
+        "teacher_share",
+        "teacher_ms",
+        "project_step_ms",
+        "plain_step_ms",
+        "flops_per_step",
+    )
+    assert 0 < r["teacher_share"] <= 1
+    assert len(r["project_img_per_s_repeats"]) == len(r["plain_img_per_s_repeats"]) == 2
+    assert "mfu" not in r  # CUDA only
+
+
+def test_step_prints_a_readable_summary(cli, capsys, tmp_path: Path) -> None:
+    """Without --json: one line per figure; a row without a teacher has a 0 % teacher share;
+    --batch-size overrides the row's batch."""
+    argv = ["step", GRID, f"output_dir={tmp_path}/out", "--row", "2b-2", "--smoke"]
+    argv += ["--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+    argv += ["--batch-size", "4", "--quiet"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "no teacher" in text and "batch 4 x 32 px" in text
+    for label in ("project loop", "plain loop", "ratio", "teacher"):
+        assert label in text
+    assert "   0.0 %" in text
+
+
+def test_data_reports_loader_throughput_against_a_demand(cli, capsys, tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path}/out"
+    r = run_json(
+        cli,
+        capsys,
+        "data",
+        GRID,
+        out,
+        "--row",
+        HARD_ROW,
+        "--smoke",
+        "--workers",
+        "0",
+        "--demand-steps",
+        "2",
+    )  # the demand measured with `step`
+    positive(r, "loader_img_per_s", "demand_img_per_s", "headroom", "first_batch_s")
+    assert r["workers"] == 0 and r["batch_size"] == 8 and r["img_size"] == 32
+    assert isinstance(r["keeps_up"], bool)
+
+    # a bigger generated copy, two loader workers, a given demand
+    r = run_json(
+        cli,
+        capsys,
+        *("data", GRID, out, "--row", HARD_ROW, "--smoke", "--workers", "2"),
+        *("--generate", "48", "--image-px", "64", "--batches", "4", "--demand", "1e9"),
+    )
+    positive(r, "loader_img_per_s", "per_worker_img_per_s")
+    assert r["images_in_split"] >= 40 and r["workers"] == 2 and r["batches"] == 4
+    assert r["demand_img_per_s"] == 1e9 and r["keeps_up"] is False
+
+
+def test_peak_flops_table_knows_the_gpus_mfu_is_computed_for() -> None:
+    from kd.bench import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None
+
+
+def test_bf16_teacher_computes_what_autocast_computed() -> None:
+    """Storing the frozen teacher's conv/linear weights in bf16 once gives bit-identical
+    outputs under bf16 autocast (CPU autocast here; the same casts on CUDA)."""
+    import timm
+
+    from kd.models import build_model, forward_with_embedding, freeze_teacher
+    from kd.train import teacher_weights_bf16
+
+    torch.set_num_threads(1)
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("convnext_atto", "resnetv2_18x1_bit_smoke"):
+        teacher = freeze_teacher(build_model(name, num_classes=4))
+        converted = teacher_weights_bf16(copy.deepcopy(teacher))
+        convs = [m for m in converted.modules() if type(m) is torch.nn.Conv2d]
+        assert all(m.weight.dtype == torch.bfloat16 for m in convs), name
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a = forward_with_embedding(teacher, x)
+            b = forward_with_embedding(converted, x)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.embedding, b.embedding), name
+        # norms (and BiT's weight-standardised convolutions) keep fp32
+        kinds = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+        norms = [m for m in converted.modules() if isinstance(m, kinds)]
+        assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert timm.layers.StdConv2d in {type(m) for m in converted.modules()}
+    std = [m for m in converted.modules() if isinstance(m, timm.layers.StdConv2d)]
+    assert all(m.weight.dtype == torch.float32 for m in std)
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher's MLflow speed-ups change nothing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def launch_grid(tmp_path_factory):
+    from kd.grid import load_grid
+    from slurm.bench import write_launch_grid
+
+    folder = tmp_path_factory.mktemp("bulk")
+    return folder, load_grid(write_launch_grid(folder, 6, None, "bulk_test"))
+
+
+def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
+    from kd.tracking import TAG, Tracker
+
+    folder, grid = launch_grid
+    tracker = Tracker(f"sqlite:///{folder}/bulk.db")
+    experiment = tracker.ensure_experiment(grid.experiment)
+    parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 6)
+    one = tracker.create_row_run(experiment, grid.rows[0], executor="slurm", parent_run_id=parent)
+    many = tracker.create_row_runs(
+        experiment, grid.rows[1:], executor="slurm", parent_run_id=parent
+    )
+    assert set(many) == {row.id for row in grid.rows[1:]}
+    tracker.set_tags_many({run_id: {f"{TAG}.job_id": "7_1"} for run_id in many.values()})
+    tracker.set_tags_many({run_id: {f"{TAG}.job_id": "8_2"} for run_id in many.values()})
+    tracker.set_tags(one, {f"{TAG}.job_id": "8_2"})
+
+    a = tracker.client.get_run(one)
+    for row in grid.rows[1:]:
+        b = tracker.client.get_run(many[row.id])
+        assert b.info.status == a.info.status == "SCHEDULED"
+        assert b.info.run_name == row.run_name and b.info.lifecycle_stage == "active"
+        assert b.info.user_id == a.info.user_id and b.info.start_time > 0
+        assert set(b.data.tags) == set(a.data.tags)
+        for key in a.data.tags:
+            if key not in (f"{TAG}.id", f"{TAG}.label", f"{TAG}.key", "mlflow.runName"):
+                assert b.data.tags[key] == a.data.tags[key], key
+        assert b.data.tags[f"{TAG}.key"] == row.key and b.data.tags[f"{TAG}.job_id"] == "8_2"
+        assert set(b.data.params) == set(a.data.params)
+        assert b.data.params["key"] == row.key
+        assert [f.path for f in tracker.client.list_artifacts(b.info.run_id)] == ["row.yaml"]
+        text = Path(tracker.client.download_artifacts(b.info.run_id, "row.yaml", str(folder)))
+        assert f"id: {row.id}" in text.read_text()
+    assert [f.path for f in tracker.client.list_artifacts(one)] == ["row.yaml"]
+    # the launcher finds them again
+    latest = tracker.latest_by_key(experiment)
+    assert {latest[row.key].run_id for row in grid.rows[1:]} == set(many.values())
+
+
+def test_lean_search_equals_mlflow_search(launch_grid) -> None:
+    from mlflow.entities import Metric
+
+    from kd.tracking import TAG, Tracker
+
+    folder, grid = launch_grid
+    tracker = Tracker(f"sqlite:///{folder}/search.db")
+    experiment = tracker.ensure_experiment(grid.experiment)
+    runs = tracker.create_row_runs(experiment, grid.rows, executor="slurm")
+    first, second, third = list(runs.values())[:3]
+    tracker.client.log_batch(
+        first, metrics=[Metric("val/acc1", 1.0, 0, 1), Metric("val/acc1", 2.0, 0, 2)]
+    )
+    tracker.client.log_batch(second, metrics=[Metric("val/loss", float("nan"), 0, 1)])
+    tracker.mark(second, "FAILED", "boom")
+    tracker.client.delete_run(third)  # deleted runs are not found
+    mlflow_runs = tracker.client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{TAG}.grid` = '{grid.name}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    lean = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
+    assert [r.info.run_id for r in lean] == [r.info.run_id for r in mlflow_runs]
+    assert third not in {r.info.run_id for r in lean} and len(lean) == len(grid.rows) - 1
+    for ours, theirs in zip(lean, mlflow_runs, strict=True):
+        assert ours.data.tags == dict(theirs.data.tags)
+        assert ours.data.params == dict(theirs.data.params)
+        assert ours.data.metrics.keys() == theirs.data.metrics.keys()
+        for key, value in theirs.data.metrics.items():
+            assert (math.isnan(value) and math.isnan(ours.data.metrics[key])) or (
+                ours.data.metrics[key] == value
+            )
+        assert (ours.info.status, ours.info.start_time, ours.info.end_time) == (
+            theirs.info.status,
+            theirs.info.start_time,
+            theirs.info.end_time,
+        )
+    by_id = {r.info.run_id: r for r in lean}
+    assert by_id[first].data.metrics["val/acc1"] == 2.0
+    assert by_id[second].info.status == "FAILED"
+    keyed = tracker.search_tagged(experiment, f"{TAG}.key")
+    assert {r.info.run_id for r in keyed} == {r.info.run_id for r in lean}
+
+
+# --------------------------------------------------------------------------------------------
+# launch: the real SLURM cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _queued(job_ids: list[str]) -> list[str]:
+    if not job_ids:
+        return []
+    out = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%F"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    return sorted({line.strip() for line in out.splitlines() if line.strip()} & set(job_ids))
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not HAVE_SLURM and not IN_CI, reason="SLURM is not installed here")
+def test_launch_submits_reads_status_and_cancels_everything(cli, capsys, tmp_path: Path) -> None:
+    r = run_json(cli, capsys, "launch", "20", "--workdir", str(tmp_path / "work"))
+    assert r["rows"] == 20
+    positive(r, "validate_s", "submit_s", "status_s", "mlflow_s", "sbatch_s")
+    assert r["states"] == {"pending": 20}  # held back with --begin until cancelled
+    assert r["sbatch_calls"] == 2  # the teacher's job, then one array for its 19 students
+    assert r["cancelled_ok"] is True and len(r["cancelled_jobs"]) == 2
+    assert _queued(r["cancelled_jobs"]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# local: a real row process (slow: marked e2e)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_local_reports_process_start_to_first_step(cli, capsys, tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path}/out"
+    r = run_json(cli, capsys, "local", GRID, out, "--row", "2b-2", "--smoke", "--repeats", "1")
+    positive(r, "startup_s", "startup_fresh_s", "fork_server_rows_wall_s", "fresh_rows_wall_s")
+    if hasattr(os, "fork"):
+        positive(r, "warmup_s")
