@@ -69,6 +69,9 @@ class DataConfig:
     dogs_root: str | None = None  # cub_dogs only: the Stanford Dogs folder
     img_size: int = 384
     num_workers: int = 8  # data-loading processes per training process
+    # A corrupt or truncated image fails the row, naming the file (false), or is left out, its
+    # place in the batch taken by the next image, and counted in `data/skipped_images` (true).
+    skip_corrupt: bool = False
 
 
 # Datasets whose test split `evaluate.cluster` can cluster (cub_dogs needs two roots: use cub, dogs).
@@ -176,7 +179,16 @@ class RowConfig:
 # `evaluate` decides what is measured after training, not what is trained (and its roots say
 # where copies live): changing it never reruns a finished row.
 PLACEMENT_SECTIONS = ("id", "label", "recipe", "resources", "output_dir", "paper", "evaluate")
-PLACEMENT_FIELDS = {"data.root", "data.dogs_root", "data.num_workers", "train.compile"}
+# `data.skip_corrupt` is not hashed either: on an intact copy (the only one a row can finish on
+# without it) it changes nothing, and turning it on after a row failed on a damaged copy must
+# rerun that row (--rerun-failed, same run), not make a new one; what it skipped is logged.
+PLACEMENT_FIELDS = {
+    "data.root",
+    "data.dogs_root",
+    "data.num_workers",
+    "data.skip_corrupt",
+    "train.compile",
+}
 
 # Range rules: dotted key -> (check, what it must be). Types are checked from the annotations.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -65,7 +66,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(
             f"cannot decode image {path}: {err}. The file is corrupt or truncated; "
-            "replace it from the original archive (or re-extract the dataset)."
+            "replace it from the original archive (or re-extract the dataset), or set "
+            "`data.skip_corrupt: true` to leave such images out (they are counted)."
         ) from err
 
 
@@ -80,7 +82,13 @@ class ArrayImages:
 
 
 class LabeledImages(Dataset):
-    """(image, label) pairs; images are RGB PIL images, passed through `transform` when given."""
+    """(image, label) pairs; images are RGB PIL images, passed through `transform` when given.
+
+    A corrupt image raises `DatasetError` naming the file, unless `skip_corrupt`: then it is
+    left out, the next image of the split takes its place (so batches keep their size, and
+    mixup its even batches), and it is flagged in `corrupt`, a tensor in shared memory, so that
+    what loader worker processes skipped is seen by the training process (`skipped`).
+    """
 
     def __init__(
         self,
@@ -88,20 +96,48 @@ class LabeledImages(Dataset):
         classes: list[str],
         loader: Callable[[Any], Image.Image] = open_rgb,
         transform: Callable[[Image.Image], Any] | None = None,
+        skip_corrupt: bool = False,
     ) -> None:
         self.samples = samples
         self.classes = classes
         self.num_classes = len(classes)
         self.loader = loader
         self.transform = transform
+        self.corrupt = (
+            torch.zeros(len(samples), dtype=torch.uint8).share_memory_() if skip_corrupt else None
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        source, label = self.samples[index]
-        image = self.loader(source)
-        return (self.transform(image) if self.transform is not None else image), label
+        if self.corrupt is None:
+            source, label = self.samples[index]
+            image = self.loader(source)
+            return (self.transform(image) if self.transform is not None else image), label
+        for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
+            if self.corrupt[position]:
+                continue
+            source, label = self.samples[position]
+            try:
+                image = self.loader(source)
+            except DatasetError as err:
+                self.corrupt[position] = 1
+                print(f"kd.data: skipped (data.skip_corrupt): {err}", file=sys.stderr, flush=True)
+                continue
+            return (self.transform(image) if self.transform is not None else image), label
+        raise DatasetError(
+            f"all {len(self.samples)} images of the split are corrupt (first: "
+            f"{self.samples[0][0] if self.samples else '-'}); re-extract the dataset."
+        )
+
+    @property
+    def skipped(self) -> list[str]:
+        """The images left out as corrupt so far (by any process that shares `corrupt`)."""
+        if self.corrupt is None:
+            return []
+        return [str(self.samples[i][0]) for i in self.corrupt.nonzero().flatten().tolist()]
 
     @property
     def targets(self) -> list[int]:
@@ -915,13 +951,18 @@ def num_classes(spec: DatasetSpec) -> int:
 
 
 def load_split(
-    spec: DatasetSpec, split: Split, transform: Callable[[Image.Image], Any] | None = None
+    spec: DatasetSpec,
+    split: Split,
+    transform: Callable[[Image.Image], Any] | None = None,
+    *,
+    skip_corrupt: bool = False,
 ) -> LabeledImages:
-    """One split as a Dataset of (image, 0-based label); index files are validated here."""
+    """One split as a Dataset of (image, 0-based label); index files are validated here.
+    `skip_corrupt`: see `LabeledImages` (the grid's `data.skip_corrupt`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     index = _checked(spec).index(spec, split)
-    return LabeledImages(index.samples, index.classes, index.loader, transform)
+    return LabeledImages(index.samples, index.classes, index.loader, transform, skip_corrupt)
 
 
 def generate_dataset(

@@ -8,10 +8,12 @@ start of every epoch, which makes a resumed run bit-identical to an uninterrupte
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +43,11 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(Exception):
     """Raised between epochs when the job was asked to stop (preemption, time limit)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is
+    kept, and the message says which file, why, and what to do."""
 
 
 @dataclass
@@ -159,8 +166,11 @@ def run(
         # the run stays open, and the requeued job resumes into it from the saved state.
         raise
     except BaseException as exc:
-        if mlrun:
-            reason = f"{type(exc).__name__}: {exc}"
+        if mlrun and isinstance(exc, tracking.TrackingUnavailable):
+            # The store is the problem: recording the failure there would only wait as long again.
+            print(f"[{row.id}] the failure could not be recorded in MLflow: {exc}", file=sys.stderr)
+        elif mlrun:
+            reason = failure_reason(exc)
             try:
                 mlrun.finish(
                     "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", reason=reason
@@ -178,6 +188,19 @@ def run(
 
 def _print(message: str) -> None:
     print(message, flush=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """`Type: message` for MLflow's failure_reason tag. An error raised in a DataLoader worker
+    (e.g. a corrupt image) reaches the loop with the worker's traceback in its message: keep
+    only the error itself, which names the file."""
+    text, kind = str(exc), type(exc).__name__
+    if "Original Traceback" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        name, _, message = (lines[-1] if lines else text).partition(": ")
+        if name.split(".")[-1] == kind:  # the worker's `kd.data.DatasetError: ...` line
+            return f"{kind}: {message}"
+    return f"{kind}: {text}"
 
 
 def _mixed_precision(precision: str, cuda: bool) -> str:
@@ -343,8 +366,9 @@ def build_loaders(
         crop_mode=cfg.train.eval_crop_mode,
         interpolation=student_data.get("interpolation", "bicubic"),
     )
-    train_ds = D.load_split(spec, "train", transform=train_tf)
-    test_ds = D.load_split(spec, "test", transform=eval_tf)
+    skip = cfg.data.skip_corrupt
+    train_ds = D.load_split(spec, "train", transform=train_tf, skip_corrupt=skip)
+    test_ds = D.load_split(spec, "test", transform=eval_tf, skip_corrupt=skip)
     train_loader = _fresh_workers_every_epoch(
         D.build_loader(
             train_ds,
@@ -631,6 +655,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     scheduler = parts.scheduler = build_scheduler(tcfg, parts.raw_optimizer, updates_per_epoch)
 
     state_path = row.output_dir / STATE_FILE
+    if accelerator.is_main_process:
+        _remove_stale_temp_files(row.output_dir)
     start_epoch, best_acc1, history = 0, -1.0, []
     state = _load_state(state_path, run_id)
     if state is not None:
@@ -647,8 +673,9 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         history = state.get("history", [])
         log(f"[{row.id}] resuming after epoch {state['epoch'] + 1}/{tcfg.epochs} from {state_path}")
         if mlrun and history:
-            _log_missing_epoch(mlrun, history[-1])
+            _log_missing_epochs(mlrun, history)
     started = time.time()
+    skipped_before = 0  # corrupt images left out so far (data.skip_corrupt)
     startup_s = None  # process start -> first training step
     for epoch in range(start_epoch, tcfg.epochs):
         seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
@@ -695,6 +722,16 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         if ema is not None:
             val_ema = evaluate(ema.module, test_loader, accelerator, limit=tcfg.limit_eval_batches)
             metrics |= {"val_ema/acc1": val_ema["acc1"], "val_ema/acc5": val_ema["acc5"]}
+        if cfg.data.skip_corrupt:
+            skipped = _skipped_images(built, accelerator)
+            metrics["data/skipped_images"] = len(skipped)
+            if accelerator.is_main_process and len(skipped) > skipped_before:
+                log(
+                    f"[{row.id}] {len(skipped)} corrupt image(s) left out so far "
+                    f"(data.skip_corrupt): {', '.join(skipped[:10])}"
+                    + (f", ... (+{len(skipped) - 10})" if len(skipped) > 10 else "")
+                )
+            skipped_before = len(skipped)
         metrics["epoch"] = epoch + 1
         improved = val["acc1"] > best_acc1
         best_acc1 = max(best_acc1, val["acc1"])
@@ -809,16 +846,33 @@ def _model_checkpoint(
     }
 
 
+TEMP_MARK = ".tmp-"  # `.<name>.tmp-<pid>`: a file being written, renamed into place when whole
+LOW_SPACE_BYTES = 64 << 20  # less free space than this after a failed write: the disk is full
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointWriteError(_write_failure(path, exc)) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash mid-write
-    leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    leaves the previous file intact. A failed write (disk full, quota, I/O error) removes the
+    temporary file and raises `CheckpointWriteError`, which says so; the previous file stays.
+    A process killed mid-write leaves its temporary file behind: the next start of the row
+    removes it (`_remove_stale_temp_files`)."""
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
@@ -830,9 +884,54 @@ def _atomic_save(obj: Any, path: Path) -> None:
             os.fsync(directory)  # make the rename itself durable
         finally:
             os.close(directory)
+    except OSError as exc:
+        raise CheckpointWriteError(_write_failure(path, exc)) from exc
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
+        if "PytorchStreamWriter" not in str(exc) and "write" not in str(exc).lower():
+            raise
+        raise CheckpointWriteError(_write_failure(path, exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    """What went wrong writing `path`, what is left, and what to do."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "PytorchStreamWriter" in detail:
+        detail = detail[detail.index("PytorchStreamWriter") :]
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = (
+        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left" in detail
+        or (free is not None and free < LOW_SPACE_BYTES)
+    )
+    kept = (
+        f"the previous {path.name} is kept"
+        if path.exists()
+        else f"there was no earlier {path.name}"
+    )
+    left = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+    return (
+        f"could not write {path}: {'the disk is full: ' if full else ''}{detail}{left}; {kept}. "
+        f"Free space in {path.parent} (df -h {path.parent}) or move output_dir, then rerun the "
+        "row (launch/grid.py GRID --rerun-failed): it resumes from its last saved epoch"
+    )
+
+
+def _remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temporary checkpoint files of an earlier process of this row that was killed mid-write
+    (SIGKILL, node lost): the whole files beside them are what counts; these are removed."""
+    removed = []
+    for name in (STATE_FILE, STATE_INFO_FILE, BEST_FILE, LAST_FILE, PROGRESS_FILE):
+        for tmp in folder.glob(f".{name}{TEMP_MARK}*"):
+            if tmp.name != _temp_path(folder / name).name:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def _load_state(path: Path, run_id: str | None) -> dict | None:
@@ -854,14 +953,31 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _log_missing_epoch(mlrun, last: dict) -> None:
-    """If the job died after saving an epoch's state but before logging its metrics, log them."""
+def _log_missing_epochs(mlrun, history: list[dict]) -> None:
+    """Epochs in the saved state whose metrics never reached MLflow: the job died after saving
+    an epoch but before logging it, or while metrics waited for an unreachable tracking server.
+    They are logged now, so the run's history has every epoch once."""
     try:
-        history = mlrun.client.get_metric_history(mlrun.run_id, "epoch")
+        logged = {m.step for m in mlrun.client.get_metric_history(mlrun.run_id, "epoch")}
     except Exception:
         return
-    if not any(m.step == last["epoch"] + 1 for m in history):
-        mlrun.log_metrics(last["metrics"], step=last["epoch"] + 1)
+    for entry in history:
+        if entry["epoch"] + 1 not in logged:
+            mlrun.log_metrics(entry["metrics"], step=entry["epoch"] + 1)
+
+
+def _skipped_images(built: Built, accelerator: Any) -> list[str]:
+    """Images left out as corrupt so far by any process, both splits (`data.skip_corrupt`)."""
+    skipped = []
+    for loader in (built.train_loader, built.test_loader):
+        dataset = loader.dataset
+        flags = getattr(dataset, "corrupt", None)
+        if flags is None:
+            continue
+        if accelerator.num_processes > 1:  # each process flags what its own shard met
+            flags = accelerator.gather(flags.int().to(accelerator.device)[None]).amax(0).cpu()
+        skipped += [str(dataset.samples[i][0]) for i in flags.nonzero().flatten().tolist()]
+    return skipped
 
 
 def _write_progress(row: Row, epoch: int, epochs: int, acc1: float, eta_s: float) -> None:

@@ -1,23 +1,42 @@
-"""Faults on the local executor: nothing finished is lost, nothing is run twice.
+"""Faults: nothing finished is lost, nothing is run twice, and the user is told what happened.
 
-A row killed with SIGKILL mid-training is rerun by `--rerun-failed` from its last saved epoch,
-into the same MLflow run, with every epoch logged exactly once.
+- a row killed with SIGKILL mid-training is rerun by `--rerun-failed` from its last saved
+  epoch, into the same MLflow run, with every epoch logged exactly once;
+- a process killed while writing a checkpoint leaves the previous one whole (and its temporary
+  file is removed at the next start); a write that fails does the same, at once;
+- a disk that fills up between epochs fails the row with "the disk is full" and the file, keeps
+  the last epoch's checkpoints, and the row resumes from them once there is space;
+- a tracking server that does not answer when a row starts: retries with backoff, then the row
+  fails naming the URI; one that restarts mid-run: no metric is lost (they are queued);
+- a truncated image fails the row naming the file, or, with `data.skip_corrupt`, is left out
+  and counted in `data/skipped_images`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
-from kd.data import generate_dataset
+from kd import train
+from kd.data import DatasetError, generate_dataset
+from kd.grid import load_grid
+from kd.tracking import RowRun, Tracker, TrackingUnavailable
+from slurm.job import write_row_file
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -96,3 +115,435 @@ def test_sigkilled_row_resumes_into_the_same_run(tmp_path):
     assert steps == list(range(1, EPOCHS + 1)), "every epoch logged exactly once"
     log = (out / "victim" / "train.log").read_text()
     assert f"resuming after epoch {saved}/{EPOCHS}" in log
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers: a tiny row on generated data, run in this process (as a job runs it) or as
+# `python -m slurm.job` (the job's own entry point)
+
+TINY = "test_resnet"  # timm's 0.4M-parameter ResNet: 1.5 MB checkpoints
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two shared cores: one intra-op thread per training process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_row(folder: Path, data_root: Path, *, epochs: int = 2, out: Path | None = None, **data):
+    """A one-row grid on `data_root` (an ImageFolder copy), loaded and validated."""
+    text = yaml.safe_dump(
+        {
+            "name": "f",
+            "experiment": f"kd-faults-{folder.name}",
+            "defaults": {
+                "student": {"model": TINY, "drop_path": 0.0},
+                "init": "scratch",
+                "data": {
+                    "dataset": "imagefolder",
+                    "root": str(data_root),
+                    "img_size": 32,
+                    "num_workers": 0,
+                    **data,
+                },
+                "train": {"epochs": epochs, "batch_size": 4, "warmup_epochs": 0, "lr": 1e-3,
+                          "auto_augment": None},
+                "resources": {"gpus_per_node": 0},
+                "output_dir": str(out or folder / "out"),
+            },
+            "rows": [{"id": "r", "label": "R"}],
+        }
+    )  # fmt: skip
+    (folder / "grid.yaml").write_text(text)
+    return load_grid(folder / "grid.yaml").rows[0]
+
+
+def new_run(uri: str, row, artifacts: Path | None = None) -> str:
+    """The row's MLflow run, created as the launcher creates it (SCHEDULED, before the job)."""
+    tracker = Tracker(uri)
+    if tracker.experiment_id(row.experiment) is None:
+        location = str(artifacts) if artifacts else None  # a server keeps its own artifacts
+        tracker.client.create_experiment(row.experiment, artifact_location=location)
+    return tracker.create_row_run(tracker.experiment_id(row.experiment), row, executor="local")
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def start_job(row, run_id: str, uri: str, **env: str) -> subprocess.Popen:
+    """`python -m slurm.job`: what the local executor and every SLURM job run for a row."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "slurm.job", str(write_row_file(row)), "--run-id", run_id,
+         "--tracking-uri", uri],
+        cwd=REPO, env=job_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(f"*{train.TEMP_MARK}*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A crash while a checkpoint is being written
+
+SLOW_SAVE = r"""
+import sys, time
+from pathlib import Path
+import torch
+from kd import train
+
+path = Path(sys.argv[1])
+train._atomic_save({"epoch": 1, "weights": torch.arange(8.0)}, path)
+
+class SlowFile:
+    '''A file whose writes trickle: the process is still inside torch.save when it is killed.'''
+    def __init__(self, name, mode):
+        self.handle = open(name, mode)
+    def write(self, data):
+        written = self.handle.write(data)
+        self.handle.flush()
+        time.sleep(0.02)
+        return written
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.handle.close()
+
+train.open = SlowFile  # what _atomic_save opens its temporary file with
+print("saving epoch 2", flush=True)
+train._atomic_save({"epoch": 2, "weights": torch.zeros(2_000_000)}, path)
+print("saved epoch 2", flush=True)
+"""
+
+
+def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / train.STATE_FILE
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(path)], cwd=REPO, env=job_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert child.stdout.readline().strip() == "saving epoch 2"
+    temp = tmp_path / f".{path.name}{train.TEMP_MARK}{child.pid}"
+    deadline = time.time() + 60
+    while not (temp.exists() and temp.stat().st_size > 100_000):  # well into the write
+        assert child.poll() is None and time.time() < deadline, child.communicate()[0]
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    # The previous checkpoint is whole and is what a resume reads (weights only, as a foreign
+    # file would be read); the half-written one is only the killed process's temporary file.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(8.0))
+    assert train._load_state(path, None)["epoch"] == 1
+    assert temp_files(tmp_path) == [temp.name]
+    # The next start of the row removes what the killed process left, and saves again.
+    assert train._remove_stale_temp_files(tmp_path) == [temp]
+    assert temp_files(tmp_path) == []
+    train._atomic_save({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / train.LAST_FILE
+    train._atomic_save({"model": {"w": torch.ones(3)}}, path)
+
+    def failing_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing "
+            "file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(train.CheckpointWriteError) as info:
+        train._atomic_save({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert str(path) in message and "PytorchStreamWriter failed writing" in message
+    assert "the previous last.pt is kept" in message and "--rerun-failed" in message
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full while checkpointing
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 16 MiB tmpfs, and `fill()` to leave it no free byte. Where tmpfs cannot be
+    mounted (not root), `fill()` makes every later write in kd.train fail with ENOSPC instead."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+            capture_output=True, check=False,
+        ).returncode
+        == 0
+    )  # fmt: skip
+    patches = pytest.MonkeyPatch()
+
+    def fill() -> None:
+        if mounted:
+            fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                for chunk in (1 << 20, 4096):  # MiBs, then the last pages
+                    with contextlib.suppress(OSError):
+                        while True:
+                            os.write(fd, b"\0" * chunk)
+            finally:
+                os.close(fd)
+            return
+
+        def full_open(name, mode="r", *args, **kwargs):
+            if "w" in mode:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(name))
+            return open(name, mode, *args, **kwargs)
+
+        patches.setattr(train, "open", full_open, raising=False)
+
+    def free() -> None:
+        (folder / "filler").unlink(missing_ok=True)
+        patches.undo()
+
+    yield folder, fill, free
+    patches.undo()
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
+    tmp_path, small_disk, one_thread
+):
+    folder, fill, free = small_disk
+    data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
+    row = tiny_row(tmp_path, Path(data.root), epochs=3, out=folder / "out")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = new_run(uri, row, tmp_path / "artifacts")
+    epochs_done = []
+
+    def after_epoch() -> bool:  # polled by the loop after each epoch is saved
+        epochs_done.append(json.loads((row.output_dir / train.STATE_INFO_FILE).read_text()))
+        if len(epochs_done) == 1:
+            fill()  # the disk fills up between epoch 1 and epoch 2's checkpoint
+        return False
+
+    with pytest.raises(train.CheckpointWriteError) as info:
+        train.run(row, run_id=run_id, tracking_uri=uri, stop_requested=after_epoch, log=print)
+    message = str(info.value)
+    assert "the disk is full" in message and str(row.output_dir) in message
+    assert "is kept" in message and "--rerun-failed" in message
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "CheckpointWriteError" in run.data.tags["kdgrid.failure_reason"]
+    assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
+    # Epoch 1's checkpoints are whole and loadable; nothing half-written is left.
+    assert train._load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
+    for name in (train.BEST_FILE, train.LAST_FILE):
+        assert torch.load(row.output_dir / name, weights_only=False)["epoch"] in (0, 1)
+    assert temp_files(folder) == []
+
+    free()  # space again: the row resumes after epoch 1, into the same run, and finishes
+    train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val/acc1"))
+    assert steps == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracking server: unreachable when a row starts, restarted mid-run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tracking_server_unreachable_at_start_fails_the_row_after_retries(tmp_path):
+    data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
+    row = tiny_row(tmp_path, Path(data.root))
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.time()
+    job = start_job(
+        row, "0123456789abcdef0123456789abcdef", uri,
+        KDGRID_TRACKING_RETRIES="4", KDGRID_TRACKING_BACKOFF_S="0.5",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    )  # fmt: skip
+    output = job.communicate(timeout=300)[0]
+    took = time.time() - started
+    assert job.returncode == 1, output
+    assert "Traceback" not in output, output
+    failure = next(line for line in output.splitlines() if "FAILED" in line)
+    assert "TrackingUnavailable" in failure and uri in failure
+    assert "failed 4 times over" in failure and "Connection refused" in failure
+    assert "launch/server.py status" in failure and "--rerun-failed" in failure
+    assert took >= 0.5 + 1 + 2  # it waited: 0.5 s, then 1 s, then 2 s between the 4 attempts
+    assert not (row.output_dir / train.STATE_FILE).exists(), "nothing trained"
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_tracking_server_restart_mid_run_loses_no_metric(tmp_path):
+    from slurm import server
+
+    data = generate_dataset(
+        "imagefolder", tmp_path / "data", num_classes=2, train_per_class=40, image_size=16
+    )
+    epochs = 6
+    row = tiny_row(tmp_path, Path(data.root), epochs=epochs)
+    folder, port = tmp_path / "mlflow-server", free_port()
+    uri = server.start_local(folder, "127.0.0.1", port, workers=1)["uri"]
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = new_run(uri, row)
+        job = start_job(row, run_id, uri, KDGRID_TRACKING_BACKOFF_S="0.5")
+        state_info = row.output_dir / train.STATE_INFO_FILE
+
+        def saved_epoch() -> int:
+            return json.loads(state_info.read_text())["epoch"] if state_info.exists() else 0
+
+        def wait_for(done, what: str) -> None:
+            deadline = time.time() + 300
+            while not done():
+                assert job.poll() is None, f"the job ended while waiting for {what}: " + str(
+                    job.communicate()[0]
+                )
+                assert time.time() < deadline, what
+                time.sleep(0.05)
+
+        # The run has started and the models are built (their sizes are logged): training.
+        wait_for(lambda: client.get_metric_history(run_id, "model/params"), "the models")
+        server.stop(folder)  # the server goes away as the row starts training ...
+        wait_for(lambda: port_closed(port), "the server to stop")
+        down_at = saved_epoch()
+        wait_for(lambda: saved_epoch() >= down_at + 1, "an epoch to end while it is down")
+        assert saved_epoch() < epochs
+        server.start_local(folder, "127.0.0.1", port, workers=1)  # ... and comes back
+        output = job.communicate(timeout=600)[0]
+        assert job.returncode == 0, output
+        assert "did not take" in output and "answers again" in output, output
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for name in ("val/acc1", "train/loss", "epoch"):
+            history = client.get_metric_history(run_id, name)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
+    finally:
+        server.stop(folder)
+
+
+class FlakyClient:
+    """An MlflowClient stand-in whose log_batch fails while `down`."""
+
+    def __init__(self):
+        self.down = False
+        self.batches: list[list] = []
+
+    def log_batch(self, run_id, metrics=()):
+        if self.down:
+            raise MlflowException("API request failed: [Errno 111] Connection refused")
+        self.batches.append(list(metrics))
+
+    def set_tag(self, *args):
+        if self.down:
+            raise MlflowException("API request failed: [Errno 111] Connection refused")
+
+    def set_terminated(self, *args, **kwargs):
+        pass
+
+
+def test_row_run_queues_metrics_while_the_store_is_away_and_sends_them_in_order(capsys):
+    run = RowRun("http://127.0.0.1:9", "run", retries=2, backoff_s=0.01)
+    run.client = FlakyClient()
+    run.log_metrics({"val/acc1": 1.0}, step=1)
+    run.client.down = True
+    run.log_metrics({"val/acc1": 2.0}, step=2)  # returns at once: kept
+    run.log_metrics({"val/acc1": 3.0}, step=3)
+    assert "did not take" in capsys.readouterr().out
+    run.client.down = False
+    run.log_metrics({"val/acc1": 4.0}, step=4)
+    assert "answers again" in capsys.readouterr().out
+    sent = [(m.step, m.value) for batch in run.client.batches for m in batch]
+    assert sent == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    stamps = [m.timestamp for batch in run.client.batches for m in batch]
+    assert stamps == sorted(stamps)  # each metric keeps the time it was logged at
+
+
+def test_row_run_gives_up_with_the_uri_and_raises_bad_requests_at_once():
+    run = RowRun("http://127.0.0.1:9", "run", retries=3, backoff_s=0.01)
+    run.client = FlakyClient()
+    run.client.down = True
+    run.log_metrics({"a": 1.0}, step=1)
+    with pytest.raises(TrackingUnavailable, match=r"http://127.0.0.1:9 did not answer: log_batch"):
+        run.finish("FINISHED")  # finishing waits for the queued metrics, then gives up
+    calls = []
+
+    def bad_request(*args, **kwargs):
+        calls.append(1)
+        raise MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    with pytest.raises(MlflowException, match="no such run"):
+        run._retry(bad_request)
+    assert len(calls) == 1, "retrying cannot fix a bad request"
+
+
+# ---------------------------------------------------------------------------------------------
+# A truncated or corrupt image
+
+
+@pytest.fixture
+def damaged_copy(tmp_path):
+    """An ImageFolder copy with one truncated training image."""
+    spec = generate_dataset(
+        "imagefolder", tmp_path / "data", num_classes=2, train_per_class=6, image_size=16
+    )
+    victim = sorted((Path(spec.root) / "train" / "class_1").iterdir())[2]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return Path(spec.root), victim
+
+
+def test_corrupt_image_fails_the_row_naming_the_file(tmp_path, damaged_copy, one_thread):
+    root, victim = damaged_copy
+    row = tiny_row(tmp_path, root, num_workers=2)  # raised in a loader worker process
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = new_run(uri, row, tmp_path / "artifacts")
+    with pytest.raises(DatasetError, match="cannot decode image") as info:
+        train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    assert str(victim) in str(info.value)
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    reason = run.data.tags["kdgrid.failure_reason"]
+    assert run.info.status == "FAILED"
+    assert reason.startswith("DatasetError: cannot decode image") and str(victim) in reason
+    assert "data.skip_corrupt: true" in reason and "Traceback" not in reason
+
+
+def test_corrupt_image_is_skipped_and_counted_when_the_grid_says_so(
+    tmp_path, damaged_copy, one_thread, capfd
+):
+    root, victim = damaged_copy
+    row = tiny_row(tmp_path, root, num_workers=2, skip_corrupt=True)
+    plain = tiny_row(tmp_path, root)
+    assert row.key == plain.key, "skip_corrupt is not part of the content key"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = new_run(uri, row, tmp_path / "artifacts")
+    train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    skipped = client.get_metric_history(run_id, "data/skipped_images")
+    assert sorted((m.step, m.value) for m in skipped) == [(1, 1.0), (2, 1.0)]
+    output = capfd.readouterr()
+    assert "1 corrupt image(s) left out so far" in output.out and str(victim) in output.out
+    assert output.err.count(f"skipped (data.skip_corrupt): cannot decode image {victim}") >= 1
