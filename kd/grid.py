@@ -505,6 +505,9 @@ def load_grid(
 
     With `smoke`, the full-size rows are validated (model names, KD terms, references) and
     then shrunk by `kd.smoke.smoke_row`; dataset roots and checkpoint files are not checked.
+    `check_data` reads the inputs on disk: dataset copies (their index files) and the contents
+    of `init.file`/`teacher.file` (with `check_models`); without it, only whether those files
+    exist is checked (what `launch/status.py` and `launch/table.py` need).
     """
     path = Path(path)
     file = str(path)
@@ -780,8 +783,8 @@ def _check_rows(
             )
         if check_models:
             problems.extend(_check_models(cfg, where))
-            if not smoke:
-                problems.extend(_check_checkpoints(cfg, where, checked))
+        if check_models and check_data and not smoke:  # reads the files, as the data check does
+            problems.extend(_check_checkpoints(cfg, where, checked))
     if check_data and not smoke:
         # A row whose data section is itself wrong (a misspelt dataset name falls back to the
         # default) would report a copy it never meant to use: its own problem says enough.
