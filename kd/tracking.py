@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +191,19 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
+def run_record(run: Any) -> RunRecord:
+    """An MLflow run as the launcher sees it."""
+    tags = run.data.tags
+    return RunRecord(
+        run_id=run.info.run_id,
+        key=tags.get(f"{TAG}.key", ""),
+        row_id=tags.get(f"{TAG}.id", ""),
+        status=run.info.status,
+        start_time=run.info.start_time or 0,
+        tags=dict(tags),
+    )
+
+
 def row_params(
     row: Row, *, tree: dict[str, Any] | None = None, secrets: list[str] | None = None
 ) -> dict[str, str]:
@@ -268,6 +281,22 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         return None if found is None else found.experiment_id
 
+    def search(self, experiment_id: str, filter_string: str) -> Iterator[Any]:
+        """Every matching run, newest first, page by page (no per-row requests)."""
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=filter_string,
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+                page_token=token,
+            )
+            yield from page
+            token = page.token
+            if not token:
+                return
+
     def search_tagged(self, experiment_id: str, key: str, value: str | None = None) -> list[Any]:
         """The active runs of the experiment whose tag `key` is `value` (None: set, not empty),
         newest first, with their tags, params and latest metrics: what `search` returns for
@@ -280,37 +309,11 @@ class Tracker:
             except _BulkUnsupported:
                 pass
         where = f"tags.`{key}` = '{value}'" if value is not None else f"tags.`{key}` != ''"
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [experiment_id],
-                filter_string=where,
-                order_by=["attributes.start_time DESC"],
-                max_results=1000,
-                page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return list(self.search(experiment_id, where))
 
     def row_runs(self, experiment_id: str) -> list[RunRecord]:
-        """Every row run of the experiment, newest first (one query, no per-row calls)."""
-        records: list[RunRecord] = []
-        for run in self.search_tagged(experiment_id, f"{TAG}.key"):
-            tags = run.data.tags
-            records.append(
-                RunRecord(
-                    run_id=run.info.run_id,
-                    key=tags.get(f"{TAG}.key", ""),
-                    row_id=tags.get(f"{TAG}.id", ""),
-                    status=run.info.status,
-                    start_time=run.info.start_time or 0,
-                    tags=dict(tags),
-                )
-            )
-        return records
+        """Every row run of the experiment, newest first."""
+        return [run_record(run) for run in self.search_tagged(experiment_id, f"{TAG}.key")]
 
     def latest_by_key(self, experiment_id: str) -> dict[str, RunRecord]:
         latest: dict[str, RunRecord] = {}
@@ -820,25 +823,15 @@ def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict
         return {}
     latest: dict[str, RunSummary] = {}
     for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name):
-        tags = run.data.tags
-        key = tags.get(f"{TAG}.key")
-        if not key or key in latest:
-            continue
-        record = RunRecord(
-            run_id=run.info.run_id,
-            key=key,
-            row_id=tags.get(f"{TAG}.id", ""),
-            status=run.info.status,
-            start_time=run.info.start_time or 0,
-            tags=dict(tags),
-        )
-        latest[key] = RunSummary(
-            record=record,
-            metrics=dict(run.data.metrics),
-            params=dict(run.data.params),
-            start_time=run.info.start_time or 0,
-            end_time=run.info.end_time,
-        )
+        record = run_record(run)
+        if record.key and record.key not in latest:
+            latest[record.key] = RunSummary(
+                record=record,
+                metrics=dict(run.data.metrics),
+                params=dict(run.data.params),
+                start_time=run.info.start_time or 0,
+                end_time=run.info.end_time,
+            )
     return latest
 
 
