@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -53,7 +54,13 @@ class RowJob:
         row = read_row_file(row_file)
         if env.global_rank == 0:
             RowRun(tracking_uri, run_id).set_tag(f"{TAG}.job_id", str(env.job_id))
-        return run(row, run_id=run_id, tracking_uri=tracking_uri)
+        result = run(row, run_id=run_id, tracking_uri=tracking_uri)
+        # The row is finished. A USR2 from now on (the time limit coming while the process
+        # winds down) must not kill it: at exit Python puts back the default action of the
+        # signals it handles, and USR2's default terminates the process, so SLURM recorded
+        # FAILED for a row that finished. An ignored signal stays ignored through the exit.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return result
 
     def checkpoint(self, *args, **kwargs):
         import submitit
