@@ -475,8 +475,8 @@ nodes_ready() {
 	local states n
 	states=$(node_states) || return 1
 	for n in "${NODES[@]}"; do
-		# idle, or busy with jobs (mix/alloc/completing) -- but not down, drained or unknown
-		grep -Eq "^${n} (idle|mix|alloc|comp)$" <<<"$states" || return 1
+		# idle, or busy with jobs (mix/alloc/completing/planned) -- but not down, drained or unknown
+		grep -Eq "^${n} (idle|mix|alloc|comp|plnd)$" <<<"$states" || return 1
 	done
 }
 
