@@ -1,0 +1,1028 @@
+"""End to end on the local SLURM cluster (``slurm/cluster.sh up``): launch/grid.py and
+launch/status.py against real slurmctld, slurmd n1/n2, sacct and MLflow.
+
+What is proved, and how:
+  - the sbatch text of a row is the recorded one (tests/data/sbatch_2b-7.txt);
+  - `check_rows` against the live `sinfo`, and through the CLI: exit 2, nothing queued, no MLflow;
+  - the table2b smoke grid, submitted once for the module: the command returns before the rows
+    run, rows sharing resources and dependencies share a job array, every row finishes, no
+    student starts before its teacher ended (sacct Start/End), a relaunch submits nothing, a row
+    made to fail (NaN) is rerun alone, a failed teacher's student is cancelled by SLURM;
+  - a grid relaunched while pending/running submits nothing; `--cancel` cancels and kills;
+  - `scontrol requeue` and a 1-minute time limit both resume into the same MLflow run, every
+    epoch logged exactly once;
+  - a 2-node row trains with world size 2 over gloo and logs once per epoch.
+
+A requeued job waits in SLURM for the credential lifetime (`AuthInfo cred_expire`, 120 s by
+default, "BeginTime") before it may start again; the wait loops here release our own held jobs
+with `scontrol update StartTime=now` so a requeue costs seconds, not two minutes.
+
+Only jobs whose working directory is under this session's temporary folder are ever looked at or
+cancelled: other people's jobs on the same cluster are left alone.
+
+Outside CI the module is skipped when SLURM is not installed; with CI=true it never skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+if shutil.which("sbatch") is None and not IN_CI:
+    pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+RECORDED_SBATCH = DATA / "sbatch_2b-7.txt"
+NODES = {"n1", "n2"}
+ACTIVE_STATES = ("pending", "running", "preempted")
+SMOKE = "kd-table2b-smoke"
+TINY_MODEL = "test_resnet"  # timm's ~0.2M-parameter ResNet: an epoch of 16 images in < 1 s
+# The smoke grid's dependency edges (student label -> teacher / init labels).
+EDGES = {
+    "2b-5": ["2b-1"],
+    "2b-6": ["2b-1"],
+    "2b-7": ["2b-1", "2b-4"],
+    "2b-9": ["2b-8"],
+    "2b-10": ["2b-8", "2b-4"],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: the CLI, SLURM (only our jobs), MLflow
+# --------------------------------------------------------------------------------------------
+
+
+def run(*cmd: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment (sbatch exports it to the jobs), MLflow in workdir/mlflow.db, no fault
+    injection unless asked for."""
+    unset = ("MLFLOW_TRACKING_URI", "KDGRID_INJECT_NAN_AT_STEP")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})}
+
+
+def launch(
+    workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python launch/grid.py ARGS --executor slurm` in `workdir` (overrides go right after the
+    grid file: launch/grid.py does not take them after options)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "grid.py"), *args, "--executor", "slurm"],
+        cwd=workdir,
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def status_json(workdir: Path, *args: str) -> list[dict[str, Any]]:
+    """`python launch/status.py ARGS --json` in `workdir`."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "status.py"), *args, "--json"],
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def by_label(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["label"]: r for r in rows}
+
+
+def queued_jobs(root: Path) -> dict[str, tuple[str, str]]:
+    """Our jobs still known to slurmctld (pending, running, completing): job id (array tasks
+    one by one) -> (state, reason)."""
+    out = run("squeue", "-h", "-r", "-o", "%i|%T|%r|%Z").stdout
+    jobs = {}
+    for line in out.splitlines():
+        job_id, state, reason, workdir = line.split("|", 3)
+        if Path(workdir).is_relative_to(root):
+            jobs[job_id] = (state, reason)
+    return jobs
+
+
+def jobs_submitted_from(workdir: Path) -> set[str]:
+    """Every job (array tasks one by one) ever submitted from `workdir`: squeue + sacct."""
+    ids = {j for j in queued_jobs(workdir)}
+    out = run("sacct", "-X", "-n", "-P", "-S", "now-1days", "-o", "JobID,WorkDir").stdout
+    for line in out.splitlines():
+        job_id, _, folder = line.partition("|")
+        if folder and Path(folder) == workdir and "[" not in job_id:
+            ids.add(job_id)
+    return ids
+
+
+def wait_for_jobs_from(workdir: Path, timeout: float = 60) -> set[str]:
+    """The jobs submitted from `workdir`, once there are some: a job cancelled at once has left
+    squeue before slurmdbd (sacct) recorded it, a few seconds later."""
+    deadline = time.monotonic() + timeout
+    while not (jobs := jobs_submitted_from(workdir)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return jobs
+
+
+def sacct(job_ids: Iterable[str], *, duplicates: bool = False) -> list[dict[str, str]]:
+    """sacct records of the jobs' allocations (with `duplicates`, one per requeued run too)."""
+    fields = ["JobID", "State", "Start", "End", "NodeList", "Reason"]
+    out = run(
+        "sacct",
+        "-X",
+        "-n",
+        "-P",
+        *(["-D"] if duplicates else []),
+        "-j",
+        ",".join(sorted(job_ids)),
+        "-o",
+        ",".join(fields),
+    ).stdout
+    return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines()]
+
+
+def release_held(root: Path) -> None:
+    """Let our requeued jobs start now instead of after SLURM's 120 s requeue hold."""
+    for job_id, (state, reason) in queued_jobs(root).items():
+        if state == "PENDING" and reason == "BeginTime":
+            run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+def wait_sacct_done(job_ids: Iterable[str], timeout: float = 120) -> dict[str, dict[str, str]]:
+    """sacct records once every job has a final state and an End time."""
+    ids = set(job_ids)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = {r["JobID"]: r for r in sacct(ids)}
+        done = all(
+            j in records
+            and records[j]["State"].split()[0]
+            in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+            and records[j]["End"] not in ("Unknown", "")
+            for j in ids
+        )
+        if done or time.monotonic() > deadline:
+            assert done, f"sacct has not recorded the end of {sorted(ids)}: {records}"
+            return records
+        time.sleep(2)
+
+
+def job_logs(workdir: Path, job_id: str) -> list[Path]:
+    """The submitit logs of a job (one per task): <output_dir>/slurm/<job>/<job>_<task>_log.out."""
+    return sorted(workdir.glob(f"**/slurm/{job_id}/{job_id}_*_log.out"))
+
+
+def log_tail(workdir: Path, job_id: str | None, lines: int = 30) -> str:
+    if not job_id:
+        return "(no job)"
+    texts = []
+    for path in job_logs(workdir, job_id):
+        texts.append(f"--- {path}\n" + "\n".join(path.read_text().splitlines()[-lines:]))
+    return "\n".join(texts) or f"(no log for job {job_id} under {workdir})"
+
+
+def wait_for_rows(
+    workdir: Path,
+    *args: str,
+    labels: Iterable[str] | None = None,
+    expect: str | None = "finished",
+    timeout: float = 600,
+    status_every: float = 30,
+) -> dict[str, dict[str, Any]]:
+    """Poll `launch/status.py --json` until the rows (default: all) are no longer pending or
+    running; with `expect`, fail at once (with the job log) when a row ends in another state.
+
+    status.py costs seconds of CPU on a 2-core box that is training: it runs every
+    `status_every` seconds, and at once when the rows' jobs have left squeue (polled each
+    second, with our requeued jobs released from SLURM's hold)."""
+    deadline = time.monotonic() + timeout
+    last, active_jobs = -1e9, None
+    while True:
+        release_held(workdir)
+        now = time.monotonic()
+        gone = active_jobs is not None and not (active_jobs & set(queued_jobs(workdir)))
+        if now - last >= status_every or (gone and now - last >= 3):
+            last = now
+            rows = by_label(status_json(workdir, *args))
+            wanted = {k: v for k, v in rows.items() if labels is None or k in set(labels)}
+            if expect is not None:
+                for label, row in wanted.items():
+                    if row["state"] not in (*ACTIVE_STATES, expect):
+                        pytest.fail(
+                            f"row {label} is {row['state']} ({row['reason']}), expected "
+                            f"{expect}:\n" + log_tail(workdir, row["job_id"])
+                        )
+            if all(r["state"] not in ACTIVE_STATES for r in wanted.values()):
+                return rows
+            active_jobs = {r["job_id"] for r in wanted.values() if r["state"] in ACTIVE_STATES}
+        if now > deadline:
+            pytest.fail(
+                f"rows not done after {timeout:.0f}s: "
+                + ", ".join(f"{k}={v['state']}" for k, v in wanted.items())
+            )
+        time.sleep(1)
+
+
+def mlflow_client(workdir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+
+def row_runs(workdir: Path, experiment: str) -> list[Any]:
+    """The row runs of an experiment (not the launch runs that group them)."""
+    client = mlflow_client(workdir)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("kdgrid.key")]
+
+
+def steps(workdir: Path, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in mlflow_client(workdir).get_metric_history(run_id, metric))
+
+
+def submissions(workdir: Path, output_dir: str) -> list[dict[str, Any]]:
+    path = workdir / "outputs" / output_dir / "submissions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def parse_time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+def hostnames(nodelist: str) -> set[str]:
+    return set(run("scontrol", "show", "hostnames", nodelist).stdout.split())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cancel_our_jobs_at_the_end(tmp_path_factory: pytest.TempPathFactory):
+    """Whatever a failed test left queued is cancelled, by job id, ours only."""
+    root = tmp_path_factory.getbasetemp()
+    yield
+    leftover = queued_jobs(root)
+    if leftover:
+        run("scancel", *sorted(leftover))
+
+
+def _generate(folder: Path, train_per_class: int) -> Path:
+    from kd.data import generate_dataset
+
+    spec = generate_dataset(
+        "imagefolder",
+        folder,
+        num_classes=4,
+        train_per_class=train_per_class,
+        test_per_class=2,
+        image_size=32,
+    )
+    return Path(spec.root)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder copy in the real layout: 4 classes, 16 training and 8 test images."""
+    return _generate(tmp_path_factory.mktemp("tiny-data") / "data", 4)
+
+
+@pytest.fixture(scope="module")
+def epoch_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 training images: epochs long enough (8 steps) to be timed by their compute rather
+    than by the per-epoch bookkeeping (state file, MLflow), which swings with the box's load."""
+    return _generate(tmp_path_factory.mktemp("epoch-data") / "data", 16)
+
+
+def write_grid(
+    folder: Path,
+    name: str,
+    rows: list[dict[str, Any]],
+    data: Path,
+    *,
+    epochs: int,
+    resources: dict[str, Any] | None = None,
+) -> Path:
+    """A grid of tiny rows on the generated data: 32 px, batch 8, no augmentation, 1 CPU."""
+    import yaml
+
+    spec = {
+        "name": name,
+        "experiment": f"kd-test-{name}",
+        "defaults": {
+            "student": {"model": TINY_MODEL},
+            "init": "scratch",
+            "kd": {"ce": 1.0},
+            "data": {"dataset": "imagefolder", "root": str(data), "img_size": 32, "num_workers": 0},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 8,
+                "lr": 1.0e-3,
+                "warmup_epochs": 0,
+                "seed": 0,
+                "auto_augment": None,
+            },
+            "resources": {
+                "nodes": 1,
+                "gpus_per_node": 0,
+                "cpus_per_task": 1,
+                "mem_gb": 2,
+                "time_min": 30,
+                **(resources or {}),
+            },
+            "output_dir": f"outputs/{name}",
+        },
+        "rows": rows,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The sbatch script of a row, against the recorded one
+# --------------------------------------------------------------------------------------------
+
+
+def sbatch_text_2b7() -> str:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from kd.grid import load_grid
+    from slurm.submit import executor_parameters
+
+    grid = load_grid(
+        REPO / "grids" / "table2b.yaml",
+        [
+            "resources.partition=gpu",
+            "resources.account=kd-lab",
+            "resources.qos=high",
+            "resources.constraint=a100",
+            "resources.exclude='n3,n4'",
+            "+resources.sbatch_extra.mail-type=END",
+            "+resources.sbatch_extra.comment=table2b",
+        ],
+        check_data=False,
+    )
+    (row,) = grid.select(["2b-7"])
+    params = executor_parameters(row, 256)
+    params["dependency"] = "afterok:101_0:102"  # as submit_rows writes it: teacher and init jobs
+    return _make_sbatch_string(
+        command="python -u -m submitit.core._submit /FOLDER", folder="/FOLDER", **params
+    )
+
+
+def test_sbatch_script_of_row_2b7_is_the_recorded_one() -> None:
+    text = sbatch_text_2b7()
+    if os.environ.get("KDGRID_RECORD_SBATCH") == "1":  # deliberate re-recording only
+        RECORDED_SBATCH.write_text(text)
+    assert RECORDED_SBATCH.is_file(), f"{RECORDED_SBATCH} missing"
+    recorded = RECORDED_SBATCH.read_text()
+    assert text == recorded, (
+        "the sbatch script of row 2b-7 changed; if that is intended, inspect the diff and "
+        f"re-record with KDGRID_RECORD_SBATCH=1 python -m pytest {__file__} -k recorded\n"
+        f"--- now:\n{text}"
+    )
+    # what the recording must hold, so that re-recording cannot silently lose it
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=kd-lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclude=n3,n4",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --comment=table2b",
+        "#SBATCH --dependency=afterok:101_0:102",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=65536M",
+        "#SBATCH --time=720",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --job-name=kd-table2b",
+    ):
+        assert line in recorded.splitlines(), line
+
+
+# --------------------------------------------------------------------------------------------
+# 2. check_rows against the live sinfo; bad input through the CLI queues nothing
+# --------------------------------------------------------------------------------------------
+
+
+def _with_resources(row, **changes):
+    resources = dataclasses.replace(row.config.resources, **changes)
+    return dataclasses.replace(row, config=dataclasses.replace(row.config, resources=resources))
+
+
+def test_check_rows_against_live_sinfo() -> None:
+    from kd.grid import load_grid
+    from slurm.submit import check_rows, read_partitions
+
+    partitions = read_partitions()
+    assert {"gpu", "debug"} <= set(partitions)
+    assert partitions["gpu"].default and not partitions["debug"].default
+    assert not partitions["gpu"].has_gpus and not partitions["debug"].has_gpus
+
+    grid = load_grid(REPO / "grids" / "table2b.yaml", check_data=False)
+    row = grid.rows[0]  # 1 GPU per node, as the real grid asks
+    cpu_row = _with_resources(row, gpus_per_node=0)
+    assert check_rows([_with_resources(cpu_row, partition="gpu")], partitions) == []
+    assert check_rows([_with_resources(cpu_row, partition="debug")], partitions) == []
+    assert check_rows([cpu_row], partitions) == []  # the default partition
+
+    (problem,) = check_rows([_with_resources(cpu_row, partition="gpuu")], partitions)
+    assert "no partition 'gpuu'" in problem and "did you mean 'gpu'?" in problem, problem
+
+    for partition in ("gpu", "debug", None):
+        (problem,) = check_rows([_with_resources(row, partition=partition)], partitions)
+        assert "resources.gpus_per_node" in problem and "has no GPUs" in problem, problem
+
+    for bad in ("gpu;rm -rf /", "gpu\nrm -rf /", "$(x)", "a b", "`id`"):
+        for key in ("partition", "account", "qos", "constraint", "exclude"):
+            problems = check_rows([_with_resources(cpu_row, **{key: bad})], partitions)
+            assert any(f"resources.{key}" in p for p in problems), (key, bad, problems)
+        problems = check_rows([_with_resources(cpu_row, sbatch_extra={"comment": bad})], partitions)
+        assert any("sbatch_extra.comment" in p for p in problems), (bad, problems)
+    for flag in ("dependency", "array", "output", "wrap", "kill-on-invalid-dep", "x;y"):
+        problems = check_rows([_with_resources(cpu_row, sbatch_extra={flag: "1"})], partitions)
+        assert any(f"sbatch_extra.{flag}" in p for p in problems), (flag, problems)
+
+
+def _assert_nothing_happened(workdir: Path, proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (workdir / "mlflow.db").exists(), "a refused launch created the MLflow store"
+    assert not list(workdir.glob("outputs/**/slurm")), "a refused launch wrote job folders"
+    assert jobs_submitted_from(workdir) == set(), "a refused launch queued jobs"
+
+
+def test_bad_slurm_fields_through_the_cli_queue_nothing(tmp_path: Path, tiny_data: Path) -> None:
+    """Every problem reported at once, exit status 2, no job, no MLflow store, no job folder."""
+    shutil.copytree(REPO / "grids", tmp_path / "grids")
+    proc = launch(
+        tmp_path,
+        "grids/table2b.yaml",
+        "resources.account='gpu;rm -rf /'",
+        "+resources.sbatch_extra.comment='$(x)'",
+        "--smoke",
+        "--partition",
+        "gpuu",
+    )
+    _assert_nothing_happened(tmp_path, proc)
+    assert "no partition 'gpuu' on this cluster (did you mean 'gpu'?)" in proc.stderr
+    assert "resources.account: 'gpu;rm -rf /' contains characters" in proc.stderr
+    assert "resources.sbatch_extra.comment: unsafe value '$(x)'" in proc.stderr
+
+    # unquoted, the override grammar refuses it already
+    proc = launch(tmp_path, "grids/table2b.yaml", "--smoke", "--partition", "gpu;rm -rf /")
+    _assert_nothing_happened(tmp_path, proc)
+
+    # from a grid file: a newline in a row, a GPU on a partition without GPUs in another
+    grid = write_grid(
+        tmp_path / "g",
+        "badfields",
+        [
+            {"id": "a", "label": "A-1", "resources": {"partition": "gpu\nrm -rf /"}},
+            {
+                "id": "b",
+                "label": "A-2",
+                "train": {"seed": 1},
+                "resources": {"gpus_per_node": 1, "partition": "debug"},
+            },
+        ],
+        tiny_data,
+        epochs=1,
+    )
+    proc = launch(tmp_path, str(grid))
+    _assert_nothing_happened(tmp_path, proc)
+    assert "resources.partition: 'gpu\\nrm -rf /' contains characters" in proc.stderr
+    assert "1 GPUs requested but partition 'debug' has no GPUs" in proc.stderr
+
+
+def test_submission_failing_half_way_leaves_nothing_queued(tmp_path: Path, tiny_data: Path) -> None:
+    """The first wave is queued, sbatch refuses the second: the first is cancelled again."""
+    grid = write_grid(
+        tmp_path,
+        "halfway",
+        [
+            {"id": "teacher", "label": "H-1"},
+            {
+                "id": "student",
+                "label": "H-2",
+                "init": {"row": "teacher"},
+                "resources": {"sbatch_extra": {"no-such-flag": "1"}},  # passes check_rows
+            },
+        ],
+        tiny_data,
+        epochs=500,
+    )
+    proc = launch(tmp_path, grid.name)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "unrecognized option '--no-such-flag=1'" in proc.stderr, proc.stderr
+    queued = wait_for_jobs_from(tmp_path)
+    assert len(queued) == 1, queued  # the teacher's job, before the student's sbatch failed
+    (record,) = wait_sacct_done(queued).values()
+    assert record["State"].startswith("CANCELLED"), record
+    runs = row_runs(tmp_path, "kd-test-halfway")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    for run_ in runs:
+        assert "submission failed" in run_.data.tags["kdgrid.failure_reason"]
+    assert {r["state"] for r in status_json(tmp_path, grid.name)} == {"cancelled"}
+
+
+# --------------------------------------------------------------------------------------------
+# 3-5, 9. The table2b smoke grid, submitted once
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    workdir: Path
+    result: subprocess.CompletedProcess[str]
+    seconds: float
+    queued_after: dict[str, tuple[str, str]]
+    status_after: dict[str, dict[str, Any]]
+    jobs: dict[str, str]  # label -> job id
+
+
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory: pytest.TempPathFactory) -> Submitted:
+    """`launch/grid.py grids/table2b.yaml --smoke --partition gpu`, once for the module."""
+    workdir = tmp_path_factory.mktemp("table2b")
+    shutil.copytree(REPO / "grids", workdir / "grids")
+    start = time.monotonic()
+    result = launch(workdir, "grids/table2b.yaml", "--smoke", "--partition", "gpu")
+    seconds = time.monotonic() - start
+    queued_after = queued_jobs(workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {e["label"]: e["job_id"] for e in submissions(workdir, "table2b-smoke")}
+    # SLURM gives a new job its pending reason at its first scheduling pass, seconds later:
+    # wait for it (the students wait on their teachers for far longer) before asking status.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(
+        queued_jobs(workdir).get(jobs[label], ("", ""))[1] == "None" for label in EDGES
+    ):
+        time.sleep(1)
+    status_after = by_label(status_json(workdir, "grids/table2b.yaml", "--smoke"))
+    return Submitted(workdir, result, seconds, queued_after, status_after, jobs)
+
+
+@pytest.fixture(scope="module")
+def finished_grid(smoke_grid: Submitted) -> dict[str, dict[str, Any]]:
+    """The smoke grid once every row has finished (status --json, polled)."""
+    return wait_for_rows(smoke_grid.workdir, "grids/table2b.yaml", "--smoke", timeout=900)
+
+
+def test_submission_returns_before_the_rows_run(smoke_grid: Submitted) -> None:
+    out = smoke_grid.result.stdout
+    assert smoke_grid.seconds < 60, f"launch took {smoke_grid.seconds:.0f}s"
+    assert "10 to run, 0 skipped" in out, out
+    assert set(smoke_grid.jobs) == {f"2b-{i}" for i in range(1, 11)}
+    for label, job_id in smoke_grid.jobs.items():  # row -> job id, printed
+        assert re.search(rf"\s{re.escape(label)}\s+job {re.escape(job_id)}\s", out), (label, out)
+    # right after the command returned: every row queued, none done, students waiting
+    queued = smoke_grid.queued_after
+    assert set(smoke_grid.jobs.values()) <= set(queued), (smoke_grid.jobs, queued)
+    for label in EDGES:
+        assert queued[smoke_grid.jobs[label]][0] == "PENDING", (label, queued)
+    status = smoke_grid.status_after
+    for label in EDGES:
+        assert status[label]["state"] == "pending", status[label]
+        assert status[label]["reason"] == "Dependency", status[label]
+        assert status[label]["nodes"] is None
+    assert not any(r["state"] == "finished" for r in status.values()), status
+
+
+def test_submission_record_in_output_folder_and_mlflow(smoke_grid: Submitted) -> None:
+    entries = submissions(smoke_grid.workdir, "table2b-smoke")
+    assert len(entries) == 10
+    runs = {r.info.run_id: r for r in row_runs(smoke_grid.workdir, SMOKE)}
+    for entry in entries:
+        assert entry["executor"] == "slurm"
+        run_ = runs[entry["run_id"]]
+        assert run_.data.tags["kdgrid.job_id"] == entry["job_id"]
+        assert run_.data.tags["kdgrid.key"] == entry["key"]
+        assert run_.data.tags["kdgrid.label"] == entry["label"]
+
+
+def test_rows_with_same_resources_and_dependencies_share_an_array(smoke_grid: Submitted) -> None:
+    jobs = smoke_grid.jobs
+    groups: dict[str, set[str]] = {}
+    for label, job_id in jobs.items():
+        groups.setdefault(job_id.split("_")[0], set()).add(label)
+    expected = [{"2b-1", "2b-2", "2b-3", "2b-4", "2b-8"}, {"2b-5", "2b-6"}, {"2b-7"}, {"2b-9"}]
+    expected.append({"2b-10"})
+    assert sorted(map(sorted, groups.values())) == sorted(map(sorted, expected)), groups
+    # each sbatch script waits on its dependencies' jobs (afterok) and dies with them
+    slurm_dir = smoke_grid.workdir / "outputs" / "table2b-smoke" / "slurm"
+    for label, teachers in EDGES.items():
+        array = jobs[label].split("_")[0]
+        script = (slurm_dir / array / f"{array}_submission.sh").read_text()
+        deps = ":".join(sorted(jobs[t] for t in teachers))
+        assert f"#SBATCH --dependency=afterok:{deps}\n" in script, (label, script)
+        assert "#SBATCH --kill-on-invalid-dep=yes\n" in script
+        assert "#SBATCH --partition=gpu\n" in script
+    first = jobs["2b-1"].split("_")[0]
+    assert "#SBATCH --array=0-4%5\n" in (slurm_dir / first / f"{first}_submission.sh").read_text()
+
+
+def test_every_row_finishes_with_metrics(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    assert {r["state"] for r in finished_grid.values()} == {"finished"}, finished_grid
+    runs = row_runs(smoke_grid.workdir, SMOKE)
+    assert len(runs) == 10
+    for run_ in runs:
+        assert run_.info.status == "FINISHED"
+        assert run_.data.tags["kdgrid.executor"] == "slurm"
+        assert run_.data.tags["kdgrid.world_size"] == "1"
+        for metric in ("train/loss", "train/ce", "val/acc1", "val/acc5", "val/loss", "epoch"):
+            assert metric in run_.data.metrics, metric
+        assert steps(smoke_grid.workdir, run_.info.run_id, "val/acc1") == [1, 2]
+        checkpoints = {
+            a.path
+            for a in mlflow_client(smoke_grid.workdir).list_artifacts(
+                run_.info.run_id, "checkpoints"
+            )
+        }
+        assert checkpoints == {"checkpoints/best.pt", "checkpoints/last.pt"}
+
+
+def test_no_student_starts_before_its_teacher_ended(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    records = wait_sacct_done(smoke_grid.jobs.values())
+    times = {
+        label: records[job_id] for label, job_id in smoke_grid.jobs.items()
+    }  # label -> sacct record
+    for label, record in times.items():
+        assert record["State"] == "COMPLETED", (label, record)
+    for student, teachers in EDGES.items():
+        for teacher in teachers:
+            started = parse_time(times[student]["Start"])
+            ended = parse_time(times[teacher]["End"])
+            assert started >= ended, f"{student} started {started} before {teacher} ended {ended}"
+
+
+def test_status_json_fields_for_the_finished_grid(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    rows = status_json(smoke_grid.workdir, "grids/table2b.yaml", "--smoke")
+    assert [r["label"] for r in rows] == [f"2b-{i}" for i in range(1, 11)]
+    for row in rows:
+        for field in ("id", "label", "state", "job_id", "nodes", "elapsed_s", "epoch", "acc1"):
+            assert field in row, field
+        assert row["state"] == "finished"
+        assert row["job_id"] == smoke_grid.jobs[row["label"]]
+        assert hostnames(row["nodes"]) <= NODES and row["nodes"], row
+        assert isinstance(row["elapsed_s"], int) and row["elapsed_s"] > 0, row
+        assert row["epoch"] == 2
+        assert isinstance(row["acc1"], float) and 0.0 <= row["acc1"] <= 100.0, row
+    text = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "status.py"), "grids/table2b.yaml", "--smoke"],
+        cwd=smoke_grid.workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert text.returncode == 0, text.stderr
+    assert ": 10 finished\n" in text.stdout, text.stdout + text.stderr
+    for label, job_id in smoke_grid.jobs.items():
+        assert re.search(rf"\s{re.escape(label)}\s+finished\s+{re.escape(job_id)}\s", text.stdout)
+
+
+def test_relaunch_when_done_submits_nothing(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    before = jobs_submitted_from(smoke_grid.workdir)
+    result = launch(smoke_grid.workdir, "grids/table2b.yaml", "--smoke", "--partition", "gpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 to run, 10 skipped" in result.stdout, result.stdout
+    assert "submitted" not in result.stdout
+    assert jobs_submitted_from(smoke_grid.workdir) == before
+    assert len(row_runs(smoke_grid.workdir, SMOKE)) == 10
+
+
+def test_failed_row_is_rerun_alone(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    workdir = smoke_grid.workdir
+    before = jobs_submitted_from(workdir)
+    failed = launch(
+        workdir,
+        "grids/table2b.yaml",
+        "--smoke",
+        "--rows",
+        "2b-4",
+        "--force",
+        env={"KDGRID_INJECT_NAN_AT_STEP": "1"},  # sbatch exports it to the job
+    )
+    assert failed.returncode == 0, failed.stdout + failed.stderr
+    assert "1 to run" in failed.stdout
+    (nan_job,) = jobs_submitted_from(workdir) - before
+    rows = wait_for_rows(workdir, "grids/table2b.yaml", "--smoke", labels=["2b-4"], expect="failed")
+    assert rows["2b-4"]["job_id"] == nan_job
+    assert "non-finite loss" in rows["2b-4"]["reason"], rows["2b-4"]
+    assert wait_sacct_done([nan_job])[nan_job]["State"] == "FAILED"
+
+    before = jobs_submitted_from(workdir)
+    rerun = launch(workdir, "grids/table2b.yaml", "--smoke", "--rerun-failed")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 to run" in rerun.stdout, rerun.stdout
+    assert re.search(r"run\s+deit_b_dist\s+2b-4\s", rerun.stdout), rerun.stdout
+    new = jobs_submitted_from(workdir) - before
+    assert len(new) == 1, new
+    rows = wait_for_rows(workdir, "grids/table2b.yaml", "--smoke", labels=["2b-4"])
+    assert rows["2b-4"]["job_id"] in new
+    assert {r["state"] for r in rows.values()} == {"finished"}
+    runs = row_runs(workdir, SMOKE)
+    assert len(runs) == 12  # the 10 rows, the NaN run, the rerun
+    assert sorted(r.info.status for r in runs if r.data.tags["kdgrid.label"] == "2b-4") == [
+        "FAILED",
+        "FINISHED",
+        "FINISHED",
+    ]
+
+
+def test_failed_teacher_cancels_its_waiting_student(
+    smoke_grid: Submitted, finished_grid: dict[str, dict[str, Any]]
+) -> None:
+    """--kill-on-invalid-dep: the student of a failed teacher is cancelled, not left pending."""
+    workdir = smoke_grid.workdir
+    before = jobs_submitted_from(workdir)
+    result = launch(
+        workdir,
+        "grids/table2b.yaml",
+        "--smoke",
+        "--rows",
+        "2b-8,2b-9",
+        "--force",
+        env={"KDGRID_INJECT_NAN_AT_STEP": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 to run" in result.stdout, result.stdout
+    entries = submissions(workdir, "table2b-smoke")[-2:]
+    jobs = {e["label"]: e["job_id"] for e in entries}
+    assert set(jobs) == {"2b-8", "2b-9"} and set(jobs.values()) == (
+        jobs_submitted_from(workdir) - before
+    )
+    rows = wait_for_rows(
+        workdir, "grids/table2b.yaml", "--smoke", labels=["2b-8", "2b-9"], expect=None
+    )
+    assert rows["2b-8"]["state"] == "failed", rows["2b-8"]
+    assert rows["2b-9"]["state"] == "skipped", rows["2b-9"]
+    assert "dependency failed" in rows["2b-9"]["reason"]
+    records = wait_sacct_done(jobs.values())
+    assert records[jobs["2b-8"]]["State"] == "FAILED"
+    student = records[jobs["2b-9"]]
+    assert student["State"] == "CANCELLED", student  # by SLURM: no "by <uid>"
+    assert student["Start"] == "None", f"the student ran: {student}"
+    assert jobs["2b-9"] not in queued_jobs(workdir)
+
+
+# --------------------------------------------------------------------------------------------
+# 4, 9. Relaunch while pending/running submits nothing; --cancel cancels and kills
+# --------------------------------------------------------------------------------------------
+
+
+def test_relaunch_while_queued_submits_nothing_and_cancel_kills(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    grid = write_grid(
+        tmp_path,
+        "queued",
+        [
+            {"id": "teacher", "label": "Q-1"},
+            {"id": "student", "label": "Q-2", "init": {"row": "teacher"}},
+        ],
+        tiny_data,
+        epochs=500,  # minutes: still running when cancelled
+    )
+    first = launch(tmp_path, grid.name)
+    assert first.returncode == 0, first.stdout + first.stderr
+    jobs = {e["label"]: e["job_id"] for e in submissions(tmp_path, "queued")}
+    assert set(jobs.values()) == jobs_submitted_from(tmp_path)
+
+    again = launch(tmp_path, grid.name)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 to run, 2 skipped" in again.stdout, again.stdout
+    assert f"already scheduled (job {jobs['Q-2']})" in again.stdout, again.stdout
+    assert set(jobs.values()) == jobs_submitted_from(tmp_path), "a relaunch queued jobs again"
+    assert len(row_runs(tmp_path, "kd-test-queued")) == 2
+
+    rows = by_label(status_json(tmp_path, grid.name))
+    assert rows["Q-1"]["state"] in ("pending", "running"), rows["Q-1"]
+    assert rows["Q-2"]["state"] == "pending" and rows["Q-2"]["reason"] == "Dependency", rows
+
+    cancel = launch(tmp_path, grid.name, "--cancel")
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert "cancelled 2 row(s): teacher, student" in cancel.stdout, cancel.stdout
+    records = wait_sacct_done(jobs.values())
+    for label, job_id in jobs.items():
+        assert records[job_id]["State"].startswith("CANCELLED"), (label, records[job_id])
+    assert {r.info.status for r in row_runs(tmp_path, "kd-test-queued")} == {"KILLED"}
+    rows = by_label(status_json(tmp_path, grid.name))
+    assert {r["state"] for r in rows.values()} == {"cancelled"}, rows
+    assert not queued_jobs(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# 6-7. Requeue (scontrol requeue) and a time limit: resume into the same run, epochs once each
+# --------------------------------------------------------------------------------------------
+
+REQUEUE_EPOCHS = 40  # well under a second each on a quiet box: still running when requeued
+# The time-limited row trains for about this long at the pace measured on the requeue row. The
+# first USR2 of a 1-minute limit comes at most 45 s after the start (15 s ahead of the limit,
+# plus up to 30 s of slurmctld's timer), so the row is signalled even if the box becomes 1.5
+# times faster; each later run trains 10-35 s (after a 6-20 s start), so 20 runs (submitit's
+# max_num_timeout) cover it even if the box becomes 3 times slower.
+TIME_LIMIT_TRAIN_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    workdir: Path
+    requeue_job: str
+    requeued_at_epoch: int  # the last epoch R-1 had logged when `scontrol requeue` ran
+    time_limit_job: str
+    time_limit_epochs: int
+    seconds_per_epoch: float
+
+
+def _only_run(workdir: Path, experiment: str) -> Any:
+    (run_,) = row_runs(workdir, experiment)
+    return run_
+
+
+def _seconds_per_epoch(workdir: Path, run_id: str, epochs: int, timeout: float = 300) -> float:
+    """Median time between consecutive epochs 2..`epochs` of a running row (MLflow's
+    timestamps; the first epoch carries the start-up)."""
+    client = mlflow_client(workdir)
+    deadline = time.monotonic() + timeout
+    while True:
+        history = sorted(client.get_metric_history(run_id, "epoch"), key=lambda m: m.step)
+        if len(history) >= epochs:
+            stamps = [m.timestamp for m in history[1:epochs]]
+            gaps = sorted(b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True))
+            return gaps[len(gaps) // 2] / 1000
+        assert time.monotonic() < deadline, f"{len(history)} epochs after {timeout:.0f}s"
+        assert client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING")
+        release_held(workdir)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def resume(tmp_path_factory: pytest.TempPathFactory, epoch_data: Path) -> Resume:
+    """A row to requeue by hand, then, sized on its pace, a row with a 1-minute time limit."""
+    workdir = tmp_path_factory.mktemp("resume")
+    write_grid(
+        workdir, "requeue", [{"id": "requeued", "label": "R-1"}], epoch_data, epochs=REQUEUE_EPOCHS
+    )
+    result = launch(workdir, "requeue.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (requeue_job,) = (e["job_id"] for e in submissions(workdir, "requeue"))
+    run_id = _only_run(workdir, "kd-test-requeue").info.run_id
+    pace = _seconds_per_epoch(workdir, run_id, 6)
+    # the requeue under test (test_requeued_job_resumes_into_the_same_run checks the outcome)
+    requeued_at = int(mlflow_client(workdir).get_run(run_id).data.metrics["epoch"])
+    requeue = run("scontrol", "requeue", requeue_job)
+    assert requeue.returncode == 0, requeue.stderr
+    epochs = min(max(round(TIME_LIMIT_TRAIN_S / pace), 20), 2000)
+    write_grid(
+        workdir,
+        "timelimit",
+        [{"id": "time_limited", "label": "T-1"}],
+        epoch_data,
+        epochs=epochs,
+        resources={"time_min": 1},
+    )
+    result = launch(workdir, "timelimit.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (time_limit_job,) = (e["job_id"] for e in submissions(workdir, "timelimit"))
+    return Resume(workdir, requeue_job, requeued_at, time_limit_job, epochs, pace)
+
+
+def _assert_each_epoch_once(workdir: Path, run_id: str, epochs: int) -> None:
+    client = mlflow_client(workdir)
+    for metric in ("val/acc1", "train/loss", "epoch"):
+        logged = sorted(m.step for m in client.get_metric_history(run_id, metric))
+        assert logged == list(range(1, epochs + 1)), (metric, logged)
+
+
+def test_requeued_job_resumes_into_the_same_run(resume: Resume) -> None:
+    """`scontrol requeue` once the row logged epoch 6 or later (in the `resume` fixture): the
+    job is killed and starts again, resuming after the last epoch saved, into the same run."""
+    workdir, job_id, epoch = resume.workdir, resume.requeue_job, resume.requeued_at_epoch
+    run_id = _only_run(workdir, "kd-test-requeue").info.run_id
+    assert 6 <= epoch < REQUEUE_EPOCHS - 10, f"requeued at epoch {epoch}"
+    rows = wait_for_rows(workdir, "requeue.yaml")
+    assert rows["R-1"]["epoch"] == REQUEUE_EPOCHS
+    run_ = _only_run(workdir, "kd-test-requeue")
+    assert run_.info.run_id == run_id and run_.info.status == "FINISHED"
+    _assert_each_epoch_once(workdir, run_id, REQUEUE_EPOCHS)
+    log = "\n".join(p.read_text() for p in job_logs(workdir, job_id))
+    assert "DUE TO JOB REQUEUE" in log, log[-3000:]
+    resumed = [int(k) for k in re.findall(rf"resuming after epoch (\d+)/{REQUEUE_EPOCHS}", log)]
+    assert len(resumed) == 1 and epoch <= resumed[0] < REQUEUE_EPOCHS, (epoch, resumed)
+    records = wait_sacct_done([job_id])
+    assert records[job_id]["State"] == "COMPLETED"
+    assert len(sacct([job_id], duplicates=True)) == 2, "sacct shows no second run of the job"
+
+
+def test_time_limit_checkpoints_requeues_and_finishes(resume: Resume) -> None:
+    """time_min=1: submitit's USR2 (15 s ahead, give or take slurmctld's 30 s timer) calls
+    RowJob.checkpoint and requeues; each run resumes from the last epoch saved."""
+    workdir, job_id, epochs = resume.workdir, resume.time_limit_job, resume.time_limit_epochs
+    script = workdir / "outputs" / "timelimit" / "slurm" / job_id / f"{job_id}_submission.sh"
+    assert "#SBATCH --time=1\n" in script.read_text()
+    assert "#SBATCH --signal=USR2@15\n" in script.read_text()
+    rows = wait_for_rows(workdir, "timelimit.yaml", timeout=900)
+    assert rows["T-1"]["epoch"] == epochs
+    run_ = _only_run(workdir, "kd-test-timelimit")
+    assert run_.info.status == "FINISHED"
+    _assert_each_epoch_once(workdir, run_.info.run_id, epochs)
+    log = "\n".join(p.read_text() for p in job_logs(workdir, job_id))
+    context = f"{epochs} epochs at {resume.seconds_per_epoch:.2f} s:\n{log[-3000:]}"
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log, context
+    assert "Calling checkpoint method." in log
+    assert "DUE TO TIME LIMIT" not in log, "SLURM killed the job before submitit requeued it"
+    resumed = [int(k) for k in re.findall(rf"resuming after epoch (\d+)/{epochs}", log)]
+    assert resumed and resumed == sorted(resumed), resumed
+    records = wait_sacct_done([job_id])
+    assert records[job_id]["State"] == "COMPLETED"
+    runs = sacct([job_id], duplicates=True)
+    assert len(runs) >= 2 and {r["State"] for r in runs[:-1]} == {"REQUEUED"}, runs
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Two nodes
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_node_row_trains_once_across_n1_and_n2(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "grids", tmp_path / "grids")
+    args = ("grids/table2b.yaml", "resources.nodes=2", "--smoke")
+    result = launch(tmp_path, *args, "--rows", "2b-2", "--partition", "gpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (entry,) = submissions(tmp_path, "table2b-smoke")
+    job_id = entry["job_id"]
+    rows = wait_for_rows(tmp_path, *args, labels=["2b-2"])
+    assert hostnames(rows["2b-2"]["nodes"]) == NODES, rows["2b-2"]
+    records = wait_sacct_done([job_id])
+    assert records[job_id]["State"] == "COMPLETED"
+    assert hostnames(records[job_id]["NodeList"]) == NODES
+
+    (run_,) = row_runs(tmp_path, SMOKE)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.tags["kdgrid.world_size"] == "2"
+    client = mlflow_client(tmp_path)
+    for metric in ("val/acc1", "train/loss", "epoch"):  # once per epoch, not once per process
+        assert [m.step for m in client.get_metric_history(run_.info.run_id, metric)] in (
+            [1, 2],
+            [2, 1],
+        ), metric
+    checkpoints = [a.path for a in client.list_artifacts(run_.info.run_id, "checkpoints")]
+    assert sorted(checkpoints) == ["checkpoints/best.pt", "checkpoints/last.pt"]
+
+    logs = job_logs(tmp_path, job_id)
+    assert [p.name for p in logs] == [f"{job_id}_0_log.out", f"{job_id}_1_log.out"]
+    rank0, rank1 = (p.read_text() for p in logs)
+    assert "global_rank=0(2)" in rank0 and "global_rank=1(2)" in rank1
+    assert rank0.count("[deit_b_deit] epoch ") == 2, rank0
+    assert "[deit_b_deit] epoch " not in rank1, "the second process logged epochs too"
+    row_dir = tmp_path / "outputs" / "table2b-smoke" / "deit_b_deit"
+    assert sorted(p.name for p in row_dir.iterdir() if p.name.endswith(".pt")) == [
+        "best.pt",
+        "last.pt",
+        "state.pt",
+    ]
+    assert not list(row_dir.glob(".*tmp*")), list(row_dir.iterdir())
+    import torch
+
+    state = torch.load(row_dir / "state.pt", map_location="cpu", weights_only=False)
+    assert [h["epoch"] for h in state["history"]] == [0, 1]
