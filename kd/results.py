@@ -45,6 +45,12 @@ class TableRow:
         return self.acc1 - self.paper_acc1
 
 
+def cluster_columns(grid: Grid) -> list[str]:
+    """NMI and ARI columns for every dataset a row of the grid clusters (vit2cnn's table)."""
+    names = dict.fromkeys(name for row in grid.rows for name in row.config.evaluate.cluster)
+    return [f"cluster/{name}/{metric}" for name in names for metric in ("nmi", "ari")]
+
+
 def _describe(row: Row) -> tuple[str, str, str]:
     cfg = row.config
     model = cfg.paper.model or cfg.student.model

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd.tracking import latest_grid_runs, log_grid_artifacts, resolve_tracking_uri, store_exists
 
     uri = resolve_tracking_uri(args.tracking_uri, grid.tracking_uri)
-    extra = [m for m in args.metrics.split(",") if m]
+    extra = [m for m in args.metrics.split(",") if m] or results.cluster_columns(grid)
     table = results.build_table(grid, latest_grid_runs(uri, grid.experiment, grid.name), extra)
     text = {
         "md": lambda: results.to_markdown(table, extra),
