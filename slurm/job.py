@@ -33,6 +33,20 @@ def read_row_file(path: str | Path) -> Row:
     return Row.from_dict(json.loads(Path(path).read_text()))
 
 
+def _threads_from_allocation() -> None:
+    """As many CPU threads as the task was given (--cpus-per-task), unless OMP_NUM_THREADS says.
+
+    torch otherwise starts one per core of the node, whatever the allocation: tasks sharing a
+    node oversubscribe it, and OpenMP threads spinning against each other slowed a 1-CPU row
+    5-10x on a busy 2-core node. (The local executor shares threads out the same way.)"""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0 and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = cpus  # for processes the row starts (loader workers)
+        torch.set_num_threads(int(cpus))
+
+
 class RowJob:
     """The callable submitit runs on the node(s): one row, resumable, requeued on preemption.
 
@@ -49,6 +63,7 @@ class RowJob:
         from kd.train import run
 
         env = submitit.JobEnvironment()
+        _threads_from_allocation()
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         row = read_row_file(row_file)
