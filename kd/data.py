@@ -39,6 +39,30 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_SIDE = 32
 
 
+
+def _posterize_at_least_one_bit(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's posterize, with the bit count clamped to Pillow's 1..8.
+
+    timm 1.0.31's RandAugment with magnitude noise (`mstd`) can ask for 0 bits, which Pillow 13
+    refuses ("bits must be between or equal to 1 and 8"): about 1 image in 700 would crash a real
+    training run. 0 bits would mean a black image anyway; 1 bit is the strongest valid setting.
+    """
+    return _timm_posterize(img, max(1, int(bits_to_keep)), **kwargs)
+
+
+def _patch_timm_posterize() -> None:
+    import timm.data.auto_augment as auto_augment
+
+    global _timm_posterize
+    _timm_posterize = auto_augment.posterize
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_at_least_one_bit
+
+
+_timm_posterize: Callable[..., Any]
+_patch_timm_posterize()
+
 class DatasetError(ValueError):
     """A dataset root, index file or image that cannot be used as it is."""
 

@@ -230,3 +230,15 @@ def test_generate_dataset_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(DatasetError, match="not empty"):
         generate_dataset("cub", tmp_path)
     assert (tmp_path / "mine.txt").exists()
+
+
+def test_randaugment_posterize_never_asks_pillow_for_zero_bits():
+    """timm's posterize at 0 bits (magnitude noise can reach it) must not crash training."""
+    import timm.data.auto_augment as auto_augment
+    from PIL import Image
+
+    import kd.data  # noqa: F401  (patches timm's op table on import)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        out = auto_augment.NAME_TO_OP[name](Image.new("RGB", (8, 8), (200, 100, 50)), 0)
+        assert out.size == (8, 8)
