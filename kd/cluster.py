@@ -192,15 +192,9 @@ def embed_test_split(
     cfg = row.config
     spec = D.DatasetSpec(dataset, root)
     normal = data_config(model)
-    transform = D.build_transforms(
-        train=False,
-        img_size=cfg.data.img_size,
-        mean=normal["mean"],
-        std=normal["std"],
-        crop_pct=cfg.train.eval_crop_pct,
-        crop_mode=cfg.train.eval_crop_mode,
-        interpolation=normal.get("interpolation", "bicubic"),
-    )
+    from kd.train import eval_transform
+
+    transform = eval_transform(cfg, normal)
     split = D.load_split(spec, "test", transform=transform)
     chosen = subset(len(split), cfg.evaluate.max_samples, cfg.train.seed)
     loader = D.build_loader(

@@ -340,6 +340,22 @@ def build(row: Row, accelerator: Any) -> Built:
     )
 
 
+def eval_transform(cfg: C.RowConfig, normal: dict[str, Any]) -> Any:
+    """The row's evaluation transform for a model with normalisation `normal` (kd.models.data_config):
+    resize and centre crop (or squash) as the recipe says. Used for test sets and clustering."""
+    from kd import data as D
+
+    return D.build_transforms(
+        train=False,
+        img_size=cfg.data.img_size,
+        mean=normal["mean"],
+        std=normal["std"],
+        crop_pct=cfg.train.eval_crop_pct,
+        crop_mode=cfg.train.eval_crop_mode,
+        interpolation=normal.get("interpolation", "bicubic"),
+    )
+
+
 def build_loaders(
     row: Row, spec: Any, student_data: dict[str, Any]
 ) -> tuple[DataLoader, DataLoader]:
@@ -357,15 +373,7 @@ def build_loaders(
         re_prob=cfg.train.re_prob,
         interpolation=student_data.get("interpolation", "bicubic"),
     )
-    eval_tf = D.build_transforms(
-        train=False,
-        img_size=cfg.data.img_size,
-        mean=student_data["mean"],
-        std=student_data["std"],
-        crop_pct=cfg.train.eval_crop_pct,
-        crop_mode=cfg.train.eval_crop_mode,
-        interpolation=student_data.get("interpolation", "bicubic"),
-    )
+    eval_tf = eval_transform(cfg, student_data)
     skip = cfg.data.skip_corrupt
     train_ds = D.load_split(spec, "train", transform=train_tf, skip_corrupt=skip)
     test_ds = D.load_split(spec, "test", transform=eval_tf, skip_corrupt=skip)
