@@ -280,7 +280,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str], file: str) -> list[Any]:
-    """Parse CLI overrides with Hydra's own grammar (`a.b=1`, `+a=1`, `~a`, `a=1,2`)."""
+    """Parse CLI overrides with Hydra's own grammar (`a.b=1`, `+a=1`, `++a=1`, `~a`, `a=1,2`)."""
     if not overrides:
         return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -294,8 +294,9 @@ def parse_overrides(overrides: Sequence[str], file: str) -> list[Any]:
         except HydraException as exc:
             first = str(exc).splitlines()[0]
             problems.append(
-                f"{file}: override '{text}': {first}; write key=value, +key=value (add), ~key "
-                "(remove) or key=a,b (a sweep), quoting values with spaces or brackets"
+                f"{file}: override '{text}': {first}; write key=value, +key=value (add), "
+                "++key=value (add or set), ~key (remove) or key=a,b (a sweep), quoting values "
+                "with spaces or brackets"
             )
             continue
         if not override.key_or_group:  # Hydra's grammar lets `=3` through with an empty key
@@ -357,7 +358,9 @@ def _has_dotted(tree: Mapping[str, Any], dotted: str) -> bool:
 def _apply_override(
     tree: dict[str, Any], ov: Any, value: Any, known: set[str], where: str, problems: list[str]
 ) -> None:
-    """Apply one parsed Hydra override to a plain dict, Hydra's rules for `+`, `~` and `=`."""
+    """Apply one parsed Hydra override to a plain dict, with Hydra's rules: `key=v` sets a key
+    that exists, `+key=v` adds one that does not, `++key=v` sets one either way, `~key`
+    removes one. A key of the schema (`known`) exists in every row, with its default."""
     key = ov.key_or_group
     if ov.is_delete():
         if not _del_dotted(tree, key) and key not in known:
@@ -365,10 +368,22 @@ def _apply_override(
                 f"{where}: override '{ov.input_line}': there is no key '{key}' to delete"
             )
         return
-    if ov.is_add() or ov.is_force_add():
+    exists = _has_dotted(tree, key) or key in known
+    if ov.is_force_add():
         _set_dotted(tree, key, value)
         return
-    if not (_has_dotted(tree, key) or key in known):
+    if ov.is_add():
+        if exists:
+            how = "" if _has_dotted(tree, key) else " (kd/config.py gives every row a default)"
+            problems.append(
+                f"{where}: override '{ov.input_line}': key '{key}' already exists{how}, and '+' "
+                f"only adds a new key; write '{key}=...' to change it (or '++{key}=...' to set "
+                "it whether or not it exists)"
+            )
+            return
+        _set_dotted(tree, key, value)
+        return
+    if not exists:
         hint = C.closest(key, known)
         problems.append(
             f"{where}: override '{ov.input_line}' names no existing key '{key}'{hint}; "

@@ -156,6 +156,7 @@ CASES = [
     Case("teacher-file-other-architecture", replace=D("teacher: {row: teacher}", "teacher: {model: resnet34, file: {deit}}"), row="student", key="teacher.file", fragments=("does not fit model 'resnet34'", "unexpected keys")),
     # ---- command lines
     Case("override-naming-no-key", args=("train.epoch=3",), row="teacher", key="train.epoch", fragments=("did you mean 'train.epochs'?", "+train.epoch=")),
+    Case("override-plus-on-existing-key", args=("+train.epochs=3",), row="teacher", key="train.epochs", fragments=("override '+train.epochs=3'", "already exists", "write 'train.epochs=...'", "'++train.epochs=...'")),
     Case("override-malformed", args=("train.epochs=[1,2",), key="override 'train.epochs=[1,2'", fragments=("no viable alternative", "write key=value")),
     Case("override-without-key", args=("=3",), key="override '=3'", fragments=("no key before '='", "write key=value")),
     Case("override-wrong-type", args=("train.epochs=abc",), row="teacher", key="train.epochs", fragments=("must be int, got 'abc'",)),

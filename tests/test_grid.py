@@ -269,6 +269,38 @@ def test_plus_adds_a_key(tmp_path):
     assert "use '+resources.sbatch_extra.gres=...'" in problem
 
 
+def test_plus_refuses_a_key_that_exists(tmp_path):
+    # Hydra's rule: `+key` appends a new key; changing one that exists needs `key=` or `++key=`.
+    problems = problems_of(write(tmp_path, MINI), ["+train.epochs=2"], check_data=False)
+    assert len(problems) == 3  # one per row
+    problem = find(problems, "row 'student' (S)")
+    assert str(tmp_path / "grid.yaml") in problem
+    assert "override '+train.epochs=2': key 'train.epochs' already exists" in problem
+    assert "write 'train.epochs=...' to change it (or '++train.epochs=...'" in problem
+    # A schema key exists in every row even where the YAML does not write it.
+    problem = find(problems_of(write(tmp_path, MINI), ["+train.clip_grad=1"]), "row 'ft'")
+    assert (
+        "key 'train.clip_grad' already exists (kd/config.py gives every row a default)" in problem
+    )
+    # Only the rows that hold a free-form key refuse to add it again.
+    problems = problems_of(write(tmp_path, MINI), ["+kd.ikd=0.1"], check_data=False)
+    problem = find(problems, "override '+kd.ikd=0.1'")
+    assert "row 'student' (S): override '+kd.ikd=0.1': key 'kd.ikd' already exists," in problem
+    # Grid-level keys too.
+    problem = find(problems_of(write(tmp_path, MINI), ["+name=other"], check_data=False), "name")
+    assert problem.startswith(f"{tmp_path / 'grid.yaml'}: override '+name=other': key 'name'")
+
+
+def test_plus_plus_sets_a_key_whether_or_not_it_exists(tmp_path):
+    grid = mini(tmp_path, ["++train.epochs=2", "++resources.sbatch_extra.gres=gpu:1"])
+    assert {row.config.train.epochs for row in grid.rows} == {2}
+    assert {row.config.resources.sbatch_extra["gres"] for row in grid.rows} == {"gpu:1"}
+    grid = mini(tmp_path, ["++kd.ce=0.25", "++train.clip_grad=1.0", "++name=other"])
+    assert grid.row("student").config.kd == {"ce": 0.25, "ikd": 0.5}
+    assert {row.config.train.clip_grad for row in grid.rows} == {1.0}
+    assert grid.name == "other"
+
+
 def test_plus_of_an_unknown_key_fails_validation(tmp_path):
     problems = problems_of(write(tmp_path, MINI), ["+train.bogus=1"], check_data=False)
     assert len(problems) == 3  # one per row
