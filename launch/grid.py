@@ -5,7 +5,8 @@
     python launch/grid.py grids/table2b.yaml --rows 2b-7 --rerun-failed
 
 Overrides after the grid path use Hydra's grammar: `train.epochs=2` (every row), `+key=value`
-(add), `~key` (remove), `train.lr=1e-4,5e-4` (a sweep: one more axis of the grid).
+(add a new key), `++key=value` (add or set), `~key` (remove), `train.lr=1e-4,5e-4` (a sweep:
+one more axis of the grid).
 Exit status: 0 all done (or nothing to do), 1 a row failed, 2 bad input (nothing was run).
 """
 
@@ -30,7 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("grid", help="the grid YAML file")
     parser.add_argument(
-        "overrides", nargs="*", help="Hydra-style overrides: key=value, +key=value, ~key, key=a,b"
+        "overrides",
+        nargs="*",
+        help="Hydra-style overrides: key=value, +key=value, ++key=value, ~key, key=a,b",
     )
     parser.add_argument(
         "--executor",
