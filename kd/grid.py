@@ -166,26 +166,64 @@ class Grid:
     rows: tuple[Row, ...]
     tracking_uri: str | None = None
     smoke: bool = False
+    # A sweep override's rows: row id -> (id, label) of the grid row it is a variant of.
+    sweep_of: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     def row(self, row_id: str) -> Row:
         return next(r for r in self.rows if r.id == row_id)
 
     def select(self, names: Iterable[str]) -> list[Row]:
         """Rows by id, label or 1-based position (`--rows 7`), in grid order; unknown names are
-        a GridError. An id wins over an equal label, a label over an equal position."""
+        a GridError that lists the valid ones. An id wins over an equal label, a label over an
+        equal position. After a sweep override (`train.lr=1e-4,5e-4`), the id or label of the
+        grid's row (`2b-7`) names all its variants, and a variant's own id or label
+        (`2b-7 [train.lr=0.0001]`) names that one."""
         wanted = [n.strip() for n in names if n.strip()]
-        by_name = {str(i): r for i, r in enumerate(self.rows, 1)}
-        by_name |= {r.label: r for r in self.rows} | {r.id: r for r in self.rows}
+        by_name: dict[str, list[Row]] = {str(i): [r] for i, r in enumerate(self.rows, 1)}
+        for row in self.rows:
+            for name in self.sweep_of.get(row.id, ()):
+                by_name.setdefault(name, []).append(row)
+        by_name |= {r.label: [r] for r in self.rows} | {r.id: [r] for r in self.rows}
         missing = [n for n in wanted if n not in by_name]
         if missing:
             raise GridError(
                 [
-                    f"{self.file}: --rows: no row with id or label '{n}'{C.closest(n, by_name)}"
+                    f"{self.file}: --rows: no row with id or label '{n}'{C.closest(n, by_name)}; "
+                    f"the grid's rows are {self._names()}"
                     for n in missing
                 ]
             )
-        chosen = {by_name[n].id for n in wanted}
+        chosen = {r.id for n in wanted for r in by_name[n]}
         return [r for r in self.rows if r.id in chosen]
+
+    def select_one(self, name: str, flag: str = "--row") -> Row:
+        """The one row `name` names (`select`'s rules); a name that selects several sweep
+        variants is a GridError that lists them."""
+        try:
+            rows = self.select([name])
+        except GridError as exc:
+            problems = [p.replace(": --rows: ", f": {flag}: ", 1) for p in exc.problems]
+            raise GridError(problems) from None
+        if len(rows) != 1:
+            raise GridError(
+                [
+                    f"{self.file}: {flag}: '{name}' names {len(rows)} sweep variants; give one's "
+                    f"id or label: {', '.join(f'{r.id} ({r.label})' for r in rows)}"
+                ]
+            )
+        return rows[0]
+
+    def _names(self) -> str:
+        """'id (label), ...' of the grid's rows, a sweep's variants once under their row."""
+        rows = dict.fromkeys(self.sweep_of.get(r.id, (r.id, r.label)) for r in self.rows)
+        text = ", ".join(f"{row_id} ({label})" for row_id, label in rows)
+        example = next((r for r in self.rows if r.id in self.sweep_of), None)
+        if example is not None:
+            text += (
+                f"; each names all its sweep variants, a variant's own id or label just that "
+                f"one (e.g. '{example.id}' or '{example.label}')"
+            )
+        return text
 
     def dependents(self, ids: Iterable[str]) -> set[str]:
         """`ids` and every row that (transitively) depends on one of them."""
@@ -198,6 +236,12 @@ class Grid:
                     closed.add(row.id)
                     changed = True
         return closed
+
+
+def split_row_names(text: str) -> list[str]:
+    """`--rows a,b` -> ['a', 'b']; a comma inside a sweep variant's label (`2b-7 [train.lr=0.001,
+    train.epochs=2]`) does not split it."""
+    return [name.strip() for name in re.split(r",(?![^\[]*\])", text) if name.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +589,7 @@ def load_grid(
             value = None if ov.is_delete() else ov.value()
             _apply_override(base_raw, ov, value, set(), file, problems)
     raw_rows: list[dict[str, Any]] = []
+    sweep_of: dict[str, tuple[str, str]] = {}  # a sweep variant's id -> its row's id and label
     unresolved: set[str] = set()  # ids of rows whose interpolation failed
     grid_raw = base_raw
     for point in _sweep_points(parsed):
@@ -561,7 +606,9 @@ def load_grid(
                     unresolved.add(f"{row['id']}-{suffix}" if suffix else str(row["id"]))
                 continue
             if suffix:
+                base = (str(merged.get("id", "")), str(merged.get("label", "")))
                 _suffix_ids(merged, suffix, point)
+                sweep_of[str(merged["id"])] = base
             raw_rows.append(merged)
 
     name = str(grid_raw.get("name") or path.stem)
@@ -609,6 +656,7 @@ def load_grid(
         rows=tuple(rows),
         tracking_uri=grid_raw.get("tracking_uri"),
         smoke=smoke,
+        sweep_of=sweep_of,
     )
 
 
@@ -1036,4 +1084,5 @@ __all__ = [
     "dependency_checkpoint",
     "load_grid",
     "row_dependencies",
+    "split_row_names",
 ]

@@ -34,7 +34,7 @@ def _row(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
-    (row,) = grid.select([args.row])
+    row = grid.select_one(args.row)
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 
@@ -113,7 +113,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from slurm.bench import format_local, local_benchmark
 
     grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
-    (row,) = grid.select([args.row])
+    row = grid.select_one(args.row)
     result = local_benchmark(
         grid, row, repeats=args.repeats, tracking_uri=args.tracking_uri, log=_log(args)
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.grid import Grid, GridError, load_grid  # noqa: E402
+from kd.grid import Grid, GridError, load_grid, split_row_names  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--account", help="SLURM account")
     parser.add_argument("--qos", help="SLURM QOS")
     parser.add_argument("--time", type=int, dest="time_min", help="SLURM time limit in minutes")
-    parser.add_argument("--rows", help="comma-separated row ids or labels (default: all)")
+    parser.add_argument(
+        "--rows",
+        type=split_row_names,
+        help="comma-separated row ids or labels (default: all); after a sweep override, a row's "
+        "id or label selects all its variants",
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the rows; run and record nothing"
     )
@@ -147,7 +152,7 @@ def check_launch(grid: Grid, args: argparse.Namespace, executor: str) -> str | N
     from kd.tracking import resolve_tracking_uri, store_exists
     from slurm.launcher import absolute_uri
 
-    names = args.rows.split(",") if args.rows else None
+    names = args.rows or None
     try:
         uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
         if not store_exists(uri):
@@ -180,19 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(args.grid, [*args.overrides, *placement_overrides(args)], smoke=args.smoke)
         if args.rows:
-            grid.select(args.rows.split(","))  # report unknown names before anything else
+            grid.select(args.rows)  # report unknown names before anything else
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2
     if args.dry_run:
-        print_rows(grid, args.rows.split(",") if args.rows else None, args.json)
+        print_rows(grid, args.rows or None, args.json)
         return 0
     if args.cancel:
         from kd.tracking import resolve_tracking_uri
         from slurm.launcher import absolute_uri
         from slurm.status import cancel_rows
 
-        rows = grid.select(args.rows.split(",")) if args.rows else list(grid.rows)
+        rows = grid.select(args.rows) if args.rows else list(grid.rows)
         uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
         cancelled = cancel_rows(grid, rows, uri)
         print(
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     options = LaunchOptions(
         executor=executor,
         array_parallelism=args.array_parallelism,
-        rows=args.rows.split(",") if args.rows else None,
+        rows=args.rows or None,
         rerun_failed=args.rerun_failed,
         force=args.force,
         max_parallel=args.max_parallel,

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
-        (row,) = grid.select([args.row])
+        row = grid.select_one(args.row)
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2

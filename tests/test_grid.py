@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kd.grid import Grid, GridError, load_grid
+from kd.grid import Grid, GridError, load_grid, split_row_names
+from kd.plan import plan_launch
 
 REPO = Path(__file__).resolve().parent.parent
 GRIDS = REPO / "grids"
@@ -639,6 +640,68 @@ def test_select_by_id_label_or_position():
         grid.select(["2b-77", "convnext_bb"])
     assert len(info.value.problems) == 2
     assert "did you mean 'convnext_b'?" in info.value.problems[1]
+    assert "the grid's rows are convnext_b (2b-1), deit_b_deit (2b-2)," in info.value.problems[1]
+
+
+def test_select_a_row_of_a_sweep_selects_each_variant():
+    grid = load_grid(GRIDS / "table2b.yaml", ["train.lr=1e-3,1e-4"], check_data=False)
+    variants = ["deit_b_dist_hard_ft-lr0.001", "deit_b_dist_hard_ft-lr0.0001"]
+    assert [r.label for r in grid.select(["2b-7"])] == [
+        "2b-7 [train.lr=0.001]",
+        "2b-7 [train.lr=0.0001]",
+    ]
+    assert [r.id for r in grid.select(["deit_b_dist_hard_ft"])] == variants
+    # A variant's own label or id selects just that one.
+    assert [r.id for r in grid.select(["2b-7 [train.lr=0.0001]"])] == variants[1:]
+    assert [r.id for r in grid.select(["deit_b_dist_hard_ft-lr0.001", "bit"])] == [
+        variants[0],
+        "bit-lr0.001",
+        "bit-lr0.0001",
+    ]
+    assert [r.id for r in grid.select(["7"])] == variants[:1]  # a position is still one row
+    with pytest.raises(GridError) as info:
+        grid.select(["2b-77"])
+    (problem,) = info.value.problems
+    assert "--rows: no row with id or label '2b-77' (did you mean '2b-7'?)" in problem
+    # Each row is listed once, with how to name one variant.
+    assert "deit_b_dist_hard_ft (2b-7), bit (2b-8)," in problem
+    assert "'convnext_b-lr0.001' or '2b-1 [train.lr=0.001]'" in problem
+    # The plan selects the same rows.
+    decisions = plan_launch(grid, {}, rows=["2b-1", "2b-4", "2b-6"])
+    assert {d.row.id for d in decisions if d.action == "run"} == {
+        f"{row}-lr{lr}" for row in ("convnext_b", "deit_b_dist", "deit_b_dist_hard")
+        for lr in ("0.001", "0.0001")
+    }  # fmt: skip
+
+
+def test_select_one_refuses_a_name_of_several_variants():
+    grid = load_grid(GRIDS / "table2b.yaml", ["train.lr=1e-3,1e-4"], check_data=False)
+    assert grid.select_one("2b-7 [train.lr=0.001]").id == "deit_b_dist_hard_ft-lr0.001"
+    with pytest.raises(GridError) as info:
+        grid.select_one("2b-7")
+    assert info.value.problems == [
+        f"{grid.file}: --row: '2b-7' names 2 sweep variants; give one's id or label: "
+        "deit_b_dist_hard_ft-lr0.001 (2b-7 [train.lr=0.001]), "
+        "deit_b_dist_hard_ft-lr0.0001 (2b-7 [train.lr=0.0001])"
+    ]
+    with pytest.raises(GridError, match="--row: no row with id or label 'nope'"):
+        grid.select_one("nope")
+
+
+def test_split_row_names_keeps_a_variant_label_whole():
+    assert split_row_names("2b-1, bit,,") == ["2b-1", "bit"]
+    two_axes = "2b-7 [train.lr=0.001, train.epochs=2]"
+    assert split_row_names(f"{two_axes},2b-1") == [two_axes, "2b-1"]
+    grid = load_grid(
+        GRIDS / "table2b.yaml", ["train.lr=1e-3,1e-4", "train.epochs=2,3"], check_data=False
+    )
+    assert [r.id for r in grid.select(split_row_names(f"{two_axes},2b-1"))] == [
+        "convnext_b-lr0.001-epochs2",
+        "deit_b_dist_hard_ft-lr0.001-epochs2",
+        "convnext_b-lr0.001-epochs3",
+        "convnext_b-lr0.0001-epochs2",
+        "convnext_b-lr0.0001-epochs3",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,9 +742,14 @@ def slow_cli_runs(tmp_path_factory):
     run beside its other tests; the tests at the end of the file collect their results."""
     dry = tmp_path_factory.mktemp("dry")
     bad = tmp_path_factory.mktemp("bad")
+    sweep = tmp_path_factory.mktemp("sweep")
     grid = write(bad, BROKEN)
     runs = {
         "dry": (dry, start_cli(str(GRIDS / "table2b.yaml"), "--dry-run", "--json", "--smoke", cwd=dry)),
+        "sweep": (sweep, start_cli(
+            str(GRIDS / "table2b.yaml"), "train.lr=1e-3,1e-4", "train.epochs=2,3", "--dry-run",
+            "--json", "--smoke", "--rows", "2b-7 [train.lr=0.001, train.epochs=2],2b-1", cwd=sweep,
+        )),
         "bad": (
             bad,
             start_cli(
@@ -722,6 +790,21 @@ def test_cli_dry_run_json(slow_cli_runs):
     # Keys are the same in another process (no dependence on hash seeds or dict order).
     assert {r["id"]: r["key"] for r in rows} == keys(load_grid(GRIDS / "table2b.yaml", smoke=True))
     assert list(workdir.iterdir()) == []  # a dry run writes nothing
+
+
+def test_cli_rows_of_a_sweep(slow_cli_runs):
+    """`--rows`: a row's label selects each of its sweep variants, a variant's label (commas
+    and all) just that one."""
+    _, process = slow_cli_runs["sweep"]
+    status, stdout, stderr = finish(process)
+    assert status == 0, stderr
+    assert [row["id"] for row in json.loads(stdout)] == [
+        "convnext_b-lr0.001-epochs2",
+        "deit_b_dist_hard_ft-lr0.001-epochs2",
+        "convnext_b-lr0.001-epochs3",
+        "convnext_b-lr0.0001-epochs2",
+        "convnext_b-lr0.0001-epochs3",
+    ]
 
 
 def test_cli_bad_grid_exits_2_lists_every_problem_and_creates_nothing(slow_cli_runs):
