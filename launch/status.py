@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.grid import GridError, load_grid  # noqa: E402
+from kd.cli import add_grid_arguments, grid_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("grid")
-    parser.add_argument(
-        "overrides", nargs="*", help="the same overrides the grid was launched with"
-    )
-    parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    add_grid_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON list of rows")
     parser.add_argument(
         "--watch",
@@ -42,13 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="refresh until every row is done (default every 10 s)",
     )
-    parser.add_argument("--tracking-uri")
     # intermixed: `status.py GRID --smoke train.epochs=3` (overrides after options) works too
     args = parser.parse_intermixed_args(argv)
-    try:
-        grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
-    except GridError as exc:
-        print(exc, file=sys.stderr)
+    grid = grid_from_args(args)
+    if grid is None:
         return 2
     from kd.tracking import resolve_tracking_uri
     from slurm.launcher import absolute_uri

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.grid import GridError, load_grid  # noqa: E402
+from kd.cli import add_grid_arguments, grid_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("grid")
-    parser.add_argument(
-        "overrides", nargs="*", help="the same overrides the grid was launched with"
-    )
-    parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    add_grid_arguments(parser)
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md")
     parser.add_argument(
         "--plot", metavar="PNG", help="also draw measured against paper acc@1 per row"
@@ -41,12 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics", default="", help="extra metric columns, comma-separated (e.g. cluster/cub/nmi)"
     )
     parser.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
-    parser.add_argument("--tracking-uri")
     args = parser.parse_args(argv)
-    try:
-        grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
-    except GridError as exc:
-        print(exc, file=sys.stderr)
+    grid = grid_from_args(args)
+    if grid is None:
         return 2
     from kd import results
     from kd.tracking import latest_grid_runs, log_grid_artifacts, resolve_tracking_uri, store_exists
