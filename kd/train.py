@@ -373,27 +373,22 @@ def build_loaders(
         re_prob=cfg.train.re_prob,
         interpolation=student_data.get("interpolation", "bicubic"),
     )
-    eval_tf = eval_transform(cfg, student_data)
-    skip = cfg.data.skip_corrupt
-    train_ds = D.load_split(spec, "train", transform=train_tf, skip_corrupt=skip)
-    test_ds = D.load_split(spec, "test", transform=eval_tf, skip_corrupt=skip)
-    train_loader = _fresh_workers_every_epoch(
+    transforms = {"train": train_tf, "test": eval_transform(cfg, student_data)}
+    datasets = {  # both splits are read before either loader is built
+        split: D.load_split(spec, split, transform=tf, skip_corrupt=cfg.data.skip_corrupt)
+        for split, tf in transforms.items()
+    }
+    train_loader, test_loader = (
         D.build_loader(
-            train_ds,
+            datasets[split],
             batch_size=cfg.train.batch_size,
-            train=True,
+            train=split == "train",
             num_workers=cfg.data.num_workers,
             seed=cfg.train.seed,
         )
+        for split in ("train", "test")
     )
-    test_loader = D.build_loader(
-        test_ds,
-        batch_size=cfg.train.batch_size,
-        train=False,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.train.seed,
-    )
-    return train_loader, test_loader
+    return _fresh_workers_every_epoch(train_loader), test_loader
 
 
 def freeze_backbone(model: torch.nn.Module) -> torch.nn.Module:
