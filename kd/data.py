@@ -39,7 +39,6 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_SIDE = 32
 
 
-
 def _posterize_at_least_one_bit(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
     """timm's posterize, with the bit count clamped to Pillow's 1..8.
 
@@ -62,6 +61,7 @@ def _patch_timm_posterize() -> None:
 
 _timm_posterize: Callable[..., Any]
 _patch_timm_posterize()
+
 
 class DatasetError(ValueError):
     """A dataset root, index file or image that cannot be used as it is."""
