@@ -2,7 +2,8 @@
 
 The rules that keep a row from running twice by accident:
   - a row whose content key has a FINISHED run is skipped (`--force` reruns it);
-  - a row whose latest run is SCHEDULED or RUNNING, and alive, is not started again;
+  - a row whose latest run is SCHEDULED or RUNNING, and alive, is not started again; nor is
+    one whose run failed but whose job SLURM requeued (a lost node), since it will run again;
   - `--rerun-failed` runs only rows whose latest run FAILED or was KILLED, and the unfinished
     rows that depend on them;
   - every dependency of a row that runs must be finished or run in the same launch.
@@ -36,6 +37,7 @@ def plan_launch(
     rerun_failed: bool = False,
     force: bool = False,
     is_alive: Callable[[RunRecord], bool] = lambda record: True,
+    requeued: Callable[[RunRecord], bool] = lambda record: False,
     allow_active_dependencies: bool = False,
 ) -> list[Decision]:
     """One decision per grid row, in grid order. Raises GridError when a row to run has a
@@ -45,7 +47,9 @@ def plan_launch(
         failed = {
             r.id
             for r in grid.rows
-            if r.id in selected and r.key in latest and _is_failed(latest[r.key], is_alive)
+            if r.id in selected
+            and r.key in latest
+            and _is_failed(latest[r.key], is_alive, requeued)
         }
         candidates = grid.dependents(failed)
     else:
@@ -59,6 +63,15 @@ def plan_launch(
             if previous is not None:
                 reason += f"; latest run {previous.status.lower()}"
             decisions.append(Decision(row, "not_selected", reason, previous))
+        elif previous is not None and previous.status in FAILED and requeued(previous):
+            decisions.append(
+                Decision(
+                    row,
+                    "skip_active",
+                    f"{previous.status.lower()}, but SLURM requeued its job {previous.job_id}",
+                    previous,
+                )
+            )
         elif previous is not None and previous.status in ACTIVE and is_alive(previous):
             job = f" (job {previous.job_id})" if previous.job_id else ""
             decisions.append(
@@ -84,8 +97,14 @@ def plan_launch(
     return decisions
 
 
-def _is_failed(record: RunRecord, is_alive: Callable[[RunRecord], bool]) -> bool:
-    return record.status in FAILED or (record.status in ACTIVE and not is_alive(record))
+def _is_failed(
+    record: RunRecord,
+    is_alive: Callable[[RunRecord], bool],
+    requeued: Callable[[RunRecord], bool],
+) -> bool:
+    if record.status in FAILED:
+        return not requeued(record)
+    return record.status in ACTIVE and not is_alive(record)
 
 
 def _check_dependencies(

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from kd.grid import Grid, GridError
 from kd.plan import Decision, plan_launch
 from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
+from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
 
 
 @dataclass(frozen=True)
@@ -34,21 +36,31 @@ class LaunchOptions:
     live: bool | None = None  # redraw progress in place (default: when stdout is a terminal)
 
 
-def liveness(latest: dict[str, RunRecord]):
-    """is_alive(record) for open runs: local runs by pid, SLURM runs by one sacct call."""
-    from slurm.local import local_run_alive
-    from slurm.state import job_states
+class Liveness:
+    """Will a run still run? Local runs by pid, SLURM runs by their job (one sacct call)."""
 
-    open_runs = [r for r in latest.values() if r.status in ("SCHEDULED", "RUNNING")]
-    states = job_states(r.job_id for r in open_runs if r.tags.get("kdgrid.executor") == "slurm")
+    def __init__(self, latest: dict[str, RunRecord]):
+        from slurm.state import job_states
 
-    def is_alive(record: RunRecord) -> bool:
+        slurm_runs = [r for r in latest.values() if r.tags.get("kdgrid.executor") == "slurm"]
+        self.states = job_states(r.job_id for r in slurm_runs if r.job_id)
+
+    def alive(self, record: RunRecord) -> bool:
+        """An open (SCHEDULED/RUNNING) run whose process or job is still there."""
+        from slurm.local import local_run_alive
+
         if record.tags.get("kdgrid.executor") in ("local", "inline"):
             return local_run_alive(record.tags)
-        state = states.get(record.job_id or "")
+        state = self.states.get(record.job_id or "")
         return state is None or not state.terminal
 
-    return is_alive
+    def requeued(self, record: RunRecord) -> bool:
+        """A failed SLURM run whose job is queued again (NODE_FAIL, preemption): it will run
+        again, into the same run, so it must not be submitted a second time."""
+        if record.tags.get("kdgrid.executor") != "slurm" or not record.job_id:
+            return False
+        state = self.states.get(record.job_id)
+        return state is not None and state.queued
 
 
 def describe(decisions: list[Decision]) -> None:
@@ -142,7 +154,9 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         tracker = Tracker(uri)
         experiment_id = tracker.experiment_id(grid.experiment)
         latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
-    is_alive = liveness(latest)
+        if any(never_queued(r) for r in latest.values()):
+            latest = recover(grid, latest, tracker)
+    liveness = Liveness(latest)
     try:
         decisions = plan_launch(
             grid,
@@ -150,7 +164,8 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
             rows=options.rows,
             rerun_failed=options.rerun_failed,
             force=options.force,
-            is_alive=is_alive,
+            is_alive=liveness.alive,
+            requeued=liveness.requeued,
             allow_active_dependencies=options.executor == "slurm",
         )
     except GridError as exc:
@@ -253,7 +268,10 @@ def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
 
 
 def _submit(prepared: Prepared, options: LaunchOptions) -> int:
-    """Submit every row and return at once; on any submission error, cancel what was submitted."""
+    """Submit every row and return at once. Each sbatch call's job ids are recorded as soon as
+    it returns; on an error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is
+    cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
+    caught: the next launch settles it, see slurm/interrupted.py.)"""
     from kd.tracking import TAG
     from slurm.state import cancel
     from slurm.submit import submit_rows
@@ -264,30 +282,46 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
         prepared.run_ids,
         prepared.tracker,
     )
+    by_id = {row.id: row for row in to_run}
     folder = Path(to_run[0].config.output_dir).resolve() / "slurm"
     # sbatch exports this environment to the job: make the project importable there even when
     # it is run from a checkout rather than installed.
     repo = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+
+    def record_queued(queued: dict[str, str]) -> None:
+        record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
+        tracker.set_tags_many({run_ids[r]: {f"{TAG}.job_id": job} for r, job in queued.items()})
+
     submitted: dict[str, str] = {}
     try:
-        submit_rows(
-            to_run,
-            run_ids,
-            prepared.uri,
-            folder=folder,
-            existing_jobs=prepared.active_deps,
-            array_parallelism=options.array_parallelism,
-            submitted=submitted,
-        )
-    except Exception as exc:
-        cancel(submitted.values())
+        with _interrupts_raise():
+            submit_rows(
+                to_run,
+                run_ids,
+                prepared.uri,
+                folder=folder,
+                existing_jobs=prepared.active_deps,
+                array_parallelism=options.array_parallelism,
+                submitted=submitted,
+                on_queued=record_queued,
+            )
+    except BaseException as exc:  # KeyboardInterrupt included: nothing may stay half-queued
+        # and a job whose sbatch returned just as the interrupt came, not yet in `submitted`
+        roots = [Path(row.config.output_dir) for row in to_run]
+        known = [*submitted.values(), *prepared.active_deps.values()]
+        cancel({*submitted.values(), *stray_jobs(roots, known)})
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         for row in to_run:
-            tracker.mark(run_ids[row.id], "KILLED", f"submission failed: {exc}")
-        print(f"launch/grid.py: submission failed, nothing left queued: {exc}", file=sys.stderr)
-        return 1
-    tracker.set_tags_many({run_ids[row.id]: {f"{TAG}.job_id": submitted[row.id]} for row in to_run})
-    record_launch(grid, to_run, run_ids, "slurm", submitted)
+            tracker.mark(
+                run_ids[row.id], "KILLED", f"submission {what}: {exc or type(exc).__name__}"
+            )
+        print(
+            f"launch/grid.py: submission {what}, nothing left queued "
+            f"({len(submitted)} job(s) cancelled): {exc or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
     print(f"submitted {len(submitted)} rows (logs in {folder}):")
     for row in to_run:
         deps = ",".join(row.depends_on) or "-"
@@ -299,13 +333,32 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal or SSH session) raise KeyboardInterrupt, as Ctrl-C
+    does, so that a submission cut short cleans up after itself."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def record_launch(
     grid: Grid, rows, run_ids: dict[str, str], executor: str, job_ids: dict[str, str] | None = None
 ) -> Path:
     """Append this launch (row id, key, run id, job id) to the grid's submission record."""
     root = Path(rows[0].config.output_dir) if rows else Path("outputs")
     root.mkdir(parents=True, exist_ok=True)
-    path = root / "submissions.jsonl"
+    path = root / SUBMISSIONS_FILE
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with open(path, "a") as handle:
         for row in rows:
@@ -321,4 +374,6 @@ def record_launch(
                 "launcher_pid": os.getpid(),
             }
             handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())  # the journal a killed launch is recovered from
     return path

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 TERMINAL = {
     "COMPLETED",
@@ -44,6 +45,11 @@ class JobState:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def queued(self) -> bool:
+        """Waiting or running, and not on its way out (COMPLETING after an scancel)."""
+        return not self.terminal and self.state != "COMPLETING"
 
 
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
@@ -144,6 +150,25 @@ def _queued(ids: list[str]) -> dict[str, tuple[str, str, str]]:
             job_id, state, reason, nodes = parts
             queued[job_id] = (state, "" if reason == "None" else reason, nodes)
     return queued
+
+
+def queued_jobs_logging_under(folder: Path) -> set[str]:
+    """Ids (array job ids for arrays) of the live jobs whose log file lies under `folder`: one
+    `scontrol show job` call. This finds jobs that a killed launcher queued but never recorded,
+    since every job kdgrid submits logs under its grid's `slurm/` folder."""
+    if shutil.which("scontrol") is None:
+        return set()
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    prefix = str(folder.resolve()).rstrip("/") + "/"
+    found = set()
+    for line in out.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if fields.get("JobState") in TERMINAL or not fields.get("StdOut", "").startswith(prefix):
+            continue
+        found.add(fields.get("ArrayJobId") or fields.get("JobId", ""))
+    return found - {""}
 
 
 def cancel(job_ids: Iterable[str]) -> None:

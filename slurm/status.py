@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from kd.grid import Grid, Row
 from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
+from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
 from slurm.state import JobState, cancel, job_states
 
 STATES = (
@@ -75,6 +76,10 @@ def row_state(
     reason = record.tags.get(f"{TAG}.failure_reason")
     if record.status == "FINISHED":
         return "finished", None
+    if record.status in ("FAILED", "KILLED") and job is not None and job.queued:
+        # the run failed with its job (a node lost), and SLURM requeued the job: it runs again
+        state = SLURM_TO_STATE.get(job.state, "pending")
+        return state, f"requeued by SLURM after: {reason or record.status.lower()}"
     if record.status == "FAILED":
         if job is not None and job.state in ("TIMEOUT", "DEADLINE"):
             return "timeout", reason
@@ -89,6 +94,8 @@ def row_state(
             return "failed", "the local process is gone"
         return ("running" if record.status == "RUNNING" else "pending"), None
     if job is None:
+        if never_queued(record) and launcher_gone(record):
+            return "failed", NEVER_QUEUED
         return ("running" if record.status == "RUNNING" else "pending"), None
     state = SLURM_TO_STATE.get(job.state, "pending")
     if job.state == "COMPLETED":

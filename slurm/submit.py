@@ -11,10 +11,12 @@ shell.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,11 +186,14 @@ def submit_rows(
     existing_jobs: Mapping[str, str] | None = None,
     submitted: dict[str, str] | None = None,
     array_parallelism: int = 256,
+    on_queued: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
     """Submit rows (all at once, not waiting for any) and return row id -> SLURM job id.
 
     `existing_jobs` maps dependency rows that are already queued or running (from an earlier
-    launch) to their job ids, so new rows can wait on them too.
+    launch) to their job ids, so new rows can wait on them too. `on_queued` is called with the
+    row id -> job id of each sbatch call as soon as it returns, so that a launcher killed
+    half-way has recorded every job it queued but the last.
     """
     import submitit
 
@@ -217,9 +222,21 @@ def submit_rows(
                     executor.submit(RowJob(), row_file, run_ids[row.id], tracking_uri)
                     for row, row_file in zip(group, row_files, strict=True)
                 ]
-            for row, job in zip(group, jobs, strict=True):
-                job_ids[row.id] = submitted[row.id] = str(job.job_id)
+            queued = {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
+            job_ids |= queued
+            submitted |= queued
+            _inject_pause()
+            if on_queued is not None:
+                on_queued(queued)
     return submitted
+
+
+def _inject_pause() -> None:
+    """Fault injection for tests: KDGRID_INJECT_SUBMIT_PAUSE_S=S waits S seconds after each
+    sbatch call, before its job ids are recorded: the window a killed launcher leaves behind."""
+    value = os.environ.get("KDGRID_INJECT_SUBMIT_PAUSE_S")
+    if value:
+        time.sleep(float(value))
 
 
 def slurm_available() -> bool:

@@ -198,3 +198,22 @@ def test_rows_accept_ids_and_labels_alike(grid):
     )
     with pytest.raises(GridError, match="no row with id or label '2b-11'"):
         plan_launch(grid, latest, rows=["2b-11"])
+
+
+def test_failed_row_whose_job_slurm_requeued_is_not_submitted_again(grid):
+    """A node lost mid-run: the run is FAILED but SLURM requeued its job, which will resume
+    it. Neither a plain launch nor --rerun-failed may queue it a second time."""
+    latest = everything(grid, deit_b_deit="FAILED")
+
+    def requeued(record: RunRecord) -> bool:
+        return record.row_id == "deit_b_deit"
+
+    for rerun_failed in (False, True):
+        decisions = plan_launch(grid, latest, rerun_failed=rerun_failed, requeued=requeued)
+        assert "deit_b_deit" not in running(decisions)
+        if not rerun_failed:
+            decision = next(d for d in decisions if d.row.id == "deit_b_deit")
+            assert decision.action == "skip_active"
+            assert "requeued its job job-deit_b_deit" in decision.reason
+    # once the job is gone for good, the row is an ordinary failed row again
+    assert running(plan_launch(grid, latest, rerun_failed=True)) == {"deit_b_deit"}

@@ -1,0 +1,116 @@
+"""Recovery from a SLURM launch that died while submitting (SIGKILL, a lost login node, a crash).
+
+A launch creates every row's run (SCHEDULED), then queues the rows group by group; after each
+sbatch call it appends the job ids to `<output_dir>/submissions.jsonl` and tags the runs. A
+launcher that dies half-way leaves runs with no job id: some of their rows were queued (the
+group in flight), the rest never were. Left alone, those runs would read as "scheduled" forever
+and the next launch would skip their rows.
+
+The next launch of the grid, under the grid's lock (so no other launch is submitting), calls
+`recover`: a run whose job id is in the journal gets its tag; a stray job (logging under the
+grid's `slurm/` folder but recorded nowhere) is cancelled; the remaining runs are closed as
+KILLED, so their rows run again. Nothing then runs twice and no row is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from kd.grid import Grid
+from kd.tracking import TAG, RunRecord, Tracker
+
+SUBMISSIONS_FILE = "submissions.jsonl"
+NEVER_QUEUED = "its launch was interrupted before the row was queued; launch the grid again"
+
+
+def never_queued(record: RunRecord) -> bool:
+    """A SLURM run the launcher created but never tagged with a job id."""
+    return (
+        record.status == "SCHEDULED"
+        and record.tags.get(f"{TAG}.executor") == "slurm"
+        and not record.job_id
+    )
+
+
+def launcher_gone(record: RunRecord) -> bool:
+    """The launcher that created this run ran on this machine and has exited."""
+    import os
+    import socket
+
+    if record.tags.get(f"{TAG}.launch_host") != socket.gethostname():
+        return False  # another machine's launch: cannot tell
+    try:
+        os.kill(int(record.tags.get(f"{TAG}.launcher_pid", "")), 0)
+    except (ProcessLookupError, ValueError):
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def read_journal(roots: Iterable[Path]) -> dict[str, str]:
+    """run id -> job id, from every launch recorded in the grid's submission files."""
+    jobs: dict[str, str] = {}
+    for root in roots:
+        try:
+            lines = (root / SUBMISSIONS_FILE).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by the crash itself
+                continue
+            if entry.get("run_id") and entry.get("job_id"):
+                jobs[entry["run_id"]] = str(entry["job_id"])
+    return jobs
+
+
+def stray_jobs(roots: Iterable[Path], known: Iterable[str]) -> set[str]:
+    """Live jobs logging under the grid's `slurm/` folders that neither the journal nor
+    `known` (job ids, array tasks or whole arrays) accounts for: queued by a launch that never
+    recorded them."""
+    from slurm.state import queued_jobs_logging_under
+
+    roots = list(roots)
+    recorded = {job.split("_")[0] for job in [*read_journal(roots).values(), *known]}
+    live = set().union(*(queued_jobs_logging_under(root / "slurm") for root in roots))
+    return live - recorded
+
+
+def recover(grid: Grid, latest: Mapping[str, RunRecord], tracker: Tracker) -> dict[str, RunRecord]:
+    """`latest` with every interrupted submission settled (see the module docstring)."""
+    from slurm.state import cancel
+
+    unqueued = {key: r for key, r in latest.items() if never_queued(r)}
+    if not unqueued:
+        return dict(latest)
+    roots = {Path(row.config.output_dir) for row in grid.rows}
+    journal = read_journal(roots)
+    settled = dict(latest)
+    found = {key: r for key, r in unqueued.items() if r.run_id in journal}
+    if found:
+        tracker.set_tags_many(
+            {r.run_id: {f"{TAG}.job_id": journal[r.run_id]} for r in found.values()}
+        )
+        for key, r in found.items():
+            settled[key] = replace(r, tags={**r.tags, f"{TAG}.job_id": journal[r.run_id]})
+    known = {r.job_id for r in settled.values() if r.job_id}
+    stray = stray_jobs(roots, known)
+    cancel(stray)
+    lost = [r for key, r in unqueued.items() if key not in found]
+    for r in lost:
+        tracker.mark(r.run_id, "KILLED", NEVER_QUEUED)
+        settled[r.key] = replace(
+            r, status="KILLED", tags={**r.tags, f"{TAG}.failure_reason": NEVER_QUEUED}
+        )
+    print(
+        f"an earlier launch of grid '{grid.name}' was interrupted while submitting: "
+        f"{len(found)} of its rows were queued (job ids taken from {SUBMISSIONS_FILE}), "
+        f"{len(lost)} never were"
+        + (f"; cancelled {len(stray)} stray job(s): {', '.join(sorted(stray))}" if stray else "")
+    )
+    return settled

@@ -1,0 +1,67 @@
+"""Unit tests of the pieces that settle a launch killed while submitting and a job SLURM
+requeued after its run failed (the end-to-end cases are in tests/test_fault_injection.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from kd.tracking import RunRecord
+from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued, read_journal
+from slurm.state import JobState
+from slurm.status import row_state
+
+
+def record(status: str = "SCHEDULED", **tags: str) -> RunRecord:
+    return RunRecord("run-1", "key-1", "row-1", status, 0, {"kdgrid.executor": "slurm", **tags})
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_journal_maps_runs_to_jobs_and_skips_a_line_cut_short(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"run_id": "a", "job_id": "101_0"}),
+        json.dumps({"run_id": "b", "job_id": None}),  # a local launch: no job
+        '{"run_id": "c", "job_',  # the launcher died writing it
+    ]
+    (tmp_path / "submissions.jsonl").write_text("\n".join(lines))
+    assert read_journal([tmp_path, tmp_path / "missing"]) == {"a": "101_0"}
+
+
+def test_never_queued_is_a_scheduled_slurm_run_without_a_job() -> None:
+    assert never_queued(record())
+    assert not never_queued(record(**{"kdgrid.job_id": "7"}))
+    assert not never_queued(record("RUNNING"))
+    assert not never_queued(record(**{"kdgrid.executor": "local"}))
+
+
+def test_status_of_a_row_whose_launcher_died_before_queueing_it() -> None:
+    here = {"kdgrid.launch_host": socket.gethostname()}
+    gone = record(**here, **{"kdgrid.launcher_pid": str(dead_pid())})
+    assert launcher_gone(gone)
+    assert row_state(gone, None, None) == ("failed", NEVER_QUEUED)
+    launching = record(**here, **{"kdgrid.launcher_pid": str(os.getpid())})
+    assert row_state(launching, None, None) == ("pending", None)
+    elsewhere = record(**{"kdgrid.launch_host": "login-2", "kdgrid.launcher_pid": "1"})
+    assert row_state(elsewhere, None, None) == ("pending", None)  # cannot tell: pending
+
+
+def test_status_of_a_failed_run_whose_job_slurm_requeued() -> None:
+    failed = record("FAILED", **{"kdgrid.job_id": "9", "kdgrid.failure_reason": "gloo reset"})
+    requeued = JobState("9", "PENDING", reason="BeginTime")
+    assert row_state(failed, requeued, None) == (
+        "pending",
+        "requeued by SLURM after: gloo reset",
+    )
+    assert row_state(failed, JobState("9", "RUNNING"), None)[0] == "running"
+    # scancel'd and on its way out, or over: the failure stands
+    assert row_state(failed, JobState("9", "COMPLETING"), None) == ("failed", "gloo reset")
+    assert row_state(failed, JobState("9", "NODE_FAIL"), None) == ("failed", "gloo reset")
