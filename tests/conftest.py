@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,62 @@ def table2b_smoke(tmp_path_factory):
     result = launch(workdir, "grids/table2b.yaml", "--smoke", "--max-parallel", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir, result
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection: every test that takes the `fault` fixture is one case of the summary printed
+# at the end of the session (cases tried, survived, data lost).
+
+
+@dataclass
+class FaultOutcome:
+    case: str  # what was injected, and how kdgrid is expected to recover
+    where: str  # "slurm" or "local"
+    survived: bool | None = None  # the test passed: kdgrid recovered as it should
+    lost: int | None = None  # epochs, metrics, checkpoints or finished rows lost (audited)
+    detail: str = ""  # how it went: e.g. which epoch the row resumed after
+
+
+FAULT_OUTCOMES: list[FaultOutcome] = []
+
+
+@pytest.fixture
+def fault(request: pytest.FixtureRequest) -> FaultOutcome:
+    """Records this test as a fault-injection case. The test sets `where`, `lost` (from its
+    audit of MLflow and the row folder) and `detail`; `survived` is whether it passed."""
+    name = request.node.name.removeprefix("test_").replace("_", " ")
+    doc = (request.node.function.__doc__ or name).strip().split("\n\n")[0]
+    outcome = FaultOutcome(case=" ".join(doc.split()).rstrip("."), where="local")
+    request.node.fault_outcome = outcome
+    FAULT_OUTCOMES.append(outcome)
+    return outcome
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    outcome = getattr(item, "fault_outcome", None)
+    if outcome is not None and (report.when == "call" or report.failed):
+        outcome.survived = report.passed if outcome.survived is not False else False
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FAULT_OUTCOMES:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("fault injection")
+    for o in FAULT_OUTCOMES:
+        survived = {True: "survived", False: "NOT SURVIVED", None: "not run"}[o.survived]
+        lost = "?" if o.lost is None else str(o.lost)
+        write(f"  [{o.where:<5}] {survived:<12} lost {lost:>2}  {o.case}")
+        if o.detail:
+            write(f"                                 {o.detail}")
+    tried = len(FAULT_OUTCOMES)
+    survived = sum(o.survived is True for o in FAULT_OUTCOMES)
+    lost = sum(o.lost or 0 for o in FAULT_OUTCOMES)
+    unaudited = sum(o.lost is None for o in FAULT_OUTCOMES)
+    write(
+        f"fault injection: {tried} cases tried, {survived} survived, data lost: {lost}"
+        + (f" ({unaudited} not audited: the test failed before its audit)" if unaudited else "")
+    )

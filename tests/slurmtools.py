@@ -4,6 +4,7 @@ directory is under the given folder are looked at or cancelled), and the MLflow 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -324,3 +325,62 @@ def assert_each_epoch_once(workdir: Path, run_id: str, epochs: int) -> None:
     for metric in ("val/acc1", "train/loss", "epoch"):
         logged = sorted(m.step for m in client.get_metric_history(run_id, metric))
         assert logged == list(range(1, epochs + 1)), (metric, logged)
+
+
+# --------------------------------------------------------------------------------------------
+# The audit after a fault: what MLflow and the row folders hold once the grid finished
+
+
+@dataclasses.dataclass
+class Audit:
+    lost: list[str]  # data that should be there and is not
+    twice: list[str]  # work done twice: an epoch logged twice, a row trained by two runs
+
+    def __str__(self) -> str:
+        return "; ".join(self.lost + self.twice) or "nothing lost, nothing done twice"
+
+
+CHECKPOINTS = ("best.pt", "last.pt", "state.pt")
+
+
+def audit_rows(workdir: Path, experiment: str, epochs: dict[str, int], output: Path) -> Audit:
+    """Per row label (-> its epochs): exactly one FINISHED run, each epoch's metrics logged
+    once, the checkpoints in MLflow, loadable checkpoints and no temporary file in the row's
+    folder under `output`; and no second run of the row that trained."""
+    import torch
+
+    client = mlflow_client(workdir)
+    runs = row_runs(workdir, experiment)
+    lost: list[str] = []
+    twice: list[str] = []
+    for label, count in epochs.items():
+        mine = [r for r in runs if r.data.tags.get("kdgrid.label") == label]
+        trained = [r for r in mine if client.get_metric_history(r.info.run_id, "epoch")]
+        if len(trained) > 1:
+            twice.append(f"{label}: trained by {len(trained)} runs")
+        finished = [r for r in mine if r.info.status == "FINISHED"]
+        if len(finished) != 1:
+            lost.append(f"{label}: {len(finished)} finished runs, not 1")
+            continue
+        run_id = finished[0].info.run_id
+        for metric in ("epoch", "train/loss", "val/acc1"):
+            logged = [m.step for m in client.get_metric_history(run_id, metric)]
+            missing = sorted(set(range(1, count + 1)) - set(logged))
+            if missing:
+                lost.append(f"{label}: {metric} missing at epochs {missing}")
+            if len(logged) > len(set(logged)):
+                twice.append(f"{label}: {metric} logged {len(logged)} times for {count} epochs")
+        stored = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+        for name in ("best.pt", "last.pt"):
+            if f"checkpoints/{name}" not in stored:
+                lost.append(f"{label}: checkpoints/{name} not in MLflow")
+        row_dir = output / finished[0].data.tags["kdgrid.id"]
+        for name in CHECKPOINTS:
+            try:
+                torch.load(row_dir / name, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 - any failure to load is a lost checkpoint
+                lost.append(f"{label}: {row_dir / name} does not load: {exc}")
+        leftovers = [p.name for p in row_dir.glob(".*tmp*")]
+        if leftovers:
+            lost.append(f"{label}: half-written files left in {row_dir}: {leftovers}")
+    return Audit(lost, twice)

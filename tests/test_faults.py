@@ -77,7 +77,7 @@ def launch(workdir: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def test_sigkilled_row_resumes_into_the_same_run(tmp_path):
+def test_sigkilled_row_resumes_into_the_same_run(tmp_path, fault):
     spec = generate_dataset(
         "imagefolder", tmp_path / "data", num_classes=2, train_per_class=8, image_size=32
     )
@@ -115,6 +115,10 @@ def test_sigkilled_row_resumes_into_the_same_run(tmp_path):
     assert steps == list(range(1, EPOCHS + 1)), "every epoch logged exactly once"
     log = (out / "victim" / "train.log").read_text()
     assert f"resuming after epoch {saved}/{EPOCHS}" in log
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = (
+        f"killed after epoch {saved}/{EPOCHS}; --rerun-failed resumed it into the same run"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ print("saved epoch 2", flush=True)
 """
 
 
-def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, fault):
     path = tmp_path / train.STATE_FILE
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_SAVE, str(path)], cwd=REPO, env=job_env(),
@@ -249,6 +253,8 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
     assert temp_files(tmp_path) == []
     train._atomic_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = "SIGKILL mid torch.save: the previous state.pt loads (weights_only); the temp file is removed"
 
 
 def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -322,7 +328,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
-    tmp_path, small_disk, one_thread
+    tmp_path, small_disk, one_thread, fault
 ):
     folder, fill, free = small_disk
     data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
@@ -358,6 +364,10 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run_id, "val/acc1"))
     assert steps == [1, 2, 3]
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = (
+        "a 1 MB tmpfs filled between epochs: CheckpointWriteError, epoch 1 kept, resumed once freed"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +380,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_tracking_server_unreachable_at_start_fails_the_row_after_retries(tmp_path):
+def test_tracking_server_unreachable_at_start_fails_the_row_after_retries(tmp_path, fault):
     data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
     row = tiny_row(tmp_path, Path(data.root))
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -390,6 +400,8 @@ def test_tracking_server_unreachable_at_start_fails_the_row_after_retries(tmp_pa
     assert "launch/server.py status" in failure and "--rerun-failed" in failure
     assert took >= 0.5 + 1 + 2  # it waited: 0.5 s, then 1 s, then 2 s between the 4 attempts
     assert not (row.output_dir / train.STATE_FILE).exists(), "nothing trained"
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = f"4 attempts over {took:.1f}s, then FAILED naming {uri}; nothing trained"
 
 
 def port_closed(port: int) -> bool:
@@ -397,7 +409,7 @@ def port_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_tracking_server_restart_mid_run_loses_no_metric(tmp_path):
+def test_tracking_server_restart_mid_run_loses_no_metric(tmp_path, fault):
     from slurm import server
 
     data = generate_dataset(
@@ -441,6 +453,8 @@ def test_tracking_server_restart_mid_run_loses_no_metric(tmp_path):
         for name in ("val/acc1", "train/loss", "epoch"):
             history = client.get_metric_history(run_id, name)
             assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
+        fault.lost = 0  # every check of the data above passed
+        fault.detail = f"server down from epoch {down_at}; metrics queued and sent: epochs 1..{epochs} each once"
     finally:
         server.stop(folder)
 
@@ -515,7 +529,7 @@ def damaged_copy(tmp_path):
     return Path(spec.root), victim
 
 
-def test_corrupt_image_fails_the_row_naming_the_file(tmp_path, damaged_copy, one_thread):
+def test_corrupt_image_fails_the_row_naming_the_file(tmp_path, damaged_copy, one_thread, fault):
     root, victim = damaged_copy
     row = tiny_row(tmp_path, root, num_workers=2)  # raised in a loader worker process
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -528,10 +542,12 @@ def test_corrupt_image_fails_the_row_naming_the_file(tmp_path, damaged_copy, one
     assert run.info.status == "FAILED"
     assert reason.startswith("DatasetError: cannot decode image") and str(victim) in reason
     assert "data.skip_corrupt: true" in reason and "Traceback" not in reason
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = f"FAILED naming {victim.name}; reason recorded in MLflow"
 
 
 def test_corrupt_image_is_skipped_and_counted_when_the_grid_says_so(
-    tmp_path, damaged_copy, one_thread, capfd
+    tmp_path, damaged_copy, one_thread, capfd, fault
 ):
     root, victim = damaged_copy
     row = tiny_row(tmp_path, root, num_workers=2, skip_corrupt=True)
@@ -547,3 +563,7 @@ def test_corrupt_image_is_skipped_and_counted_when_the_grid_says_so(
     output = capfd.readouterr()
     assert "1 corrupt image(s) left out so far" in output.out and str(victim) in output.out
     assert output.err.count(f"skipped (data.skip_corrupt): cannot decode image {victim}") >= 1
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = (
+        "data.skip_corrupt: the image left out and counted (data/skipped_images), the row finished"
+    )

@@ -650,7 +650,7 @@ def resume(tmp_path_factory: pytest.TempPathFactory, epoch_data: Path) -> Resume
     return Resume(workdir, epoch_data, requeue_job, requeued_at, pace, time_limited)
 
 
-def test_requeued_job_resumes_into_the_same_run(resume: Resume) -> None:
+def test_requeued_job_resumes_into_the_same_run(resume: Resume, fault) -> None:
     """`scontrol requeue` once the row logged epoch 6 or later (in the `resume` fixture): the
     job is killed and starts again, resuming after the last epoch saved, into the same run."""
     workdir, job_id, epoch = resume.workdir, resume.requeue_job, resume.requeued_at_epoch
@@ -668,9 +668,11 @@ def test_requeued_job_resumes_into_the_same_run(resume: Resume) -> None:
     records = wait_sacct_done([job_id])
     assert records[job_id]["State"] == "COMPLETED"
     assert len(sacct([job_id], duplicates=True)) == 2, "sacct shows no second run of the job"
+    fault.where, fault.lost = "slurm", 0  # every epoch logged once, in the same run
+    fault.detail = f"scontrol requeue at epoch {epoch}: resumed after epoch {resumed[0]}"
 
 
-def test_time_limit_checkpoints_requeues_and_finishes(resume: Resume) -> None:
+def test_time_limit_checkpoints_requeues_and_finishes(resume: Resume, fault) -> None:
     """time_min=1: submitit's USR2 (15 s ahead, give or take slurmctld's 30 s timer) calls
     RowJob.checkpoint and requeues; each run resumes from the last epoch saved."""
     workdir, row = resume.workdir, resume.time_limited
@@ -702,6 +704,8 @@ def test_time_limit_checkpoints_requeues_and_finishes(resume: Resume) -> None:
     assert records[row.job]["State"] == "COMPLETED"
     runs = sacct([row.job], duplicates=True)
     assert len(runs) >= 2 and {r["State"] for r in runs[:-1]} == {"REQUEUED"}, runs
+    fault.where, fault.lost = "slurm", 0  # every epoch logged once, in the same run
+    fault.detail = f"1-minute limit: {len(runs) - 1} requeue(s), resumed after epochs {resumed}"
 
 
 # --------------------------------------------------------------------------------------------
