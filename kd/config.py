@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -298,6 +299,13 @@ def closest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> st
     return f" (did you mean '{prefix + '.' if prefix else ''}{match[0]}'?)"
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """(fields by name, resolved type hints) of a schema dataclass. Resolving the hints
+    (string annotations, `from __future__ import annotations`) is slow; once per class."""
+    return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+
+
 def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) -> Any:
     """Build dataclass `cls` from `raw`, appending every problem instead of raising.
 
@@ -309,8 +317,7 @@ def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) 
     if not isinstance(raw, Mapping):
         problems.append(Problem(prefix, f"must be a mapping, got {type(raw).__name__} {raw!r}"))
         return cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields, hints = _schema(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -376,8 +383,8 @@ def _check_value(
 def schema_keys(cls: type = RowConfig, prefix: str = "") -> set[str]:
     """Every dotted key the schema knows, for override checks and suggestions."""
     keys: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields, hints = _schema(cls)
+    for f in fields.values():
         dotted = f"{prefix}.{f.name}" if prefix else f.name
         keys.add(dotted)
         _, inner = _is_optional(hints[f.name])

@@ -733,8 +733,7 @@ def _compose_row(
         _apply_override(merged, ov, value, known, _where(file, merged), problems)
     context = {k: grid_raw.get(k) for k in ("name", "experiment") if k in grid_raw}
     try:
-        node = OmegaConf.create({**context, **merged})
-        resolved = OmegaConf.to_container(node, resolve=True)
+        resolved = _interpolated({**context, **merged})
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "interpolation"
         message = str(exc).splitlines()[0]
@@ -748,6 +747,75 @@ def _compose_row(
     for key in context:
         resolved.pop(key, None)
     return resolved
+
+
+_REFERENCE = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*")
+
+
+def _interpolated(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with its OmegaConf interpolations (`${name}`, `${oc.env:X,default}`) resolved.
+
+    OmegaConf resolves on a node it builds of the whole tree, and building one of a row's ~90
+    keys was half the time to validate a large grid. This builds it of what takes part only:
+    the strings holding `${`, and the keys their text names (a superset of what they reference;
+    a relative reference, `${.x}`, takes the whole tree). Same values, same errors, same keys.
+    """
+    strings = [(path, v) for path, v in _leaves(tree) if isinstance(v, str) and "${" in v]
+    if not strings:
+        return _copy(tree)
+    part: dict[str, Any] = {}
+    if any("${." in text for _, text in strings):
+        part = tree
+    else:
+        for path, text in strings:
+            _put(part, path, text)
+            for name in _REFERENCE.findall(text):
+                found, value = _lookup(tree, name.split("."))
+                if found:
+                    _put(part, tuple(name.split(".")), _copy(value))
+    values = OmegaConf.to_container(OmegaConf.create(part), resolve=True)
+    out = _copy(tree)
+    for path, _ in strings:
+        _put(out, path, _lookup(values, list(path))[1])
+    return out
+
+
+def _leaves(tree: Any, path: tuple = ()) -> Iterable[tuple[tuple, Any]]:
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _leaves(value, (*path, index))
+    else:
+        yield path, tree
+
+
+def _lookup(tree: Any, path: Sequence[Any]) -> tuple[bool, Any]:
+    for key in path:
+        if isinstance(tree, Mapping):
+            inside = key in tree
+        else:
+            inside = isinstance(tree, list) and isinstance(key, int) and 0 <= key < len(tree)
+        if not inside:
+            return False, None
+        tree = tree[key]
+    return True, tree
+
+
+def _put(tree: Any, path: Sequence[Any], value: Any) -> None:
+    """Set `path` in a tree of dicts and lists (created as dicts where missing)."""
+    for key, next_key in zip(path[:-1], path[1:], strict=True):
+        if isinstance(tree, list):
+            tree = tree[key]
+            continue
+        if key not in tree:
+            tree[key] = [] if isinstance(next_key, int) else {}
+        tree = tree[key]
+    if isinstance(tree, list):
+        while len(tree) <= path[-1]:
+            tree.append(None)
+    tree[path[-1]] = value
 
 
 def _suffix_ids(row: dict[str, Any], suffix: str, point: Sequence[tuple[Any, Any]]) -> None:

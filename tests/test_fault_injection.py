@@ -16,7 +16,8 @@ ends with a summary (tests/conftest.py): cases tried, survived, data lost (must 
   4. the launcher sent SIGTERM (a closed terminal) half-way through submitting: it cancels what
      it queued and exits 130; the next launch runs every row once;
   5. slurmctld SIGKILLed while a teacher runs and its student waits, then restarted: both
-     finish, the student after the teacher; `launch/status.py` answers while it is down.
+     finish, the student after the teacher; `launch/status.py` answers while it is down, and
+     a launch refuses (exit 2) without creating anything.
 
 Only jobs whose working directory is under this session's temporary folder are looked at or
 cancelled. Outside CI the module is skipped when SLURM is not installed; with CI=true it never
@@ -407,7 +408,8 @@ def test_slurmctld_killed_and_restarted_while_rows_run(
     tmp_path: Path, epoch_data: Path, fault
 ) -> None:
     """slurmctld SIGKILLed while a teacher runs and its student waits, then restarted: both
-    finish, the student after the teacher; status answers while the controller is down."""
+    finish, the student after the teacher; while it is down, status answers and a launch
+    refuses without creating anything."""
     fault.where = "slurm"
     # the teacher trains on through the status read (squeue waits ~9 s for a dead controller)
     two_row_grid(tmp_path, "ctldkill", epoch_data, teacher_epochs=LONG_EPOCHS)
@@ -422,6 +424,15 @@ def test_slurmctld_killed_and_restarted_while_rows_run(
         status = {r["label"]: r for r in status_json(tmp_path, "ctldkill.yaml")}
         status_s = time.monotonic() - started
         assert status["T-1"]["state"] == "running", status
+        # a launch meanwhile refuses at once and leaves nothing behind
+        other = tmp_path / "other"
+        write_grid(other, "other", [{"id": "o", "label": "O-1"}], epoch_data, epochs=1)
+        refused = launch(other, "other.yaml")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "nothing was submitted" in refused.stderr, refused.stderr
+        assert not (other / "mlflow.db").exists()
+        made = [p.name for p in other.rglob("*") if p.is_file() and p.name != "other.yaml"]
+        assert made == [".launch.lock"], made  # the grid's lock, in its output folder
     finally:
         up = subprocess.run(
             ["bash", str(REPO / "slurm" / "cluster.sh"), "up"],

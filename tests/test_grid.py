@@ -855,3 +855,56 @@ def test_missing_clustering_dataset_is_reported_before_training(tmp_path):
     problems = problems_of(write(tmp_path, text), check_data=True)
     assert problems, "a missing clustering dataset must be an error"
     assert all("evaluate.cluster.cifar10" in p and "/nonexistent/cifar10" in p for p in problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation resolved on the parts of a row that take part (kd.grid._interpolated)
+
+
+def _whole_tree(tree):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_paper_grids_resolve_as_omegaconf_does_on_the_whole_row(monkeypatch, smoke):
+    import kd.grid as grid_module
+
+    grids = sorted((Path(__file__).resolve().parent.parent / "grids").glob("*.yaml"))
+    fast = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]
+    monkeypatch.setattr(grid_module, "_interpolated", _whole_tree)
+    slow = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]
+    for a, b in zip(fast, slow, strict=True):
+        assert [r.to_dict() for r in a.rows] == [r.to_dict() for r in b.rows]
+        assert [r.key for r in a.rows] == [r.key for r in b.rows]
+
+
+def test_interpolated_matches_omegaconf_on_references_lists_resolvers_and_errors(monkeypatch):
+    from omegaconf.errors import OmegaConfBaseException
+
+    from kd.grid import _interpolated
+
+    monkeypatch.setenv("KDGRID_TEST_ROOT", "/data/cub")
+    trees = [
+        {"name": "g", "output_dir": "outputs/${name}", "train": {"lr": 0.1}},
+        {"train": {"lr": 0.1, "note": "lr=${train.lr}"}, "tags": ["${train.lr}", 3, None]},
+        {"data": {"root": "${oc.env:KDGRID_TEST_ROOT}", "dogs": "${oc.env:KDGRID_NOPE,/x}"}},
+        {"a": {"b": {"c": 1}}, "copy": "${a}", "deep": "${a.b.c}", "esc": "\\${not}"},
+        {"x": {"y": 2, "z": "${.y}"}, "w": "${x.z}"},  # relative: the whole tree
+        {"chain": "${mid}", "mid": "${end}", "end": "e", "untouched": [1, {"k": "v"}]},
+        {"data-set": {"my-root": "r"}, "ref": "${data-set.my-root}"},
+    ]
+    for tree in trees:
+        assert _interpolated(tree) == _whole_tree(tree), tree
+    for bad in (
+        {"a": "${missing.key}"},
+        {"a": "${oc.env:KDGRID_NOPE}"},
+        {"a": "${b}", "b": "${a}"},
+    ):
+        with pytest.raises(OmegaConfBaseException) as fast:
+            _interpolated(bad)
+        with pytest.raises(OmegaConfBaseException) as whole:
+            _whole_tree(bad)
+        assert type(fast.value) is type(whole.value)
+        assert str(fast.value).splitlines()[0] == str(whole.value).splitlines()[0]
