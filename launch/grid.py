@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
         "else the grid's tracking_uri, else sqlite:///mlflow.db)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def placement_overrides(args: argparse.Namespace) -> list[str]:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics", default="", help="extra metric columns, comma-separated (e.g. cluster/cub/nmi)"
     )
     parser.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     grid = grid_from_args(args)
     if grid is None:
         return 2

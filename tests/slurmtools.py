@@ -44,8 +44,7 @@ def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def launch(
     workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """`python launch/grid.py ARGS --executor slurm` in `workdir` (overrides go right after the
-    grid file: launch/grid.py does not take them after options)."""
+    """`python launch/grid.py ARGS --executor slurm` in `workdir`."""
     return subprocess.run(
         [sys.executable, str(REPO / "launch" / "grid.py"), *args, "--executor", "slurm"],
         cwd=workdir,

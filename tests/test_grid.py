@@ -747,8 +747,10 @@ def slow_cli_runs(tmp_path_factory):
     runs = {
         "dry": (dry, start_cli(str(GRIDS / "table2b.yaml"), "--dry-run", "--json", "--smoke", cwd=dry)),
         "sweep": (sweep, start_cli(
-            str(GRIDS / "table2b.yaml"), "train.lr=1e-3,1e-4", "train.epochs=2,3", "--dry-run",
-            "--json", "--smoke", "--rows", "2b-7 [train.lr=0.001, train.epochs=2],2b-1", cwd=sweep,
+            str(GRIDS / "table2b.yaml"), "train.lr=1e-3,1e-4", "--dry-run", "--json", "--smoke",
+            "--rows", "2b-7 [train.lr=0.001, train.epochs=2],2b-1",
+            "train.epochs=2,3",  # overrides may follow the options too
+            cwd=sweep,
         )),
         "bad": (
             bad,
