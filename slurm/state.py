@@ -22,12 +22,13 @@ TERMINAL = {
 }
 
 
-def _waiting(words: list[str], start: str) -> bool:
-    """Pending, or cancelled before it ever started."""
+def _waiting(words: list[str], start: str, nodes: str) -> bool:
+    """Pending, or cancelled before it ever started (no node; sacct may still give a Start:
+    the moment of the cancel)."""
     if not words:
         return False
     return words[0] in ("PENDING", "REQUEUED") or (
-        words[0] == "CANCELLED" and start in ("", "None", "Unknown")
+        words[0] == "CANCELLED" and (start in ("", "None", "Unknown") or nodes.startswith("None"))
     )
 
 
@@ -87,7 +88,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             nodes="" if nodes.startswith("None") else nodes,
             # sacct keeps the last pending reason after the job started: only a pending job's,
             # or a job's cancelled before it started, says why it is (was) waiting
-            reason=reason if _waiting(words, start) and reason != "None" else "",
+            reason=reason if _waiting(words, start, nodes) and reason != "None" else "",
             start=start,
             end=end,
             cancelled_by=words[2] if len(words) > 2 and words[1] == "by" else "",

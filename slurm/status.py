@@ -100,8 +100,14 @@ def row_state(
     state = SLURM_TO_STATE.get(job.state, "pending")
     if job.state == "COMPLETED":
         return "failed", "SLURM says COMPLETED but the run never finished; see the job log"
-    if job.state == "CANCELLED" and not job.cancelled_by and "Dependency" in job.reason:
-        # cancelled by SLURM itself (--kill-on-invalid-dep), not by a user: a dependency failed
+    if (
+        job.state == "CANCELLED"
+        and not job.cancelled_by
+        and ("Dependency" in job.reason or not job.nodes)
+    ):
+        # cancelled by SLURM itself (--kill-on-invalid-dep), not by a user, before it started: a
+        # dependency failed (sacct keeps the pending reason "Dependency" only when the scheduler
+        # got to set it before the cancel)
         return "skipped", "a dependency failed; SLURM cancelled the job"
     return state, job.reason or None
 

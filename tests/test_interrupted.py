@@ -65,3 +65,27 @@ def test_status_of_a_failed_run_whose_job_slurm_requeued() -> None:
     # scancel'd and on its way out, or over: the failure stands
     assert row_state(failed, JobState("9", "COMPLETING"), None) == ("failed", "gloo reset")
     assert row_state(failed, JobState("9", "NODE_FAIL"), None) == ("failed", "gloo reset")
+
+
+def test_status_of_a_job_slurm_cancelled_because_a_dependency_failed() -> None:
+    """--kill-on-invalid-dep: SLURM cancels the job itself ("CANCELLED", no "by <uid>") before
+    it starts; sacct keeps the pending reason "Dependency" only when the scheduler set it
+    before the cancel, so a job never started counts too."""
+    waiting = record()
+    assert row_state(waiting, JobState("9", "CANCELLED", reason="Dependency"), None)[0] == (
+        "skipped"
+    )
+    assert row_state(waiting, JobState("9", "CANCELLED"), None)[0] == "skipped"
+    by_user = JobState("9", "CANCELLED", cancelled_by="0")
+    assert row_state(waiting, by_user, None)[0] == "cancelled"
+    started = JobState("9", "CANCELLED", nodes="n1")
+    assert row_state(waiting, started, None)[0] == "cancelled"
+
+
+def test_sacct_reason_is_kept_for_a_job_cancelled_before_it_started() -> None:
+    from slurm.state import _waiting
+
+    assert _waiting(["CANCELLED"], "2026-11-21T23:39:25", "None assigned")  # Start = the cancel
+    assert _waiting(["CANCELLED"], "Unknown", "")
+    assert not _waiting(["CANCELLED", "by", "0"], "2026-11-21T23:39:25", "n1")
+    assert _waiting(["PENDING"], "Unknown", "None assigned")
