@@ -168,6 +168,7 @@ class Grid:
     smoke: bool = False
     # A sweep override's rows: row id -> (id, label) of the grid row it is a variant of.
     sweep_of: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # as given to load_grid: status and table need the same
 
     def row(self, row_id: str) -> Row:
         return next(r for r in self.rows if r.id == row_id)
@@ -657,6 +658,7 @@ def load_grid(
         tracking_uri=grid_raw.get("tracking_uri"),
         smoke=smoke,
         sweep_of=sweep_of,
+        overrides=tuple(overrides),
     )
 
 

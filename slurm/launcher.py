@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -326,10 +327,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     for row in to_run:
         deps = ",".join(row.depends_on) or "-"
         print(f"  {row.id:<28} {row.label:<12} job {submitted[row.id]:<12} after {deps}")
-    print(
-        f"follow them with: python launch/status.py {grid.file}"
-        + (" --smoke" if grid.smoke else "")
-    )
+    print(f"follow them with: {status_command(grid)}")
     return 0
 
 
@@ -350,6 +348,13 @@ def _interrupts_raise() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def status_command(grid: Grid) -> str:
+    """The `launch/status.py` command line that shows this grid as it was launched: with the
+    same overrides (they change row keys) and --smoke, quoted for a shell."""
+    words = ["python", "launch/status.py", grid.file, *grid.overrides]
+    return shlex.join(words) + (" --smoke" if grid.smoke else "")
 
 
 def record_launch(

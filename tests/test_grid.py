@@ -910,3 +910,18 @@ def test_interpolated_matches_omegaconf_on_references_lists_resolvers_and_errors
             _whole_tree(bad)
         assert type(fast.value) is type(whole.value)
         assert str(fast.value).splitlines()[0] == str(whole.value).splitlines()[0]
+
+
+def test_status_hint_after_a_launch_repeats_its_overrides():
+    """The overrides change row keys (resources.nodes=2 does: world size): the hint printed
+    after a SLURM launch must show the rows as launched, quoted for a shell."""
+    from slurm.launcher import status_command
+
+    overrides = ["train.lr=1e-4", "resources.nodes=2", "resources.exclude='n3,n4'"]
+    grid = load_grid(
+        GRIDS / "table2b.yaml", overrides, smoke=True, check_data=False, check_models=False
+    )
+    assert status_command(grid) == (
+        f"python launch/status.py {grid.file} train.lr=1e-4 resources.nodes=2 "
+        "'resources.exclude='\"'\"'n3,n4'\"'\"'' --smoke"
+    )
