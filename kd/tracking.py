@@ -710,6 +710,11 @@ class RowRun:
                 delay = min(delay * 2, MAX_BACKOFF_S)
         return None
 
+    def finished_metrics(self) -> dict[str, float] | None:
+        """The run's latest metrics when it is FINISHED, else None."""
+        run = self._retry(self.client.get_run, self.run_id)
+        return dict(run.data.metrics) if run.info.status == "FINISHED" else None
+
     def start(self, tags: Mapping[str, str] | None = None, *, system_metrics: bool = False) -> None:
         """Mark the run RUNNING; with `system_metrics`, sample CPU, memory, disk, network and (with
         NVML) GPU utilisation and memory into `system/*` metrics until `finish`."""

@@ -139,6 +139,13 @@ def run(
     mlrun = tracking.RowRun(uri, run_id) if main and run_id else None
     out_dir = row.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = _finished_already(row, run_id, mlrun) if main else None
+    if accelerator.num_processes > 1:
+        done = broadcast_object_list([done], from_process=0)[0]
+    if done is not None:
+        log(f"[{row.id}] already finished in run {run_id}; nothing to do")
+        accelerator.end_training()
+        return done
     try:
         if mlrun:
             mlrun.start(
@@ -184,6 +191,23 @@ def run(
         mlrun.finish("FINISHED")
     accelerator.end_training()
     return result
+
+
+def _finished_already(row: Row, run_id: str | None, mlrun: Any) -> dict[str, float] | None:
+    """The final metrics when this row's run is FINISHED and its saved state is the last
+    epoch's, else None. A job killed after finishing can be started again by SLURM (a
+    requeue's SIGTERM is ignored by submitit until SLURM's kill wait is over, time enough to
+    finish a short row): it must not reopen the run nor train again."""
+    if mlrun is None:
+        return None
+    try:
+        info = json.loads((row.output_dir / STATE_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    epochs = row.config.train.epochs
+    if (info.get("run_id"), info.get("key"), info.get("epoch")) != (run_id, row.key, epochs):
+        return None
+    return mlrun.finished_metrics()
 
 
 def _print(message: str) -> None:

@@ -567,3 +567,28 @@ def test_corrupt_image_is_skipped_and_counted_when_the_grid_says_so(
     fault.detail = (
         "data.skip_corrupt: the image left out and counted (data/skipped_images), the row finished"
     )
+
+
+def test_a_finished_row_started_again_leaves_its_run_alone(tmp_path, one_thread, capsys):
+    """SLURM may start a job again after it finished (a requeue's SIGTERM is ignored by
+    submitit until the kill wait ends, long enough to finish a short row): the second start
+    must neither reopen the run nor train."""
+    data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
+    row = tiny_row(tmp_path, Path(data.root), epochs=2)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = new_run(uri, row, tmp_path / "artifacts")
+    first = train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    client = MlflowClient(tracking_uri=uri)
+    before = client.get_run(run_id)
+    state_written = (row.output_dir / train.STATE_FILE).stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    assert "already finished in run" in capsys.readouterr().out
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags["kdgrid.started_at_ms"] == before.data.tags["kdgrid.started_at_ms"]
+    assert (row.output_dir / train.STATE_FILE).stat().st_mtime_ns == state_written
+    assert again["val/acc1"] == first["val/acc1"]
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val/acc1"))
+    assert steps == [1, 2]

@@ -586,7 +586,10 @@ def test_relaunch_while_queued_submits_nothing_and_cancel_kills(
 # 6-7. Requeue (scontrol requeue) and a time limit: resume into the same run, epochs once each
 # --------------------------------------------------------------------------------------------
 
-REQUEUE_EPOCHS = 40  # well under a second each on a quiet box: still running when requeued
+# Well under a second each on a quiet box. After `scontrol requeue` the job trains on until
+# SLURM's kill wait ends (submitit ignores the SIGTERM): at 0.15 s an epoch a 40-epoch row
+# requeued at epoch 9 finished in that wait, and there was nothing left to resume.
+REQUEUE_EPOCHS = 100
 # The time-limited row trains for about this long at the pace measured on the requeue row. The
 # first USR2 of a 1-minute limit comes 15-45 s after the start (15 s ahead of the limit, plus
 # up to 30 s of slurmctld's timer); each later run starts just after a signal and is signalled
@@ -658,6 +661,7 @@ def test_requeued_job_resumes_into_the_same_run(resume: Resume, fault) -> None:
     assert 6 <= epoch < REQUEUE_EPOCHS - 10, f"requeued at epoch {epoch}"
     rows = wait_for_rows(workdir, "requeue.yaml")
     assert rows["R-1"]["epoch"] == REQUEUE_EPOCHS
+    records = wait_sacct_done([job_id])  # the job's last run is over, not just the row
     run_ = only_run(workdir, "kd-test-requeue")
     assert run_.info.run_id == run_id and run_.info.status == "FINISHED"
     assert_each_epoch_once(workdir, run_id, REQUEUE_EPOCHS)
@@ -665,7 +669,6 @@ def test_requeued_job_resumes_into_the_same_run(resume: Resume, fault) -> None:
     assert "DUE TO JOB REQUEUE" in log, log[-3000:]
     resumed = [int(k) for k in re.findall(rf"resuming after epoch (\d+)/{REQUEUE_EPOCHS}", log)]
     assert len(resumed) == 1 and epoch <= resumed[0] < REQUEUE_EPOCHS, (epoch, resumed)
-    records = wait_sacct_done([job_id])
     assert records[job_id]["State"] == "COMPLETED"
     assert len(sacct([job_id], duplicates=True)) == 2, "sacct shows no second run of the job"
     fault.where, fault.lost = "slurm", 0  # every epoch logged once, in the same run
