@@ -751,7 +751,9 @@ def _compose_row(
     return resolved
 
 
-_REFERENCE = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*")
+_REFERENCE = re.compile(r"[^\s${}:,'\"\[\]()=]+")  # a key path, or a word of a resolver's text
+# a relative key (`${.x}`, `${oc.select:.x,0}`) or a quoted argument: resolve on the whole tree
+_WHOLE_TREE = re.compile(r"[{:,\s]\.|['\"]")
 
 
 def _interpolated(tree: dict[str, Any]) -> dict[str, Any]:
@@ -760,19 +762,20 @@ def _interpolated(tree: dict[str, Any]) -> dict[str, Any]:
     OmegaConf resolves on a node it builds of the whole tree, and building one of a row's ~90
     keys was half the time to validate a large grid. This builds it of what takes part only:
     the strings holding `${`, and the keys their text names (a superset of what they reference;
-    a relative reference, `${.x}`, takes the whole tree). Same values, same errors, same keys.
+    a relative reference, `${.x}`, or a quoted argument takes the whole tree). Same values,
+    same errors, same keys.
     """
     strings = [(path, v) for path, v in _leaves(tree) if isinstance(v, str) and "${" in v]
     if not strings:
         return _copy(tree)
     part: dict[str, Any] = {}
-    if any("${." in text for _, text in strings):
+    if any(_WHOLE_TREE.search(text) for _, text in strings):
         part = tree
     else:
         for path, text in strings:
             _put(part, path, text)
             for name in _REFERENCE.findall(text):
-                found, value = _lookup(tree, name.split("."))
+                found, value = _lookup(tree, name.strip(".").split("."))
                 if found:
                     _put(part, tuple(name.split(".")), _copy(value))
     values = OmegaConf.to_container(OmegaConf.create(part), resolve=True)

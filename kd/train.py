@@ -207,7 +207,13 @@ def _finished_already(row: Row, run_id: str | None, mlrun: Any) -> dict[str, flo
     epochs = row.config.train.epochs
     if (info.get("run_id"), info.get("key"), info.get("epoch")) != (run_id, row.key, epochs):
         return None
-    return mlrun.finished_metrics()
+    try:
+        metrics = mlrun.finished_metrics()
+    except Exception:  # noqa: BLE001 - the store away: carry on, the normal path reports it
+        return None
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if not k.startswith(("system/", "model/"))}
 
 
 def _print(message: str) -> None:

@@ -35,20 +35,25 @@ def never_queued(record: RunRecord) -> bool:
     )
 
 
-def launcher_gone(record: RunRecord) -> bool:
-    """The launcher that created this run ran on this machine and has exited."""
+def _launcher_here(record: RunRecord) -> bool | None:
+    """Is the launcher that created this run alive? None when it ran on another machine."""
     import os
     import socket
 
     if record.tags.get(f"{TAG}.launch_host") != socket.gethostname():
-        return False  # another machine's launch: cannot tell
+        return None
     try:
         os.kill(int(record.tags.get(f"{TAG}.launcher_pid", "")), 0)
     except (ProcessLookupError, ValueError):
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
+
+
+def launcher_gone(record: RunRecord) -> bool:
+    """The launcher that created this run ran on this machine and has exited."""
+    return _launcher_here(record) is False
 
 
 def read_journal(roots: Iterable[Path]) -> dict[str, str]:
@@ -85,7 +90,14 @@ def recover(grid: Grid, latest: Mapping[str, RunRecord], tracker: Tracker) -> di
     """`latest` with every interrupted submission settled (see the module docstring)."""
     from slurm.state import cancel
 
-    unqueued = {key: r for key, r in latest.items() if never_queued(r)}
+    # this grid's runs only (an experiment may hold other grids), and not those of a launcher
+    # still running here (a launch of this grid into another output folder: another lock)
+    keys = {row.key for row in grid.rows}
+    unqueued = {
+        key: r
+        for key, r in latest.items()
+        if key in keys and never_queued(r) and _launcher_here(r) is not True
+    }
     if not unqueued:
         return dict(latest)
     roots = {Path(row.config.output_dir) for row in grid.rows}

@@ -43,8 +43,12 @@ class Liveness:
     def __init__(self, latest: dict[str, RunRecord]):
         from slurm.state import job_states
 
-        slurm_runs = [r for r in latest.values() if r.tags.get("kdgrid.executor") == "slurm"]
-        self.states = job_states(r.job_id for r in slurm_runs if r.job_id)
+        slurm_runs = [
+            r
+            for r in latest.values()
+            if r.tags.get("kdgrid.executor") == "slurm" and r.status != "FINISHED" and r.job_id
+        ]
+        self.states = job_states(r.job_id for r in slurm_runs)
 
     def alive(self, record: RunRecord) -> bool:
         """An open (SCHEDULED/RUNNING) run whose process or job is still there."""
@@ -56,12 +60,13 @@ class Liveness:
         return state is None or not state.terminal
 
     def requeued(self, record: RunRecord) -> bool:
-        """A failed SLURM run whose job is queued again (NODE_FAIL, preemption): it will run
-        again, into the same run, so it must not be submitted a second time."""
+        """A failed SLURM run whose job SLURM still holds: requeued (a lost node, a preemption)
+        and so to run again into the same run, or still winding down (COMPLETING, the other
+        ranks of a multi-node job). Either way a second job must not start on the row yet."""
         if record.tags.get("kdgrid.executor") != "slurm" or not record.job_id:
             return False
         state = self.states.get(record.job_id)
-        return state is not None and state.queued
+        return state is not None and not state.terminal
 
 
 def describe(decisions: list[Decision]) -> None:
@@ -308,10 +313,12 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
                 on_queued=record_queued,
             )
     except BaseException as exc:  # KeyboardInterrupt included: nothing may stay half-queued
+        cancel(submitted.values())
         # and a job whose sbatch returned just as the interrupt came, not yet in `submitted`
         roots = [Path(row.config.output_dir) for row in to_run]
         known = [*submitted.values(), *prepared.active_deps.values()]
-        cancel({*submitted.values(), *stray_jobs(roots, known)})
+        with contextlib.suppress(Exception):  # the next launch looks for strays again
+            cancel(stray_jobs(roots, known))
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         for row in to_run:
             tracker.mark(
@@ -327,22 +334,26 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     for row in to_run:
         deps = ",".join(row.depends_on) or "-"
         print(f"  {row.id:<28} {row.label:<12} job {submitted[row.id]:<12} after {deps}")
-    print(f"follow them with: {status_command(grid)}")
+    print(f"follow them with: {status_command(grid, options.tracking_uri)}")
     return 0
 
 
 @contextlib.contextmanager
 def _interrupts_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal or SSH session) raise KeyboardInterrupt, as Ctrl-C
-    does, so that a submission cut short cleans up after itself."""
+    does, so that a submission cut short cleans up after itself. A signal the user chose to
+    ignore (`nohup`) stays ignored."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    previous = {}
     try:
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is signal.SIG_DFL:  # `nohup` ignores SIGHUP: keep that
+                previous[signum] = signal.signal(signum, interrupt)
     except ValueError:  # not the main thread: signals cannot be handled here
-        previous = {}
+        pass
     try:
         yield
     finally:
@@ -350,11 +361,15 @@ def _interrupts_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def status_command(grid: Grid) -> str:
+def status_command(grid: Grid, tracking_uri: str | None = None) -> str:
     """The `launch/status.py` command line that shows this grid as it was launched: with the
-    same overrides (they change row keys) and --smoke, quoted for a shell."""
+    same overrides (they change row keys), --smoke and --tracking-uri, quoted for a shell."""
     words = ["python", "launch/status.py", grid.file, *grid.overrides]
-    return shlex.join(words) + (" --smoke" if grid.smoke else "")
+    if grid.smoke:
+        words.append("--smoke")
+    if tracking_uri:
+        words += ["--tracking-uri", tracking_uri]
+    return shlex.join(words)
 
 
 def record_launch(

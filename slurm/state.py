@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -46,11 +47,6 @@ class JobState:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
-
-    @property
-    def queued(self) -> bool:
-        """Waiting or running, and not on its way out (COMPLETING after an scancel)."""
-        return not self.terminal and self.state != "COMPLETING"
 
 
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
@@ -166,7 +162,8 @@ def queued_jobs_logging_under(folder: Path) -> set[str]:
     found = set()
     for line in out.splitlines():
         fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
-        if fields.get("JobState") in TERMINAL or not fields.get("StdOut", "").startswith(prefix):
+        stdout = re.search(r"\bStdOut=(.*?)(?= [A-Za-z:]+=|$)", line)  # a path may hold spaces
+        if fields.get("JobState") in TERMINAL or not (stdout and stdout[1].startswith(prefix)):
             continue
         found.add(fields.get("ArrayJobId") or fields.get("JobId", ""))
     return found - {""}

@@ -76,10 +76,12 @@ def row_state(
     reason = record.tags.get(f"{TAG}.failure_reason")
     if record.status == "FINISHED":
         return "finished", None
-    if record.status in ("FAILED", "KILLED") and job is not None and job.queued:
-        # the run failed with its job (a node lost), and SLURM requeued the job: it runs again
+    if record.status in ("FAILED", "KILLED") and job is not None and not job.terminal:
+        # the run failed but its job is still in SLURM: requeued (a node lost), to run again,
+        # or winding down (COMPLETING); a launch leaves the row alone meanwhile
         state = SLURM_TO_STATE.get(job.state, "pending")
-        return state, f"requeued by SLURM after: {reason or record.status.lower()}"
+        why = f"{job.state.lower()}{', ' + job.reason if job.reason else ''}"
+        return state, f"its job is still in SLURM ({why}) after: {reason or record.status.lower()}"
     if record.status == "FAILED":
         if job is not None and job.state in ("TIMEOUT", "DEADLINE"):
             return "timeout", reason
@@ -210,10 +212,17 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
     if experiment_id is None:
         return []
     latest = tracker.latest_by_key(experiment_id)
+    # a FAILED/KILLED run whose job SLURM still holds (requeued, or held) is cancelled too
+    held = job_states(
+        r.job_id for r in latest.values() if r.status in ("FAILED", "KILLED") and r.job_id
+    )
     cancelled, job_ids = [], []
     for row in rows:
         record = latest.get(row.key)
-        if record is None or record.status not in ("SCHEDULED", "RUNNING"):
+        if record is None:
+            continue
+        still_in_slurm = record.job_id in held and not held[record.job_id].terminal
+        if record.status not in ("SCHEDULED", "RUNNING") and not still_in_slurm:
             continue
         if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
             job_ids.append(record.job_id)

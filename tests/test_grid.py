@@ -896,6 +896,10 @@ def test_interpolated_matches_omegaconf_on_references_lists_resolvers_and_errors
         {"x": {"y": 2, "z": "${.y}"}, "w": "${x.z}"},  # relative: the whole tree
         {"chain": "${mid}", "mid": "${end}", "end": "e", "untouched": [1, {"k": "v"}]},
         {"data-set": {"my-root": "r"}, "ref": "${data-set.my-root}"},
+        {"train": {"lr": "${oc.select:.base,0.1}", "base": 0.5}},  # relative, in a resolver
+        {"x": 1, "y": "${ .x}"},
+        {"t": {"x y": 1}, "v": "${oc.select:'t.x y',0}"},  # quoted argument
+        {"été": 2, "7x": 3, "a": "${été}-${7x}"},
     ]
     for tree in trees:
         assert _interpolated(tree) == _whole_tree(tree), tree
@@ -924,4 +928,7 @@ def test_status_hint_after_a_launch_repeats_its_overrides():
     assert status_command(grid) == (
         f"python launch/status.py {grid.file} train.lr=1e-4 resources.nodes=2 "
         "'resources.exclude='\"'\"'n3,n4'\"'\"'' --smoke"
+    )
+    assert status_command(grid, "http://127.0.0.1:5000").endswith(
+        "--smoke --tracking-uri http://127.0.0.1:5000"
     )

@@ -59,11 +59,12 @@ def test_status_of_a_failed_run_whose_job_slurm_requeued() -> None:
     requeued = JobState("9", "PENDING", reason="BeginTime")
     assert row_state(failed, requeued, None) == (
         "pending",
-        "requeued by SLURM after: gloo reset",
+        "its job is still in SLURM (pending, BeginTime) after: gloo reset",
     )
     assert row_state(failed, JobState("9", "RUNNING"), None)[0] == "running"
-    # scancel'd and on its way out, or over: the failure stands
-    assert row_state(failed, JobState("9", "COMPLETING"), None) == ("failed", "gloo reset")
+    # winding down (the other ranks, SLURM's kill wait): still there, so not to be rerun yet
+    assert row_state(failed, JobState("9", "COMPLETING"), None)[0] == "running"
+    # over: the failure stands
     assert row_state(failed, JobState("9", "NODE_FAIL"), None) == ("failed", "gloo reset")
 
 
@@ -89,3 +90,24 @@ def test_sacct_reason_is_kept_for_a_job_cancelled_before_it_started() -> None:
     assert _waiting(["CANCELLED"], "Unknown", "")
     assert not _waiting(["CANCELLED", "by", "0"], "2026-11-21T23:39:25", "n1")
     assert _waiting(["PENDING"], "Unknown", "None assigned")
+
+
+def test_submission_interrupts_leave_an_ignored_signal_ignored() -> None:
+    """`nohup python launch/grid.py ... &` then logging out: SIGHUP is ignored and must stay
+    so, or the submission would be cancelled; SIGTERM (default) raises like Ctrl-C."""
+    import signal
+
+    import pytest
+
+    from slurm.launcher import _interrupts_raise
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _interrupts_raise():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing happens
+            with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
