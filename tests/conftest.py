@@ -42,6 +42,16 @@ def table2b_smoke(tmp_path_factory):
     return workdir, result
 
 
+@pytest.fixture(scope="module")
+def epoch_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder copy with 64 training images (4 classes), for SLURM rows: epochs long
+    enough (8 steps) to be timed by their compute rather than by the per-epoch bookkeeping
+    (state file, MLflow), which swings with the box's load."""
+    from slurmtools import generate_data
+
+    return generate_data(tmp_path_factory.mktemp("epoch-data") / "data", 16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fault injection: every test that takes the `fault` fixture is one case of the summary printed
 # at the end of the session (cases tried, survived, data lost).

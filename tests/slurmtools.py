@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 NODES = {"n1", "n2"}
 ACTIVE_STATES = ("pending", "running", "preempted")
 TINY_MODEL = "test_resnet"  # timm's ~0.2M-parameter ResNet: an epoch of 16 images in < 1 s
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_slurm() -> None:
+    """Skip the calling test module when SLURM is not installed, except in CI (CI=true), where
+    a missing cluster must fail its tests instead. Call it at module level."""
+    if shutil.which("sbatch") is None and not IN_CI:
+        pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +94,13 @@ def queued_jobs(root: Path) -> dict[str, tuple[str, str]]:
         if Path(workdir).is_relative_to(root):
             jobs[job_id] = (state, reason)
     return jobs
+
+
+def cancel_leftover_jobs(root: Path) -> None:
+    """Whatever a failed test left queued under `root` is cancelled, by job id, ours only."""
+    leftover = queued_jobs(root)
+    if leftover:
+        run("scancel", *sorted(leftover))
 
 
 def jobs_submitted_from(workdir: Path) -> set[str]:

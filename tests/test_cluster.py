@@ -7,18 +7,14 @@ skips: a cluster that is down makes these tests fail.
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from slurmtools import IN_CI, require_slurm
 
-IN_CI = os.environ.get("CI") == "true"
-
-if shutil.which("sbatch") is None and not IN_CI:
-    pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
+require_slurm()
 
 pytestmark = pytest.mark.slurm
 

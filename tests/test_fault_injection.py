@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +39,13 @@ from slurmtools import (
     REPO,
     assert_each_epoch_once,
     audit_rows,
+    cancel_leftover_jobs,
     cli_env,
-    generate_data,
     launch,
     mlflow_client,
     queued_jobs,
     release_held,
+    require_slurm,
     row_runs,
     run,
     sacct,
@@ -56,10 +56,7 @@ from slurmtools import (
     write_grid,
 )
 
-IN_CI = os.environ.get("CI") == "true"
-
-if shutil.which("sbatch") is None and not IN_CI:
-    pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
+require_slurm()
 
 pytestmark = pytest.mark.slurm
 
@@ -70,16 +67,8 @@ PAUSE_S = 8  # KDGRID_INJECT_SUBMIT_PAUSE_S: the launcher waits this long after 
 
 @pytest.fixture(scope="module", autouse=True)
 def _cancel_our_jobs_at_the_end(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.getbasetemp()
     yield
-    leftover = queued_jobs(root)
-    if leftover:
-        run("scancel", *sorted(leftover))
-
-
-@pytest.fixture(scope="module")
-def epoch_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_data(tmp_path_factory.mktemp("fault-data") / "data", 16)
+    cancel_leftover_jobs(tmp_path_factory.getbasetemp())
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from slurmtools import (
     REPO,
     assert_each_epoch_once,
     by_label,
+    cancel_leftover_jobs,
     cli_env,
     generate_data,
     hostnames,
@@ -51,6 +52,7 @@ from slurmtools import (
     only_run,
     parse_time,
     queued_jobs,
+    require_slurm,
     row_runs,
     run,
     sacct,
@@ -64,10 +66,7 @@ from slurmtools import (
     write_grid,
 )
 
-IN_CI = os.environ.get("CI") == "true"
-
-if shutil.which("sbatch") is None and not IN_CI:
-    pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
+require_slurm()
 
 pytestmark = pytest.mark.slurm
 
@@ -86,25 +85,14 @@ EDGES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _cancel_our_jobs_at_the_end(tmp_path_factory: pytest.TempPathFactory):
-    """Whatever a failed test left queued is cancelled, by job id, ours only."""
-    root = tmp_path_factory.getbasetemp()
     yield
-    leftover = queued_jobs(root)
-    if leftover:
-        run("scancel", *sorted(leftover))
+    cancel_leftover_jobs(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageFolder copy in the real layout: 4 classes, 16 training and 8 test images."""
     return generate_data(tmp_path_factory.mktemp("tiny-data") / "data", 4)
-
-
-@pytest.fixture(scope="module")
-def epoch_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """64 training images: epochs long enough (8 steps) to be timed by their compute rather
-    than by the per-epoch bookkeeping (state file, MLflow), which swings with the box's load."""
-    return generate_data(tmp_path_factory.mktemp("epoch-data") / "data", 16)
 
 
 # --------------------------------------------------------------------------------------------
