@@ -193,6 +193,18 @@ def run(
     return result
 
 
+def saved_state_info(row: Row, run_id: str | None) -> dict[str, Any] | None:
+    """What the row's folder says of its saved state (state.json: run id, key, epoch), when
+    that state is this run's and this row's (same content key); else None. Read without torch."""
+    try:
+        info = json.loads((row.output_dir / STATE_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("run_id") != run_id or info.get("key") != row.key:
+        return None
+    return info
+
+
 def _finished_already(row: Row, run_id: str | None, mlrun: Any) -> dict[str, float] | None:
     """The final metrics when this row's run is FINISHED and its saved state is the last
     epoch's, else None. A job killed after finishing can be started again by SLURM (a
@@ -200,12 +212,8 @@ def _finished_already(row: Row, run_id: str | None, mlrun: Any) -> dict[str, flo
     finish a short row): it must not reopen the run nor train again."""
     if mlrun is None:
         return None
-    try:
-        info = json.loads((row.output_dir / STATE_INFO_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    epochs = row.config.train.epochs
-    if (info.get("run_id"), info.get("key"), info.get("epoch")) != (run_id, row.key, epochs):
+    info = saved_state_info(row, run_id)
+    if info is None or info.get("epoch") != row.config.train.epochs:
         return None
     try:
         metrics = mlrun.finished_metrics()

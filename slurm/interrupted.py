@@ -74,14 +74,17 @@ def read_journal(roots: Iterable[Path]) -> dict[str, str]:
     return jobs
 
 
-def stray_jobs(roots: Iterable[Path], known: Iterable[str]) -> set[str]:
-    """Live jobs logging under the grid's `slurm/` folders that neither the journal nor
-    `known` (job ids, array tasks or whole arrays) accounts for: queued by a launch that never
-    recorded them."""
+def stray_jobs(
+    roots: Iterable[Path], known: Iterable[str], journal: Mapping[str, str] | None = None
+) -> set[str]:
+    """Live jobs logging under the grid's `slurm/` folders that neither the journal (read
+    from `roots` unless given) nor `known` (job ids, array tasks or whole arrays) accounts
+    for: queued by a launch that never recorded them."""
     from slurm.state import queued_jobs_logging_under
 
     roots = list(roots)
-    recorded = {job.split("_")[0] for job in [*read_journal(roots).values(), *known]}
+    journal = read_journal(roots) if journal is None else journal
+    recorded = {job.split("_")[0] for job in [*journal.values(), *known]}
     live = set().union(*(queued_jobs_logging_under(root / "slurm") for root in roots))
     return live - recorded
 
@@ -111,7 +114,7 @@ def recover(grid: Grid, latest: Mapping[str, RunRecord], tracker: Tracker) -> di
         for key, r in found.items():
             settled[key] = replace(r, tags={**r.tags, f"{TAG}.job_id": journal[r.run_id]})
     known = {r.job_id for r in settled.values() if r.job_id}
-    stray = stray_jobs(roots, known)
+    stray = stray_jobs(roots, known, journal)
     cancel(stray)
     lost = [r for key, r in unqueued.items() if key not in found]
     for r in lost:

@@ -241,18 +241,14 @@ def resumable_run(decision: Decision) -> str | None:
     """The run of a row that crashed (killed, node lost, time out of requeues) after saving
     state: rerunning it resumes from that state into the same run instead of starting over.
     `--force` starts over."""
-    from kd.train import STATE_INFO_FILE
+    from kd.train import saved_state_info
 
     previous = decision.previous
     if previous is None or previous.status == "FINISHED":
         return None
-    try:
-        info = json.loads((decision.row.output_dir / STATE_INFO_FILE).read_text())
-    except (OSError, ValueError):
+    if saved_state_info(decision.row, previous.run_id) is None:
         return None
-    if info.get("run_id") == previous.run_id and info.get("key") == decision.row.key:
-        return previous.run_id
-    return None
+    return previous.run_id
 
 
 def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
