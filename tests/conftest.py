@@ -85,8 +85,13 @@ def fault(request: pytest.FixtureRequest) -> FaultOutcome:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     outcome = getattr(item, "fault_outcome", None)
-    if outcome is not None and (report.when == "call" or report.failed):
-        outcome.survived = report.passed if outcome.survived is not False else False
+    # the test's own result, or a failure in setup or teardown; once False it stays False
+    if (
+        outcome is not None
+        and (report.when == "call" or report.failed)
+        and outcome.survived is not False
+    ):
+        outcome.survived = report.passed
     return report
 
 
