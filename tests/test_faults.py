@@ -40,7 +40,7 @@ from slurm.job import write_row_file
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-EPOCHS = 6
+EPOCHS = 12  # the kill lands 0-2 epochs after epoch 2 is seen: room to spare
 
 GRID = """\
 name: faults
