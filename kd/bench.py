@@ -566,8 +566,9 @@ def data_benchmark(
     log(f"reading {n_batches} batches of {bs} with {data.num_workers} workers")
     start = time.perf_counter()
     it = iter(train_loader)
-    next(it)
+    x, _y = next(it)
     first = time.perf_counter() - start
+    batch_dtype, bytes_per_image = str(x.dtype).removeprefix("torch."), x[0].nbytes
     images = 0
     start = time.perf_counter()
     for _ in range(n_batches - 1):
@@ -588,6 +589,8 @@ def data_benchmark(
         "auto_augment": cfg.train.auto_augment,
         "batches": n_batches,
         "first_batch_s": first,
+        "batch_dtype": batch_dtype,  # normalised on the training device (kd.data.BatchNormalize)
+        "bytes_per_image": bytes_per_image,
         "loader_img_per_s": rate,
         "per_worker_img_per_s": rate / max(1, data.num_workers),
         **machine(),
@@ -605,7 +608,8 @@ def format_data(r: dict[str, Any]) -> str:
         f"({r['images_in_split']} training images)",
         f"  batch {r['batch_size']} x {r['img_size']} px, {r['workers']} workers, "
         f"RandAugment {r['auto_augment']}, load {r['load_avg_1m']}",
-        f"  loader        {r['loader_img_per_s']:9.1f} img/s  (first batch {r['first_batch_s']:.2f} s)",
+        f"  loader        {r['loader_img_per_s']:9.1f} img/s  (first batch {r['first_batch_s']:.2f} s; "
+        f"{r['batch_dtype']} images, {r['bytes_per_image'] / 1e6:.2f} MB each)",
     ]
     if "demand_img_per_s" in r:
         verdict = "keeps up" if r["keeps_up"] else "does NOT keep up"

@@ -63,6 +63,9 @@ class Built:
     mixup: Callable | None
     teacher_renorm: tuple[torch.Tensor, torch.Tensor] | None
     num_classes: int
+    # The loaders give uint8 batches; these make them the student's input on the device.
+    train_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    test_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class DistillationStep(torch.nn.Module):
@@ -365,6 +368,7 @@ def build(row: Row, accelerator: Any) -> Built:
     if generator is None:
         generator = torch.Generator()
     mixup = D.build_mixup(num_classes, cfg.train.mixup, cfg.train.cutmix, cfg.train.label_smoothing)
+    train_normalize, test_normalize = batch_normalizers(cfg, models.student_data)
     return Built(
         student=models.student,
         teacher=models.teacher,
@@ -375,12 +379,15 @@ def build(row: Row, accelerator: Any) -> Built:
         mixup=mixup,
         teacher_renorm=models.teacher_renorm,
         num_classes=num_classes,
+        train_normalize=train_normalize,
+        test_normalize=test_normalize,
     )
 
 
-def eval_transform(cfg: C.RowConfig, normal: dict[str, Any]) -> Any:
+def eval_transform(cfg: C.RowConfig, normal: dict[str, Any], *, uint8: bool = False) -> Any:
     """The row's evaluation transform for a model with normalisation `normal` (kd.models.data_config):
-    resize and centre crop (or squash) as the recipe says. Used for test sets and clustering."""
+    resize and centre crop (or squash) as the recipe says. Used for test sets and clustering.
+    `uint8`: see `kd.data.build_transforms`."""
     from kd import data as D
 
     return D.build_transforms(
@@ -391,13 +398,24 @@ def eval_transform(cfg: C.RowConfig, normal: dict[str, Any]) -> Any:
         crop_pct=cfg.train.eval_crop_pct,
         crop_mode=cfg.train.eval_crop_mode,
         interpolation=normal.get("interpolation", "bicubic"),
+        uint8=uint8,
     )
+
+
+def batch_normalizers(cfg: C.RowConfig, student_data: dict[str, Any]) -> tuple[Any, Any]:
+    """(train, test): what the uint8 batches of `build_loaders` go through once on the device,
+    the student's normalisation and, for training, the recipe's random erasing."""
+    from kd import data as D
+
+    mean, std = student_data["mean"], student_data["std"]
+    return D.BatchNormalize(mean, std, re_prob=cfg.train.re_prob), D.BatchNormalize(mean, std)
 
 
 def build_loaders(
     row: Row, spec: Any, student_data: dict[str, Any]
 ) -> tuple[DataLoader, DataLoader]:
-    """The training and test loaders of a row, with the student's input normalisation."""
+    """The training and test loaders of a row. Their batches are uint8 images: normalisation
+    and random erasing happen on the device (`batch_normalizers`)."""
     from kd import data as D
 
     cfg = row.config
@@ -408,10 +426,10 @@ def build_loaders(
         std=student_data["std"],
         auto_augment=cfg.train.auto_augment,
         hflip=cfg.train.hflip,
-        re_prob=cfg.train.re_prob,
         interpolation=student_data.get("interpolation", "bicubic"),
+        uint8=True,
     )
-    transforms = {"train": train_tf, "test": eval_transform(cfg, student_data)}
+    transforms = {"train": train_tf, "test": eval_transform(cfg, student_data, uint8=True)}
     datasets = {  # both splits are read before either loader is built
         split: D.load_split(spec, split, transform=tf, skip_corrupt=cfg.data.skip_corrupt)
         for split, tf in transforms.items()
@@ -679,6 +697,7 @@ def train_step(parts: StepParts, images: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -> dict[str, float]:
+    from kd import data as D
     from kd.evaluate import evaluate
 
     cfg = row.config
@@ -691,6 +710,10 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         parts.ema,
     )
     train_loader, test_loader = accelerator.prepare(built.train_loader, built.test_loader)
+    if built.train_normalize is not None:
+        train_loader = D.NormalizedBatches(train_loader, built.train_normalize)
+    if built.test_normalize is not None:
+        test_loader = D.NormalizedBatches(test_loader, built.test_normalize)
     # Counted on the prepared loader: with several processes each one iterates its shard only.
     steps_per_epoch, updates_per_epoch = epoch_length(len(train_loader), tcfg)
     scheduler = parts.scheduler = build_scheduler(tcfg, parts.raw_optimizer, updates_per_epoch)

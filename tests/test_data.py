@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from PIL import Image
 
 from kd.data import (
     DATASETS,
+    BatchNormalize,
     DatasetError,
     DatasetSpec,
+    NormalizedBatches,
     build_loader,
     build_mixup,
     build_transforms,
@@ -163,6 +166,49 @@ def test_transforms_give_the_requested_tensor_shape(copies):
     wide.paste((10, 10, 200), (54, 0, 60, 30))
     squashed, cropped = squash(wide)[:, 12, -1], evaluate(wide)[:, 12, -1]
     assert squashed[2] > squashed[0] and cropped[0] > cropped[2]
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_pipeline(copies):
+    """The loaders' uint8 images + BatchNormalize give what ToTensor + Normalize gave."""
+    data = load_split(copies["cub"], "test")
+    as_float = build_transforms(train=False, img_size=24, mean=MEAN, std=STD)
+    as_uint8 = build_transforms(train=False, img_size=24, mean=MEAN, std=STD, uint8=True)
+    images = [data[i][0] for i in range(4)]
+    batch = torch.stack([as_uint8(image) for image in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 24, 24)
+    expected = torch.stack([as_float(image) for image in images])
+    torch.testing.assert_close(BatchNormalize(MEAN, STD)(batch), expected, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        BatchNormalize(MEAN, STD)(expected)
+
+
+def test_random_erasing_on_the_device_is_seeded_by_the_training_process():
+    batch = torch.full((6, 3, 32, 32), 128, dtype=torch.uint8)
+    clean = BatchNormalize(MEAN, STD)(batch)
+    erase = BatchNormalize(MEAN, STD, re_prob=1.0)
+
+    def erased() -> torch.Tensor:
+        torch.manual_seed(3)
+        random.seed(3)
+        return erase(batch)
+
+    first = erased()
+    changed = (first != clean).flatten(1).any(dim=1)
+    assert changed.all(), "re_prob=1 erases a block of every image"
+    assert ((first != clean).float().mean() < 0.5).item(), "a block, not the whole image"
+    torch.testing.assert_close(erased(), first, rtol=0, atol=0)  # same seeds, same erasing
+
+
+def test_normalized_batches_wrap_a_loader(copies):
+    transform = build_transforms(train=False, img_size=16, mean=MEAN, std=STD, uint8=True)
+    data = load_split(copies["cifar10"], "test", transform=transform)
+    loader = build_loader(data, batch_size=4, train=False, num_workers=0)
+    wrapped = NormalizedBatches(loader, BatchNormalize(MEAN, STD))
+    assert len(wrapped) == len(loader) and wrapped.dataset is data and wrapped.batch_size == 4
+    for (images, labels), (raw, raw_labels) in zip(wrapped, loader, strict=True):
+        assert images.dtype == torch.float32 and raw.dtype == torch.uint8
+        assert torch.equal(labels, raw_labels)
+        torch.testing.assert_close(images, (raw.float() / 255 - 0.5) / 0.25)
 
 
 def test_mixup_only_when_an_alpha_is_set():
