@@ -575,6 +575,13 @@ def data_benchmark(
         x, _y = next(it)
         images += x.shape[0]
     elapsed = time.perf_counter() - start
+    # The next epoch, as the loop starts it: its workers persist, but its first batch is
+    # still assembled from scratch (a DataLoader does not prefetch across epochs).
+    train_loader.dataset.seed_augmentations(cfg.train.seed, 1)
+    start = time.perf_counter()
+    it = iter(train_loader)
+    next(it)
+    next_epoch = time.perf_counter() - start
     del it
     rate = images / elapsed
     result: dict[str, Any] = {
@@ -589,6 +596,7 @@ def data_benchmark(
         "auto_augment": cfg.train.auto_augment,
         "batches": n_batches,
         "first_batch_s": first,
+        "next_epoch_first_batch_s": next_epoch,
         "batch_dtype": batch_dtype,  # normalised on the training device (kd.data.BatchNormalize)
         "bytes_per_image": bytes_per_image,
         "loader_img_per_s": rate,
@@ -608,8 +616,10 @@ def format_data(r: dict[str, Any]) -> str:
         f"({r['images_in_split']} training images)",
         f"  batch {r['batch_size']} x {r['img_size']} px, {r['workers']} workers, "
         f"RandAugment {r['auto_augment']}, load {r['load_avg_1m']}",
-        f"  loader        {r['loader_img_per_s']:9.1f} img/s  (first batch {r['first_batch_s']:.2f} s; "
-        f"{r['batch_dtype']} images, {r['bytes_per_image'] / 1e6:.2f} MB each)",
+        f"  loader        {r['loader_img_per_s']:9.1f} img/s  ({r['batch_dtype']} images, "
+        f"{r['bytes_per_image'] / 1e6:.2f} MB each)",
+        f"  first batch   {r['first_batch_s']:9.2f} s      (workers start; next epoch's first "
+        f"batch {r['next_epoch_first_batch_s']:.2f} s)",
     ]
     if "demand_img_per_s" in r:
         verdict = "keeps up" if r["keeps_up"] else "does NOT keep up"

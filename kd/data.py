@@ -12,10 +12,12 @@ a results table wrong without anyone noticing.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import difflib
 import json
 import os
 import pickle
+import random
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -112,6 +114,11 @@ class LabeledImages(Dataset):
     left out, the next image of the split takes its place (so batches keep their size, and
     mixup its even batches), and it is flagged in `corrupt`, a tensor in shared memory, so that
     what loader worker processes skipped is seen by the training process (`skipped`).
+
+    After `seed_augmentations(seed, epoch)` each image's random augmentations depend only on
+    (seed, epoch, index): not on which worker process reads it, how many there are, or what
+    that worker read before. So loader workers can persist from epoch to epoch and a resumed
+    run still augments exactly as the uninterrupted one.
     """
 
     def __init__(
@@ -130,11 +137,53 @@ class LabeledImages(Dataset):
         self.corrupt = (
             torch.zeros(len(samples), dtype=torch.uint8).share_memory_() if skip_corrupt else None
         )
+        self.augment_seed: torch.Tensor | None = None  # (seed, epoch), in shared memory
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def seed_augmentations(self, seed: int, epoch: int) -> None:
+        """Seed every image's augmentations from (seed, epoch, its index) from now on.
+
+        The pair lives in shared memory: call this once before the loader's worker processes
+        start, then before each epoch; persistent workers read the epoch it last set. (Not
+        named `set_epoch`: Accelerate calls a dataset's `set_epoch` with its own counter.)
+        """
+        if self.augment_seed is None:
+            self.augment_seed = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.augment_seed[0], self.augment_seed[1] = seed, epoch
+
+    @contextlib.contextmanager
+    def _seeded(self, index: int) -> Iterator[None]:
+        """`random`, numpy and torch seeded for this image (what timm's transforms draw from).
+        In the training process itself (no workers) its own streams are restored afterwards,
+        so mixup and random erasing draw what they would have drawn."""
+        if self.augment_seed is None:
+            yield
+            return
+        seed, epoch = self.augment_seed.tolist()
+        words = np.random.SeedSequence((seed, epoch, index)).generate_state(2)
+        mixed = int(words[0]) << 32 | int(words[1])
+        in_worker = get_worker_info() is not None
+        saved = (
+            None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        )
+        random.seed(mixed)
+        np.random.seed(int(words[0]))
+        torch.default_generator.manual_seed(mixed)  # the CPU's; the GPU's streams are not touched
+        try:
+            yield
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        with self._seeded(index):
+            return self._item(index)
+
+    def _item(self, index: int) -> tuple[Any, int]:
         if self.corrupt is None:
             source, label = self.samples[index]
             image = self.loader(source)
@@ -1222,7 +1271,12 @@ def build_loader(
     seed: int = 0,
     drop_last: bool | None = None,
 ) -> DataLoader:
-    """A DataLoader with a reproducible shuffle for training and none for evaluation."""
+    """A DataLoader with a reproducible shuffle for training and none for evaluation.
+
+    The shuffle has a generator of its own (`loader.sampler.generator`, which the training loop
+    re-seeds every epoch): the loader's `generator` is drawn from whenever worker processes
+    start, which persistent workers do once per run, or once per resumed run.
+    """
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
@@ -1233,7 +1287,9 @@ def build_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        if train
+        else None,
         generator=torch.Generator().manual_seed(seed) if train else None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),

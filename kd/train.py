@@ -362,11 +362,7 @@ def build(row: Row, accelerator: Any) -> Built:
     num_classes = D.num_classes(spec)
     models = build_models(row, num_classes)
     train_loader, test_loader = build_loaders(row, spec, models.student_data)
-    generator = getattr(train_loader, "generator", None) or getattr(
-        train_loader.sampler, "generator", None
-    )
-    if generator is None:
-        generator = torch.Generator()
+    generator = getattr(train_loader.sampler, "generator", None) or torch.Generator()
     mixup = D.build_mixup(num_classes, cfg.train.mixup, cfg.train.cutmix, cfg.train.label_smoothing)
     train_normalize, test_normalize = batch_normalizers(cfg, models.student_data)
     return Built(
@@ -444,7 +440,8 @@ def build_loaders(
         )
         for split in ("train", "test")
     )
-    return _fresh_workers_every_epoch(train_loader), test_loader
+    datasets["train"].seed_augmentations(cfg.train.seed, 0)  # before its workers start
+    return train_loader, test_loader
 
 
 def freeze_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -473,37 +470,6 @@ def freeze_backbone(model: torch.nn.Module) -> torch.nn.Module:
 
     model.train = types.MethodType(train_head_only, model)
     return model.train(model.training)
-
-
-def _fresh_workers_every_epoch(loader: DataLoader) -> DataLoader:
-    """The training loader with its worker processes started afresh at every epoch.
-
-    Persistent workers seed their RNGs (random, numpy, torch: the augmentations) once, when
-    they start, and carry those streams from epoch to epoch; a resumed job starts them at the
-    resume epoch instead, so its augmentations, and then its weights, differ from those of an
-    uninterrupted run. Fresh workers draw their seeds from the loader's generator, which
-    `seed_epoch` re-seeds from (seed, epoch), so each epoch's augmentations depend only on the
-    epoch. The cost is one worker start-up per epoch. (Evaluation has no randomness, so the
-    test loader keeps its persistent workers.)
-    """
-    if not loader.persistent_workers:
-        return loader
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=loader.sampler,  # keeps the shuffle and its generator
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=False,
-        pin_memory_device=loader.pin_memory_device,
-    )
 
 
 def _renorm_tensors(student_data: dict, teacher_data: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -743,6 +709,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     startup_s = None  # process start -> first training step
     for epoch in range(start_epoch, tcfg.epochs):
         seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
+        built.train_loader.dataset.seed_augmentations(tcfg.seed, epoch)
         step_module.train()
         sums: dict[str, torch.Tensor] = {}
         seen, epoch_start = 0, time.time()

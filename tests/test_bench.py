@@ -135,6 +135,7 @@ def test_data_reports_loader_throughput_against_a_demand(cli, capsys, tmp_path: 
         "2",
     )  # the demand measured with `step`
     positive(r, "loader_img_per_s", "demand_img_per_s", "headroom", "first_batch_s")
+    positive(r, "next_epoch_first_batch_s")
     assert r["workers"] == 0 and r["batch_size"] == 8 and r["img_size"] == 32
     assert r["batch_dtype"] == "uint8" and r["bytes_per_image"] == 3 * 32 * 32
     assert isinstance(r["keeps_up"], bool)

@@ -211,6 +211,49 @@ def test_normalized_batches_wrap_a_loader(copies):
         torch.testing.assert_close(images, (raw.float() / 255 - 0.5) / 0.25)
 
 
+def _augmented_by_index(loader) -> dict[int, torch.Tensor]:
+    """Index -> augmented image, for a loader over a dataset of (image, index) pairs."""
+    return {
+        int(i): image
+        for images, indices in loader
+        for image, i in zip(images, indices, strict=True)
+    }
+
+
+def test_seeded_augmentations_depend_on_seed_epoch_and_index_only(copies):
+    """Persistent or fresh workers, two workers or none, shuffled differently: an image's
+    augmentations in an epoch are the same; another epoch augments it differently."""
+    transform = build_transforms(train=True, img_size=24, mean=MEAN, std=STD, uint8=True)
+    data = load_split(copies["cub"], "train", transform=transform)
+    data.samples = [(path, index) for index, (path, _) in enumerate(data.samples)]  # label = index
+    data.seed_augmentations(5, 0)
+
+    def epoch(loader, number: int) -> dict[int, torch.Tensor]:
+        data.seed_augmentations(5, number)
+        return _augmented_by_index(loader)
+
+    persistent = build_loader(data, batch_size=4, train=True, num_workers=2, seed=1)
+    assert persistent.persistent_workers
+    in_process = build_loader(data, batch_size=4, train=True, num_workers=0, seed=2)
+    first, second = epoch(persistent, 0), epoch(persistent, 1)  # the same worker processes
+    assert first.keys() == second.keys() == set(range(len(data)))
+    assert any(not torch.equal(first[i], second[i]) for i in first), "each epoch augments anew"
+    for number, seen in ((1, second), (0, first)):
+        again = epoch(in_process, number)
+        assert all(torch.equal(again[i], seen[i]) for i in seen), f"epoch {number} differs"
+
+
+def test_seeded_augmentations_leave_the_training_process_rngs_alone(copies):
+    transform = build_transforms(train=True, img_size=24, mean=MEAN, std=STD)
+    data = load_split(copies["cub"], "train", transform=transform)
+    data.seed_augmentations(5, 0)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    data[0], data[1]  # noqa: B018 - read in this process, as a loader without workers does
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
 def test_mixup_only_when_an_alpha_is_set():
     assert build_mixup(4, 0.0, 0.0, 0.1) is None
     mixup = build_mixup(4, 0.8, 1.0, 0.1)
