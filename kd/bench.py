@@ -191,6 +191,14 @@ class PlainLoop:
             tuple(t.to(device) for t in models.teacher_renorm) if models.teacher_renorm else None
         )
         self.mixup = mixup
+        normal = models.student_data  # uint8 batches in, as the loader gives them
+        self.mean = torch.tensor(normal["mean"], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(normal["std"], device=device).view(1, 3, 1, 1) * 255
+        self.erase = None
+        if tcfg.re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(tcfg.re_prob, mode="pixel", device=device)
         self.channels_last = cuda and tcfg.channels_last
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -240,6 +248,9 @@ class PlainLoop:
         return t_logits.clone(), (t_emb.clone() if t_emb is not None else None)
 
     def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        images = (images.float() - self.mean) / self.std
+        if self.erase is not None:
+            images = self.erase(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
@@ -370,14 +381,17 @@ def step_benchmark(
         PlainLoop(row, models, mixup, dev, parts.raw_optimizer.param_groups) if plain else None
     )
 
+    # uint8 images, as the loader hands them over; both loops normalise them on the device
+    normalize = T.batch_normalizers(row.config, models.student_data)[0]
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
-            torch.randn(bs, 3, size, size, generator=gen).to(dev),
+            torch.randint(0, 256, (bs, 3, size, size), generator=gen, dtype=torch.uint8).to(dev),
             torch.randint(0, num_classes, (bs,), generator=gen).to(dev),
         )
         for _ in range(4)
     ]
+    teacher_inputs = [normalize(images) for images, _ in batches]
 
     flops = None
     if plain_loop is not None:  # counted eagerly, before any compilation
@@ -389,7 +403,8 @@ def step_benchmark(
 
     def project_step(i: int) -> None:
         # What the loop does per batch: the step, the running sums, the periodic finiteness check.
-        losses = T.train_step(parts, *batches[i % len(batches)])
+        images, targets = batches[i % len(batches)]
+        losses = T.train_step(parts, normalize(images), targets)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value
         if (i + 1) % T.NAN_CHECK_EVERY == 0:
@@ -399,7 +414,9 @@ def step_benchmark(
         plain_loop.step(*batches[i % len(batches)])
 
     def teacher_step(i: int) -> None:
-        T._teacher_forward(parts.teacher, batches[i % len(batches)][0], parts.renorm, accelerator)
+        T._teacher_forward(
+            parts.teacher, teacher_inputs[i % len(teacher_inputs)], parts.renorm, accelerator
+        )
 
     log(f"warm-up: {warmup} steps each")
     _time_steps(project_step, warmup, dev)
