@@ -363,6 +363,8 @@ def step_benchmark(
     if mixup is not None and bs % 2:
         raise ValueError(f"mixup/cutmix need an even batch size, got {bs}")
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    # uint8 images, as the loader hands them over; both loops normalise them on the device
+    normalize, test_normalize = T.batch_normalizers(row.config, models.student_data)
     built = T.Built(
         student=models.student,
         teacher=models.teacher,
@@ -373,6 +375,8 @@ def step_benchmark(
         mixup=mixup,
         teacher_renorm=models.teacher_renorm,
         num_classes=num_classes,
+        train_normalize=normalize,
+        test_normalize=test_normalize,
     )
     parts = T.prepare_step(tcfg, accelerator, built)
     parts.scheduler = T.build_scheduler(tcfg, parts.raw_optimizer, max(steps + warmup, 1))
@@ -381,8 +385,6 @@ def step_benchmark(
         PlainLoop(row, models, mixup, dev, parts.raw_optimizer.param_groups) if plain else None
     )
 
-    # uint8 images, as the loader hands them over; both loops normalise them on the device
-    normalize = T.batch_normalizers(row.config, models.student_data)[0]
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -628,8 +630,7 @@ def _next_epoch_first_batch(
     persist, but the batch is assembled from scratch (a DataLoader does not prefetch across
     epochs). The rest of this epoch is read first (untimed), as the loop does, when that is at
     most `most_images` images; None otherwise. `read`: the batches `it` has given so far."""
-    left = len(loader) - read
-    if left * loader.batch_size > most_images:
+    if (len(loader) - read) * loader.batch_size > most_images:
         return None
     for _ in it:
         pass
@@ -651,7 +652,7 @@ def format_data(r: dict[str, Any]) -> str:
         + (
             f"batch {r['next_epoch_first_batch_s']:.2f} s)"
             if r["next_epoch_first_batch_s"] is not None
-            else "batch not timed: the epoch is over 2048 images)"
+            else "batch not timed: over 2048 images of the epoch were left to read)"
         ),
     ]
     if "demand_img_per_s" in r:

@@ -137,7 +137,9 @@ class LabeledImages(Dataset):
         self.corrupt = (
             torch.zeros(len(samples), dtype=torch.uint8).share_memory_() if skip_corrupt else None
         )
-        self.augment_seed: torch.Tensor | None = None  # (seed, epoch), in shared memory
+        # (seeded?, seed, epoch), in shared memory from the start: workers forked before the
+        # first `seed_augmentations` still see it
+        self.augment_seed = torch.zeros(3, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -149,19 +151,18 @@ class LabeledImages(Dataset):
         start, then before each epoch; persistent workers read the epoch it last set. (Not
         named `set_epoch`: Accelerate calls a dataset's `set_epoch` with its own counter.)
         """
-        if self.augment_seed is None:
-            self.augment_seed = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self.augment_seed[0], self.augment_seed[1] = seed, epoch
+        self.augment_seed[1], self.augment_seed[2] = seed % 2**63, epoch  # SeedSequence: >= 0
+        self.augment_seed[0] = 1
 
     @contextlib.contextmanager
     def _seeded(self, index: int) -> Iterator[None]:
         """`random`, numpy and torch seeded for this image (what timm's transforms draw from).
         In the training process itself (no workers) its own streams are restored afterwards,
         so mixup and random erasing draw what they would have drawn."""
-        if self.augment_seed is None:
+        seeded, seed, epoch = self.augment_seed.tolist()
+        if not seeded:
             yield
             return
-        seed, epoch = self.augment_seed.tolist()
         words = np.random.SeedSequence((seed, epoch, index)).generate_state(2)
         mixed = int(words[0]) << 32 | int(words[1])
         in_worker = get_worker_info() is not None
@@ -1153,6 +1154,11 @@ def build_transforms(
     `uint8`: stop at the uint8 [3, H, W] tensor and leave normalisation and random erasing to
     `BatchNormalize`, on the training device (what timm's prefetcher does).
     """
+    if uint8 and re_prob > 0:
+        raise ValueError(
+            "build_transforms(uint8=True) leaves random erasing to BatchNormalize(re_prob=...); "
+            "pass re_prob there, not here."
+        )
     from timm.data import create_transform
 
     if crop_mode not in ("center", "squash", "border"):

@@ -64,8 +64,8 @@ class Built:
     teacher_renorm: tuple[torch.Tensor, torch.Tensor] | None
     num_classes: int
     # The loaders give uint8 batches; these make them the student's input on the device.
-    train_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
-    test_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    train_normalize: Callable[[torch.Tensor], torch.Tensor]
+    test_normalize: Callable[[torch.Tensor], torch.Tensor]
 
 
 class DistillationStep(torch.nn.Module):
@@ -676,10 +676,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         parts.ema,
     )
     train_loader, test_loader = accelerator.prepare(built.train_loader, built.test_loader)
-    if built.train_normalize is not None:
-        train_loader = D.NormalizedBatches(train_loader, built.train_normalize)
-    if built.test_normalize is not None:
-        test_loader = D.NormalizedBatches(test_loader, built.test_normalize)
+    train_loader = D.NormalizedBatches(train_loader, built.train_normalize)
+    test_loader = D.NormalizedBatches(test_loader, built.test_normalize)
     # Counted on the prepared loader: with several processes each one iterates its shard only.
     steps_per_epoch, updates_per_epoch = epoch_length(len(train_loader), tcfg)
     scheduler = parts.scheduler = build_scheduler(tcfg, parts.raw_optimizer, updates_per_epoch)

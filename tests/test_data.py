@@ -182,6 +182,11 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_pipeline(copies)
         BatchNormalize(MEAN, STD)(expected)
 
 
+def test_uint8_transforms_refuse_random_erasing_they_would_drop():
+    with pytest.raises(ValueError, match="BatchNormalize"):
+        build_transforms(train=True, img_size=24, mean=MEAN, std=STD, re_prob=0.25, uint8=True)
+
+
 def test_random_erasing_on_the_device_is_seeded_by_the_training_process():
     batch = torch.full((6, 3, 32, 32), 128, dtype=torch.uint8)
     clean = BatchNormalize(MEAN, STD)(batch)
@@ -226,7 +231,6 @@ def test_seeded_augmentations_depend_on_seed_epoch_and_index_only(copies):
     transform = build_transforms(train=True, img_size=24, mean=MEAN, std=STD, uint8=True)
     data = load_split(copies["cub"], "train", transform=transform)
     data.samples = [(path, index) for index, (path, _) in enumerate(data.samples)]  # label = index
-    data.seed_augmentations(5, 0)
 
     def epoch(loader, number: int) -> dict[int, torch.Tensor]:
         data.seed_augmentations(5, number)
@@ -234,6 +238,7 @@ def test_seeded_augmentations_depend_on_seed_epoch_and_index_only(copies):
 
     persistent = build_loader(data, batch_size=4, train=True, num_workers=2, seed=1)
     assert persistent.persistent_workers
+    next(iter(persistent))  # workers started before seeding (epoch 0, seed 5) see it too
     in_process = build_loader(data, batch_size=4, train=True, num_workers=0, seed=2)
     first, second = epoch(persistent, 0), epoch(persistent, 1)  # the same worker processes
     assert first.keys() == second.keys() == set(range(len(data)))
@@ -246,7 +251,7 @@ def test_seeded_augmentations_depend_on_seed_epoch_and_index_only(copies):
 def test_seeded_augmentations_leave_the_training_process_rngs_alone(copies):
     transform = build_transforms(train=True, img_size=24, mean=MEAN, std=STD)
     data = load_split(copies["cub"], "train", transform=transform)
-    data.seed_augmentations(5, 0)
+    data.seed_augmentations(-5, 0)  # a negative seed works too
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     expected = (random.random(), np.random.rand(), torch.rand(1))
     random.seed(1), np.random.seed(1), torch.manual_seed(1)

@@ -336,6 +336,15 @@ def test_resume_after_epoch_1_ends_with_the_same_weights_in_the_same_run(
         assert metric_values(world, pair.run_a, name) == metric_values(world, pair.run_b, name)
 
 
+def test_training_batches_are_normalised_and_erased_as_the_recipe_says() -> None:
+    cfg = C.RowConfig(train=C.TrainConfig(re_prob=0.25))
+    student_data = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    train_normalize, test_normalize = train.batch_normalizers(cfg, student_data)
+    assert (train_normalize.re_prob, test_normalize.re_prob) == (0.25, 0.0)
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    assert torch.equal(test_normalize(batch), torch.full((2, 3, 4, 4), 2.0))
+
+
 @pytest.mark.parametrize(
     ("batches", "limit", "accum", "expected"),
     [
