@@ -1,9 +1,11 @@
 """The cluster tracking server: `launch/server.py` starts a real `mlflow server` on 127.0.0.1,
-and 50 processes logging rows at once lose no run and no metric."""
+50 processes logging rows at once lose no run and no metric, and the launcher's runs made
+through it are what MLflow's own calls make, in fewer requests."""
 
 from __future__ import annotations
 
 import multiprocessing
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd.tracking import TAG, RowRun
+from kd.tracking import TAG, RowRun, Tracker, row_params, row_yaml
 from slurm import server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ def log_row(uri: str, experiment_id: str, index: int) -> None:
         experiment_id, run_name=f"row {index}", tags={f"{TAG}.key": f"key{index}"}
     )
     row_run = RowRun(uri, run.info.run_id)
-    row_run.start({f"{TAG}.id": f"row{index}"})
+    row_run.start({f"{TAG}.id": f"row{index}", f"{TAG}.device": "cpu"})
     for epoch in range(1, EPOCHS + 1):
         row_run.log_metrics(
             {"train/loss": 1.0 / epoch, "val/acc1": float(index + epoch)}, step=epoch
@@ -102,8 +104,100 @@ def test_fifty_concurrent_writers_lose_nothing(tracking_server):
     for run in runs:
         assert run.info.status == "FINISHED"
         index = int(run.data.tags[f"{TAG}.key"].removeprefix("key"))
+        assert run.data.tags[f"{TAG}.id"] == f"row{index}"
+        assert run.data.tags[f"{TAG}.device"] == "cpu"
         history = client.get_metric_history(run.info.run_id, "val/acc1")
         assert sorted((m.step, m.value) for m in history) == [
             (e, float(index + e)) for e in range(1, EPOCHS + 1)
         ]
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == EPOCHS
+
+
+def _requests_during(folder: Path, action) -> list[str]:
+    """The requests the server logged while `action` ran ("POST /api/2.0/mlflow/runs/create")."""
+    log = folder / "server.log"
+    before = len(log.read_bytes().splitlines())
+    action()
+    lines = log.read_bytes().decode(errors="replace").splitlines()[before:]
+    found = [re.search(r'"([A-Z]+ /[^ ?"]*)', line) for line in lines]
+    return sorted(re.sub(r"/artifacts/.*", "/artifacts/...", m.group(1)) for m in found if m)
+
+
+def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
+    tracking_server, tmp_path
+):
+    from mlflow.entities import Param
+
+    from kd.grid import load_grid
+    from slurm.bench import write_launch_grid
+
+    folder, uri = tracking_server
+    grid = load_grid(write_launch_grid(tmp_path, 2, None, "server_path"))
+    row = grid.rows[1]
+    tracker = Tracker(uri)
+    client = tracker.client
+    experiment = tracker.ensure_experiment(grid.experiment)
+    job_tags = {f"{TAG}.job_id": "7_1", f"{TAG}.pid": "123", f"{TAG}.note": "a b"}
+
+    # what the launcher sent before: MLflow's own calls, one set_tag per key
+    tags = Tracker._row_tags(row, "slurm", None)
+    old = client.create_run(experiment, run_name=row.run_name, tags=tags).info.run_id
+    client.log_batch(old, params=[Param(k, v) for k, v in row_params(row).items()])
+    client.log_text(old, row_yaml(row), "row.yaml")
+    client.update_run(old, status="SCHEDULED")
+    for key, value in job_tags.items():
+        client.set_tag(old, key, value)
+
+    made: list[str] = []
+    sent = _requests_during(
+        folder, lambda: made.append(tracker.create_row_run(experiment, row, executor="slurm"))
+    )
+    new = made[0]
+    assert sent == [  # no get_run before row.yaml and before the status
+        "POST /api/2.0/mlflow/runs/create",
+        "POST /api/2.0/mlflow/runs/log-batch",
+        "POST /api/2.0/mlflow/runs/update",
+        "PUT /api/2.0/mlflow-artifacts/artifacts/...",
+    ]
+    assert _requests_during(folder, lambda: tracker.set_tags(new, job_tags)) == [
+        "POST /api/2.0/mlflow/runs/log-batch"
+    ]
+    one_tag = {f"{TAG}.job_id": "7_2"}
+    assert _requests_during(folder, lambda: tracker.set_tags_many({new: one_tag})) == [
+        "POST /api/2.0/mlflow/runs/set-tag"
+    ]
+    client.set_tag(old, f"{TAG}.job_id", "7_2")
+
+    a, b = client.get_run(old), client.get_run(new)
+    assert b.info.status == a.info.status == "SCHEDULED"
+    assert (b.info.run_name, b.info.end_time, b.info.user_id) == (
+        a.info.run_name,
+        a.info.end_time,
+        a.info.user_id,
+    )
+    assert b.data.tags == a.data.tags and b.data.tags[f"{TAG}.job_id"] == "7_2"
+    assert b.data.params == a.data.params and b.data.params["key"] == row.key
+    for run_id in (old, new):
+        assert [f.path for f in client.list_artifacts(run_id)] == ["row.yaml"]
+    texts = [
+        Path(client.download_artifacts(r, "row.yaml", str(tmp_path / r))).read_text()
+        for r in (old, new)
+    ]
+    assert texts[0] == texts[1] == row_yaml(row)
+
+    # a failed row scheduled again: the same run, its end time kept, in one get_run
+    tracker.mark(new, "FAILED", "out of memory")
+    failed = client.get_run(new)
+    sent = _requests_during(
+        folder, lambda: tracker.reopen_row_run(new, executor="slurm", parent_run_id=old)
+    )
+    assert sent.count("GET /api/2.0/mlflow/runs/get") == 1
+    assert sent.count("POST /api/2.0/mlflow/runs/log-batch") == 1
+    assert "POST /api/2.0/mlflow/runs/set-tag" not in sent
+    again = client.get_run(new)
+    assert again.info.status == "SCHEDULED" and again.info.end_time == failed.info.end_time
+    assert again.data.tags[f"{TAG}.previous_failure"] == "out of memory"
+    assert again.data.tags[f"{TAG}.resumed"] == "1"
+    assert again.data.tags["mlflow.parentRunId"] == old
+    for gone in (f"{TAG}.failure_reason", f"{TAG}.job_id", f"{TAG}.pid"):
+        assert gone not in again.data.tags
