@@ -5,14 +5,20 @@ serialises their writes. `start` runs `mlflow server` with a database backend an
 root under one folder (on a shared path), on this host or as a long-running SLURM job, waits
 until it answers, and records where it runs in `<folder>/server.json`; grids then log to the
 printed URI (`--tracking-uri` or `tracking_uri:`). It binds 127.0.0.1 unless told otherwise.
+
+The SQLite database it creates is put in WAL mode first (kept in the file): readers no longer
+wait for a writer, and a commit writes less. WAL needs every process that opens the file to be
+on one host (they share memory), which holds: only the server's own processes open it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,10 +29,24 @@ from pathlib import Path
 SERVER_FILE = "server.json"
 
 
+def default_database(folder: Path) -> Path:
+    return folder / "mlflow.db"
+
+
+def prepare_database(folder: Path, backend_uri: str | None) -> None:
+    """Put the SQLite database this script owns (not a --backend-store-uri) in WAL mode, before
+    `mlflow server` creates its tables in it (measured in docs/PERFORMANCE.md, "Launching a
+    grid")."""
+    if backend_uri is not None:
+        return
+    with contextlib.closing(sqlite3.connect(default_database(folder))) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
 def server_command(
     folder: Path, host: str, port: int, backend_uri: str | None, workers: int
 ) -> list[str]:
-    backend = backend_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+    backend = backend_uri or f"sqlite:///{default_database(folder).resolve()}"
     return [
         sys.executable,
         "-m",
@@ -89,6 +109,7 @@ def start_local(
     ):
         return existing | {"already_running": True}
     uri = f"http://{client_host(host)}:{port}"
+    prepare_database(folder, backend_uri)
     log = open(folder / "server.log", "ab")  # noqa: SIM115 - handed to the detached server
     process = subprocess.Popen(
         server_command(folder, host, port, backend_uri, workers),
@@ -116,6 +137,7 @@ def start_local(
 def serve_in_job(folder: str, host: str, port: int, backend_uri: str | None, workers: int) -> None:
     """The body of the SLURM job: run the server until the job ends, record where it runs."""
     folder_path = Path(folder)
+    prepare_database(folder_path, backend_uri)
     process = subprocess.Popen(server_command(folder_path, host, port, backend_uri, workers))
     uri = f"http://{client_host(host)}:{port}"
     if wait_healthy(uri):

@@ -1,12 +1,14 @@
-"""The cluster tracking server: `launch/server.py` starts a real `mlflow server` on 127.0.0.1,
-50 processes logging rows at once lose no run and no metric, and the launcher's runs made
-through it are what MLflow's own calls make, in fewer requests."""
+"""The cluster tracking server: `launch/server.py` starts a real `mlflow server` on 127.0.0.1
+(its SQLite database in WAL mode), 50 processes logging rows at once lose no run and no metric,
+and the launcher's runs made through it are what MLflow's own calls make, in fewer requests."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +113,14 @@ def test_fifty_concurrent_writers_lose_nothing(tracking_server):
             (e, float(index + e)) for e in range(1, EPOCHS + 1)
         ]
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == EPOCHS
+
+
+def test_database_is_in_wal_mode_and_migrated(tracking_server):
+    folder, uri = tracking_server
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    assert MlflowClient(tracking_uri=uri).search_experiments()  # MLflow works on it
 
 
 def _requests_during(folder: Path, action) -> list[str]:
