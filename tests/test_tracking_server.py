@@ -88,6 +88,31 @@ def test_server_binds_loopback_and_reports_status(tracking_server):
     assert status.returncode == 0 and uri in status.stdout
 
 
+def _group_commands(pgid: int) -> list[str]:
+    """The command lines of the processes in process group `pgid` (from /proc)."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" "))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    return [c.decode(errors="replace") for c in commands]
+
+
+def test_stop_leaves_no_server_process_and_no_job_runners_start(tmp_path):
+    port = free_port()
+    info = server.start_local(tmp_path / "srv", "127.0.0.1", port)
+    try:
+        commands = _group_commands(info["pid"])
+        assert any("mlflow" in c for c in commands), commands
+        assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands
+    finally:
+        assert server.stop(tmp_path / "srv")
+    assert _group_commands(info["pid"]) == []
+
+
 def test_fifty_concurrent_writers_lose_nothing(tracking_server):
     _, uri = tracking_server
     client = MlflowClient(tracking_uri=uri)
