@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,25 +50,44 @@ def _log_nothing(_message: str) -> None:
 def _timed(buckets: dict[str, float], targets: list[tuple[Any, str, str]]) -> Iterator[None]:
     """Add the time spent in each `owner.name` to `buckets[bucket]` while inside.
 
-    A call made from inside another timed call of the same bucket is not counted twice.
+    A call made from inside another timed call of the same bucket (from any thread: the
+    tracker's thread pools) is not counted twice. A call of another bucket made from inside
+    one (the job-id tags set while `submit_rows` runs) counts for its own bucket only.
     """
     depth: dict[str, int] = {}
-    saved = []
+    lock = threading.Lock()
+    frames = threading.local()  # this thread's open timed calls: [bucket, time in nested ones]
 
     def wrap(fn: Callable, bucket: str) -> Callable:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            depth[bucket] = depth.get(bucket, 0) + 1
+            with lock:
+                inside_same = depth.get(bucket, 0) > 0
+                depth[bucket] = depth.get(bucket, 0) + 1
+            if inside_same:
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    with lock:
+                        depth[bucket] -= 1
+            stack = frames.__dict__.setdefault("stack", [])
+            frame = [bucket, 0.0]
+            stack.append(frame)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                depth[bucket] -= 1
-                if depth[bucket] == 0:
-                    buckets[bucket] = buckets.get(bucket, 0.0) + time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                stack.pop()
+                if stack:
+                    stack[-1][1] += elapsed  # the enclosing call leaves this out of its own
+                with lock:
+                    depth[bucket] -= 1
+                    buckets[bucket] = buckets.get(bucket, 0.0) + elapsed - frame[1]
 
         return timed
 
+    saved = []
     for owner, name, bucket in targets:
         original = owner.__dict__[name]
         saved.append((owner, name, original))

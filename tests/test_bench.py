@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,48 @@ def _queued(job_ids: list[str]) -> list[str]:
         check=False,
     ).stdout
     return sorted({line.strip() for line in out.splitlines() if line.strip()} & set(job_ids))
+
+
+class _Clock:
+    """A clock that moves only when told (`perf_counter` for slurm.bench's `time`)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+CLOCK = _Clock()
+
+
+class _Timed:
+    """Stand-ins for the tracker and sbatch calls the launch benchmark times."""
+
+    def tags(self) -> None:  # the job-id tags, set from inside submit_rows, from a thread pool
+        CLOCK.now += 0.2
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: self.tag(), range(2)))
+
+    def tag(self) -> None:
+        CLOCK.now += 0.1
+
+    def submit(self) -> None:
+        CLOCK.now += 0.3
+        self.tags()
+
+
+def test_launch_timing_counts_a_nested_call_once_in_its_own_bucket(monkeypatch) -> None:
+    import slurm.bench
+
+    monkeypatch.setattr(slurm.bench, "time", CLOCK)
+    buckets: dict[str, float] = {}
+    targets = [(_Timed, "tags", "mlflow"), (_Timed, "tag", "mlflow"), (_Timed, "submit", "sbatch")]
+    with slurm.bench._timed(buckets, targets):
+        _Timed().submit()
+    # sbatch: its own 0.3 s only; mlflow: the tags (0.2 s) and, counted once, the two tag calls
+    assert buckets == {"sbatch": pytest.approx(0.3), "mlflow": pytest.approx(0.4)}
+    assert _Timed.__dict__["submit"].__name__ == "submit"  # the originals are back
 
 
 @pytest.mark.slurm
