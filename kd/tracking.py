@@ -519,11 +519,9 @@ class Tracker:
         """Each run's row.yaml: written straight into its folder under a local artifact root
         (what MLflow's local repository does, without a temporary copy); uploaded in parallel
         through MLflow's artifact repository otherwise."""
-        import tempfile
         from urllib.parse import urlparse
         from urllib.request import url2pathname
 
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.utils.uri import append_to_uri_path
 
         location = store.get_experiment(experiment_id).artifact_location
@@ -535,16 +533,17 @@ class Tracker:
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "row.yaml").write_text(text)
             return
-
-        def upload(run_id: str, text: str, tmp: Path) -> None:
-            path = tmp / run_id / "row.yaml"
-            path.parent.mkdir()
-            path.write_text(text)
-            uri = append_to_uri_path(location, run_id, "artifacts")
-            get_artifact_repository(uri).log_artifact(str(path))
-
-        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(BULK_THREADS) as pool:
-            for future in [pool.submit(upload, r, t, Path(tmp)) for r, t in yamls.items()]:
+        with ThreadPoolExecutor(BULK_THREADS) as pool:
+            uploads = [
+                pool.submit(
+                    self._log_text,
+                    append_to_uri_path(location, run_id, "artifacts"),
+                    text,
+                    "row.yaml",
+                )
+                for run_id, text in yamls.items()
+            ]
+            for future in uploads:
                 future.result()
 
     def set_tags_many(self, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
