@@ -27,7 +27,7 @@ IN_CI = os.environ.get("CI") == "true"
 
 def require_slurm() -> None:
     """Skip the calling test module when SLURM is not installed, except in CI (CI=true), where
-    a missing cluster must fail its tests instead. Call it at module level."""
+    a missing cluster must fail its tests instead. Call it at module level, or in a test."""
     if shutil.which("sbatch") is None and not IN_CI:
         pytest.skip("SLURM cluster not up: run slurm/cluster.sh up", allow_module_level=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurmtools import require_slurm
 
 from kd.data import generate_dataset
 
@@ -367,12 +367,6 @@ def run_case(case: Case, inputs: Inputs, workdir: Path, server: ForkServer | Non
     return Outcome(status, stdout, stderr, grid, before, tree(workdir), jobs)
 
 
-def slurm_available() -> None:
-    """SLURM cases run wherever SLURM does, and always in CI (where a missing cluster fails)."""
-    if shutil.which("sbatch") is None and os.environ.get("CI") != "true":
-        pytest.skip("no SLURM here: bring the dev cluster up with `bash slurm/cluster.sh up`")
-
-
 @pytest.fixture(scope="module")
 def untouched_inputs(inputs: Inputs):
     """The shared dataset copies and checkpoints are read, never written."""
@@ -427,7 +421,7 @@ def test_bad_input_exits_2_and_says_where_and_what_to_do(
 def test_bad_slurm_fields_exit_2_and_submit_nothing(
     case: Case, untouched_inputs: Inputs, fork_server: ForkServer, tmp_path: Path
 ):
-    slurm_available()
+    require_slurm()  # SLURM cases run wherever SLURM does, and always in CI
     outcome = run_case(case, untouched_inputs, tmp_path, fork_server)
     check(case, outcome)
     assert outcome.jobs == [], f"{case.id}: jobs were submitted: {outcome.jobs}"
@@ -446,7 +440,7 @@ def test_plain_process(case_id: str, untouched_inputs: Inputs, tmp_path: Path):
 
 @pytest.mark.slurm
 def test_plain_process_slurm(untouched_inputs: Inputs, tmp_path: Path):
-    slurm_available()
+    require_slurm()  # SLURM cases run wherever SLURM does, and always in CI
     case = next(c for c in CASES if c.id == "slurm-metachar-partition")
     outcome = run_case(case, untouched_inputs, tmp_path, None)
     check(case, outcome)
