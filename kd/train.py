@@ -440,7 +440,8 @@ def build_loaders(
         )
         for split in ("train", "test")
     )
-    datasets["train"].seed_augmentations(cfg.train.seed, 0)  # before its workers start
+    # epoch 0 for whoever reads the loader before the loop seeds each epoch (bench.py data)
+    datasets["train"].seed_augmentations(cfg.train.seed, 0)
     return train_loader, test_loader
 
 
