@@ -2,22 +2,23 @@
 
 One loop that reads top to bottom. Every epoch the full training state is written atomically
 to `<row dir>/state.pt` together with the MLflow run id, so a killed or requeued job resumes
-at the next epoch into the same MLflow run. Randomness is re-seeded from (seed, epoch) at the
+at the next epoch into the same MLflow run. The loop copies the state to the CPU and trains on
+while a background thread writes it (`kd.checkpoint`); the epoch's metrics reach MLflow once
+its state is on disk. Randomness is re-seeded from (seed, epoch) at the
 start of every epoch, which makes a resumed run bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd import config as C
+from kd.checkpoint import (
+    BackgroundWriter,
+    atomic_save,
+    cpu_snapshot,
+    remove_stale_temp_files,
+    write_json,
+)
 from kd.grid import Row, dependency_checkpoint
 
 STATE_FILE = "state.pt"
@@ -33,6 +41,7 @@ STATE_INFO_FILE = "state.json"  # run id, key and epoch of state.pt, readable wi
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 PROGRESS_FILE = "progress.json"
+ROW_FILES = (STATE_FILE, STATE_INFO_FILE, BEST_FILE, LAST_FILE, PROGRESS_FILE)
 _IMPORTED_AT = time.time()
 NAN_CHECK_EVERY = 10  # steps between finiteness checks (each check syncs the GPU)
 
@@ -43,11 +52,6 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(Exception):
     """Raised between epochs when the job was asked to stop (preemption, time limit)."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is
-    kept, and the message says which file, why, and what to do."""
 
 
 @dataclass
@@ -109,8 +113,8 @@ def run(
     """Train one row to the end (or resume it) and return its final metrics.
 
     `run_id` is the row's MLflow run (created by the launcher); None means create one here.
-    `stop_requested` is polled between epochs; when it returns True the state is saved and
-    `StopRequested` is raised so the caller can requeue.
+    `stop_requested` is polled between epochs, once the epoch's files are written; when it
+    returns True `StopRequested` is raised so the caller can requeue.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
@@ -685,7 +689,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
 
     state_path = row.output_dir / STATE_FILE
     if accelerator.is_main_process:
-        _remove_stale_temp_files(row.output_dir)
+        remove_stale_temp_files(row.output_dir, ROW_FILES)
     start_epoch, best_acc1, history = 0, -1.0, []
     state = _load_state(state_path, run_id)
     if state is not None:
@@ -706,109 +710,104 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     started = time.time()
     skipped_before = 0  # corrupt images left out so far (data.skip_corrupt)
     startup_s = None  # process start -> first training step
-    for epoch in range(start_epoch, tcfg.epochs):
-        seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
-        built.train_loader.dataset.seed_augmentations(tcfg.seed, epoch)
-        step_module.train()
-        sums: dict[str, torch.Tensor] = {}
-        seen, epoch_start = 0, time.time()
-        for step, (images, targets) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
-            if startup_s is None:
-                startup_s = time.time() - process_started_at()
-                if accelerator.is_main_process:
-                    log(f"[{row.id}] first step {startup_s:.1f} s after the process started")
-            losses = train_step(parts, images, targets)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value
-            seen += images.shape[0]
-            if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
-                _check_finite(sums, epoch, step)
-        _check_finite(sums, epoch, steps_per_epoch - 1)
-        scheduler.step(epoch + 1)
-        train_time = time.time() - epoch_start
-        img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
-        # Mean over every process's steps, not just the main process's share.
-        names = sorted(sums)
-        local = torch.stack(
-            [
-                torch.as_tensor(sums[k], dtype=torch.float64, device=accelerator.device)
-                for k in names
-            ]
-        )
-        totals = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
-        metrics = {
-            f"train/{k}": float(v) / max(steps_per_epoch, 1)
-            for k, v in zip(names, totals.tolist(), strict=True)
-        }
-        # The peak group's lr: with layer decay, group 0 is the most scaled-down layer.
-        metrics["train/lr"] = max(group["lr"] for group in optimizer.param_groups)
-        metrics["train/img_per_s"] = img_per_s
-        if epoch == start_epoch and startup_s is not None:
-            metrics["time/startup_s"] = startup_s
-        val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
-        metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
-        if ema is not None:
-            val_ema = evaluate(ema.module, test_loader, accelerator, limit=tcfg.limit_eval_batches)
-            metrics |= {"val_ema/acc1": val_ema["acc1"], "val_ema/acc5": val_ema["acc5"]}
-        if cfg.data.skip_corrupt:
-            skipped = _skipped_images(built, accelerator)
-            metrics["data/skipped_images"] = len(skipped)
-            if accelerator.is_main_process and len(skipped) > skipped_before:
-                log(
-                    f"[{row.id}] {len(skipped)} corrupt image(s) left out so far "
-                    f"(data.skip_corrupt): {', '.join(skipped[:10])}"
-                    + (f", ... (+{len(skipped) - 10})" if len(skipped) > 10 else "")
+    writer = BackgroundWriter()
+    try:
+        for epoch in range(start_epoch, tcfg.epochs):
+            seed_epoch(tcfg.seed, epoch, accelerator.process_index, built.loader_generator)
+            built.train_loader.dataset.seed_augmentations(tcfg.seed, epoch)
+            step_module.train()
+            sums: dict[str, torch.Tensor] = {}
+            seen, epoch_start = 0, time.time()
+            for step, (images, targets) in enumerate(train_loader):
+                if step >= steps_per_epoch:
+                    break
+                if startup_s is None:
+                    startup_s = time.time() - process_started_at()
+                    if accelerator.is_main_process:
+                        log(f"[{row.id}] first step {startup_s:.1f} s after the process started")
+                losses = train_step(parts, images, targets)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                seen += images.shape[0]
+                if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
+                    _check_finite(sums, epoch, step)
+            _check_finite(sums, epoch, steps_per_epoch - 1)
+            scheduler.step(epoch + 1)
+            train_time = time.time() - epoch_start
+            img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
+            # Mean over every process's steps, not just the main process's share.
+            names = sorted(sums)
+            local = torch.stack(
+                [
+                    torch.as_tensor(sums[k], dtype=torch.float64, device=accelerator.device)
+                    for k in names
+                ]
+            )
+            totals = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+            metrics = {
+                f"train/{k}": float(v) / max(steps_per_epoch, 1)
+                for k, v in zip(names, totals.tolist(), strict=True)
+            }
+            # The peak group's lr: with layer decay, group 0 is the most scaled-down layer.
+            metrics["train/lr"] = max(group["lr"] for group in optimizer.param_groups)
+            metrics["train/img_per_s"] = img_per_s
+            if epoch == start_epoch and startup_s is not None:
+                metrics["time/startup_s"] = startup_s
+            val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
+            metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
+            if ema is not None:
+                val_ema = evaluate(
+                    ema.module, test_loader, accelerator, limit=tcfg.limit_eval_batches
                 )
-            skipped_before = len(skipped)
-        metrics["epoch"] = epoch + 1
-        improved = val["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, val["acc1"])
-        metrics["val/best_acc1"] = best_acc1
-        history.append({"epoch": epoch, "metrics": metrics})
-        if accelerator.is_main_process:
-            model_file = _model_checkpoint(
-                row, accelerator.unwrap_model(step_module), epoch, val, built.num_classes
-            )
-            if improved:
-                _atomic_save(model_file, row.output_dir / BEST_FILE)
-            _atomic_save(model_file, row.output_dir / LAST_FILE)
-            _atomic_save(
-                {
-                    "model": accelerator.unwrap_model(step_module).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "epoch": epoch,
-                    "global_step": parts.global_step,
-                    "best_acc1": best_acc1,
-                    "run_id": run_id,
-                    "key": row.key,
-                    "history": history,
-                    "rng": _rng_state(),
-                },
-                state_path,
-            )
-            # What the launcher reads (without torch) to resume a crashed row into its run.
-            _write_json(
-                row.output_dir / STATE_INFO_FILE,
-                {"run_id": run_id, "key": row.key, "epoch": epoch + 1, "epochs": tcfg.epochs},
-            )
-            if mlrun:
-                mlrun.log_metrics(metrics, step=epoch + 1)
-            elapsed = time.time() - started
-            done = epoch + 1 - start_epoch
-            eta = elapsed / done * (tcfg.epochs - epoch - 1)
-            _write_progress(row, epoch + 1, tcfg.epochs, val["acc1"], eta)
-            log(
-                f"[{row.id}] epoch {epoch + 1}/{tcfg.epochs} loss {metrics['train/loss']:.4f} "
-                f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f} "
-                f"{img_per_s:.1f} img/s eta {_hms(eta)}"
-            )
-        accelerator.wait_for_everyone()
-        if stop_requested is not None and stop_requested() and epoch + 1 < tcfg.epochs:
-            raise StopRequested(f"stopped after epoch {epoch + 1}; state saved at {state_path}")
+                metrics |= {"val_ema/acc1": val_ema["acc1"], "val_ema/acc5": val_ema["acc5"]}
+            if cfg.data.skip_corrupt:
+                skipped = _skipped_images(built, accelerator)
+                metrics["data/skipped_images"] = len(skipped)
+                if accelerator.is_main_process and len(skipped) > skipped_before:
+                    log(
+                        f"[{row.id}] {len(skipped)} corrupt image(s) left out so far "
+                        f"(data.skip_corrupt): {', '.join(skipped[:10])}"
+                        + (f", ... (+{len(skipped) - 10})" if len(skipped) > 10 else "")
+                    )
+                skipped_before = len(skipped)
+            metrics["epoch"] = epoch + 1
+            improved = val["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, val["acc1"])
+            metrics["val/best_acc1"] = best_acc1
+            history.append({"epoch": epoch, "metrics": metrics})
+            if accelerator.is_main_process:
+                # Copied to the CPU now (a fraction of a second); written while the next epoch trains.
+                files = snapshot_epoch(
+                    row,
+                    parts,
+                    epoch=epoch,
+                    val=val,
+                    num_classes=built.num_classes,
+                    improved=improved,
+                    best_acc1=best_acc1,
+                    run_id=run_id,
+                    history=history,
+                )
+                elapsed = time.time() - started
+                done = epoch + 1 - start_epoch
+                eta = elapsed / done * (tcfg.epochs - epoch - 1)
+                writer.submit(partial(write_epoch_files, row, files, mlrun, metrics, eta))
+                log(
+                    f"[{row.id}] epoch {epoch + 1}/{tcfg.epochs} loss {metrics['train/loss']:.4f} "
+                    f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f} "
+                    f"{img_per_s:.1f} img/s eta {_hms(eta)}"
+                )
+            accelerator.wait_for_everyone()
+            if stop_requested is not None:
+                writer.wait()  # polled once the epoch's files are written
+                if stop_requested() and epoch + 1 < tcfg.epochs:
+                    raise StopRequested(
+                        f"stopped after epoch {epoch + 1}; state saved at {state_path}"
+                    )
+        writer.wait()  # the last epoch's files land before the run is finished
+    except BaseException:
+        writer.finish_quietly()  # the epoch in flight still lands; the first error goes on
+        raise
     if accelerator.is_main_process and cfg.evaluate.cluster:
         from kd.cluster import log_clustering
 
@@ -860,12 +859,12 @@ def _inject_nan(global_step: int) -> bool:
 
 
 def _model_checkpoint(
-    row: Row, step_module: DistillationStep, epoch: int, val: dict, num_classes: int
+    row: Row, student: dict, kd_loss: dict, epoch: int, val: dict, num_classes: int
 ) -> dict:
     """A timm/DeiT-style checkpoint ({"model": state_dict}) plus what produced it."""
     return {
-        "model": step_module.student.state_dict(),
-        "kd_loss": step_module.kd_loss.state_dict(),  # the embed_mse projection, if any
+        "model": student,
+        "kd_loss": kd_loss,  # the embed_mse projection, if any
         "arch": row.config.student.model,
         "num_classes": num_classes,
         "img_size": row.config.data.img_size,
@@ -876,92 +875,99 @@ def _model_checkpoint(
     }
 
 
-TEMP_MARK = ".tmp-"  # `.<name>.tmp-<pid>`: a file being written, renamed into place when whole
-LOW_SPACE_BYTES = 64 << 20  # less free space than this after a failed write: the disk is full
+@dataclass
+class EpochFiles:
+    """What an epoch writes: best.pt (when `improved`) and last.pt hold `model`, state.pt holds
+    `state`. Taken by `snapshot_epoch`; written by `write_epoch_files`."""
+
+    epoch: int  # 0-based, as in state.pt
+    epochs: int
+    model: dict
+    state: dict
+    improved: bool
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+def snapshot_epoch(
+    row: Row,
+    parts: StepParts,
+    *,
+    epoch: int,
+    val: dict,
+    num_classes: int,
+    improved: bool,
+    best_acc1: float,
+    run_id: str | None,
+    history: list[dict],
+    copy: bool = True,
+) -> EpochFiles:
+    """The epoch's checkpoint contents, copied to the CPU (`copy=False`: the live tensors, for
+    a write that blocks training anyway), so the next epoch can train while they are written.
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointWriteError(_write_failure(path, exc)) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash mid-write
-    leaves the previous file intact. A failed write (disk full, quota, I/O error) removes the
-    temporary file and raises `CheckpointWriteError`, which says so; the previous file stays.
-    A process killed mid-write leaves its temporary file behind: the next start of the row
-    removes it (`_remove_stale_temp_files`)."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
-    except OSError as exc:
-        raise CheckpointWriteError(_write_failure(path, exc)) from exc
-    except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
-        if "PytorchStreamWriter" not in str(exc) and "write" not in str(exc).lower():
-            raise
-        raise CheckpointWriteError(_write_failure(path, exc)) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_failure(path: Path, exc: BaseException) -> str:
-    """What went wrong writing `path`, what is left, and what to do."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "PytorchStreamWriter" in detail:
-        detail = detail[detail.index("PytorchStreamWriter") :]
-    try:
-        free: int | None = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    full = (
-        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        or "No space left" in detail
-        or (free is not None and free < LOW_SPACE_BYTES)
+    The student's weights are copied once: last.pt and best.pt share state.pt's copy."""
+    snapshot = cpu_snapshot if copy else (lambda obj: obj)
+    step_module = parts.accelerator.unwrap_model(parts.step_module)
+    weights = snapshot(step_module.state_dict())
+    model = _model_checkpoint(
+        row,
+        _same_keys(step_module.student.state_dict(), weights, "student."),
+        _same_keys(step_module.kd_loss.state_dict(), weights, "kd_loss."),
+        epoch,
+        val,
+        num_classes,
     )
-    kept = (
-        f"the previous {path.name} is kept"
-        if path.exists()
-        else f"there was no earlier {path.name}"
-    )
-    left = f", {free / 2**20:.1f} MiB free" if free is not None else ""
-    return (
-        f"could not write {path}: {'the disk is full: ' if full else ''}{detail}{left}; {kept}. "
-        f"Free space in {path.parent} (df -h {path.parent}) or move output_dir, then rerun the "
-        "row (launch/grid.py GRID --rerun-failed): it resumes from its last saved epoch"
-    )
+    state = {
+        "model": weights,
+        "optimizer": snapshot(parts.optimizer.state_dict()),
+        "scheduler": snapshot(parts.scheduler.state_dict()),
+        "ema": snapshot(parts.ema.state_dict()) if parts.ema is not None else None,
+        "epoch": epoch,
+        "global_step": parts.global_step,
+        "best_acc1": best_acc1,
+        "run_id": run_id,
+        "key": row.key,
+        "history": snapshot(history),
+        "rng": _rng_state(),
+    }
+    return EpochFiles(epoch, row.config.train.epochs, model, state, improved)
 
 
-def _remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Temporary checkpoint files of an earlier process of this row that was killed mid-write
-    (SIGKILL, node lost): the whole files beside them are what counts; these are removed."""
-    removed = []
-    for name in (STATE_FILE, STATE_INFO_FILE, BEST_FILE, LAST_FILE, PROGRESS_FILE):
-        for tmp in folder.glob(f".{name}{TEMP_MARK}*"):
-            if tmp.name != _temp_path(folder / name).name:
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
+def _same_keys(module_state: dict, weights: dict, prefix: str) -> dict:
+    """`module_state` (a submodule's state_dict, metadata included) with its tensors taken from
+    `weights`, the state_dict of the module that holds it under `prefix`."""
+    out = type(module_state)((key, weights[prefix + key]) for key in module_state)
+    if hasattr(module_state, "_metadata"):
+        out._metadata = module_state._metadata  # type: ignore[attr-defined]
+    return out
+
+
+def write_epoch_files(
+    row: Row,
+    files: EpochFiles,
+    mlrun: Any = None,
+    metrics: dict | None = None,
+    eta_s: float = math.nan,
+) -> None:
+    """best.pt (if improved), last.pt, state.pt, state.json, then the epoch's metrics and
+    progress.json: metrics reach MLflow only once the state that holds them is on disk, so a
+    resumed run never logs an epoch twice."""
+    out = row.output_dir
+    if files.improved:
+        atomic_save(files.model, out / BEST_FILE)
+    atomic_save(files.model, out / LAST_FILE)
+    atomic_save(files.state, out / STATE_FILE)
+    # What the launcher reads (without torch) to resume a crashed row into its run.
+    write_json(
+        out / STATE_INFO_FILE,
+        {
+            "run_id": files.state["run_id"],
+            "key": row.key,
+            "epoch": files.epoch + 1,
+            "epochs": files.epochs,
+        },
+    )
+    if mlrun and metrics is not None:
+        mlrun.log_metrics(metrics, step=files.epoch + 1)
+    _write_progress(row, files.epoch + 1, files.epochs, files.model["acc1"], eta_s)
 
 
 def _load_state(path: Path, run_id: str | None) -> dict | None:
@@ -1012,7 +1018,7 @@ def _skipped_images(built: Built, accelerator: Any) -> list[str]:
 
 def _write_progress(row: Row, epoch: int, epochs: int, acc1: float, eta_s: float) -> None:
     progress = {"epoch": epoch, "epochs": epochs, "acc1": acc1, "eta_s": eta_s, "time": time.time()}
-    _write_json(row.output_dir / PROGRESS_FILE, progress)
+    write_json(row.output_dir / PROGRESS_FILE, progress)
 
 
 def _hms(seconds: float) -> str:

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
-from kd import train
+from kd import checkpoint, train
 from kd.data import DatasetError, generate_dataset
 from kd.grid import load_grid
 from kd.tracking import RowRun, Tracker, TrackingUnavailable
@@ -190,7 +190,7 @@ def start_job(row, run_id: str, uri: str, **env: str) -> subprocess.Popen:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(f"*{train.TEMP_MARK}*"))
+    return sorted(p.name for p in folder.rglob(f"*{checkpoint.TEMP_MARK}*"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +200,10 @@ SLOW_SAVE = r"""
 import sys, time
 from pathlib import Path
 import torch
-from kd import train
+from kd import checkpoint
 
 path = Path(sys.argv[1])
-train._atomic_save({"epoch": 1, "weights": torch.arange(8.0)}, path)
+checkpoint.atomic_save({"epoch": 1, "weights": torch.arange(8.0)}, path)
 
 class SlowFile:
     '''A file whose writes trickle: the process is still inside torch.save when it is killed.'''
@@ -221,9 +221,9 @@ class SlowFile:
     def __exit__(self, *exc):
         self.handle.close()
 
-train.open = SlowFile  # what _atomic_save opens its temporary file with
+checkpoint.open = SlowFile  # what atomic_save opens its temporary file with
 print("saving epoch 2", flush=True)
-train._atomic_save({"epoch": 2, "weights": torch.zeros(2_000_000)}, path)
+checkpoint.atomic_save({"epoch": 2, "weights": torch.zeros(2_000_000)}, path)
 print("saved epoch 2", flush=True)
 """
 
@@ -235,7 +235,7 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert child.stdout.readline().strip() == "saving epoch 2"
-    temp = tmp_path / f".{path.name}{train.TEMP_MARK}{child.pid}"
+    temp = tmp_path / f".{path.name}{checkpoint.TEMP_MARK}{child.pid}"
     deadline = time.time() + 60
     while not (temp.exists() and temp.stat().st_size > 100_000):  # well into the write
         assert child.poll() is None and time.time() < deadline, child.communicate()[0]
@@ -249,9 +249,9 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
     assert train._load_state(path, None)["epoch"] == 1
     assert temp_files(tmp_path) == [temp.name]
     # The next start of the row removes what the killed process left, and saves again.
-    assert train._remove_stale_temp_files(tmp_path) == [temp]
+    assert checkpoint.remove_stale_temp_files(tmp_path, train.ROW_FILES) == [temp]
     assert temp_files(tmp_path) == []
-    train._atomic_save({"epoch": 2}, path)
+    checkpoint.atomic_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
     fault.lost = 0  # every check of the data above passed
     fault.detail = "SIGKILL mid torch.save: the previous state.pt loads (weights_only); the temp file is removed"
@@ -259,7 +259,7 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
 
 def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / train.LAST_FILE
-    train._atomic_save({"model": {"w": torch.ones(3)}}, path)
+    checkpoint.atomic_save({"model": {"w": torch.ones(3)}}, path)
 
     def failing_save(obj, handle, *args, **kwargs):
         handle.write(b"PK\x03\x04 half a zip")
@@ -269,8 +269,8 @@ def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, m
         )
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(train.CheckpointWriteError) as info:
-        train._atomic_save({"model": {"w": torch.zeros(3)}}, path)
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        checkpoint.atomic_save({"model": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     message = str(info.value)
     assert str(path) in message and "PytorchStreamWriter failed writing" in message
@@ -315,7 +315,7 @@ def small_disk(tmp_path):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(name))
             return open(name, mode, *args, **kwargs)
 
-        patches.setattr(train, "open", full_open, raising=False)
+        patches.setattr(checkpoint, "open", full_open, raising=False)
 
     def free() -> None:
         (folder / "filler").unlink(missing_ok=True)
@@ -343,7 +343,7 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
             fill()  # the disk fills up between epoch 1 and epoch 2's checkpoint
         return False
 
-    with pytest.raises(train.CheckpointWriteError) as info:
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
         train.run(row, run_id=run_id, tracking_uri=uri, stop_requested=after_epoch, log=print)
     message = str(info.value)
     assert "the disk is full" in message and str(row.output_dir) in message

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,6 +428,69 @@ def test_two_processes_count_their_own_shard_for_schedule_and_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# Checkpoints are written while the next epoch trains
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_next_epoch_trains_while_an_epochs_files_are_written(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 1's files are held back until epoch 2 has taken a step: a loop that waited for
+    them would never take it (the write gives up after 60 s and the test fails). What is
+    written is epoch 1's state, not the weights that moved on meanwhile."""
+    grid = make_grid(
+        world, "async_ckpt", [{"id": "plain", "label": "p", "student": {"model": DEIT}}]
+    )
+    row = grid.rows[0]
+    writing, stepped = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+    real_step, real_write = train.train_step, train.write_epoch_files
+
+    def step(parts, images, targets):
+        if writing.is_set() and not stepped.is_set():
+            seen["student"] = parts.student
+            seen["at_epoch_end"] = {k: v.clone() for k, v in parts.student.state_dict().items()}
+            out = real_step(parts, images, targets)
+            stepped.set()
+            return out
+        return real_step(parts, images, targets)
+
+    def write(row_, files, *args, **kwargs):
+        if files.epoch == 0:
+            writing.set()
+            seen["trained_meanwhile"] = stepped.wait(timeout=60)
+            live = seen["student"].state_dict() if seen["trained_meanwhile"] else {}
+            seen["written_is_epoch_end"] = (
+                all(
+                    torch.equal(files.model["model"][k], v) for k, v in seen["at_epoch_end"].items()
+                )
+                if seen["trained_meanwhile"]
+                else False
+            )
+            seen["weights_moved_on"] = any(
+                not torch.equal(files.model["model"][k], v) for k, v in live.items()
+            )
+        real_write(row_, files, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "write_epoch_files", write)
+    train.run(row, run_id=None, tracking_uri=world.uri, log=lambda _: None)
+
+    assert seen["trained_meanwhile"], "the loop waited for epoch 1's files before training on"
+    assert seen["written_is_epoch_end"] and seen["weights_moved_on"]
+    run = only_run(world, grid)
+    assert run.info.status == "FINISHED"
+    assert metric_steps(world, run.info.run_id, "val/acc1") == [1, 2]
+    state = load_pt(row.output_dir / train.STATE_FILE)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]
+    last = load_pt(row.output_dir / train.LAST_FILE)
+    student_keys = {k.removeprefix("student.") for k in state["model"] if k.startswith("student.")}
+    assert set(last["model"]) == student_keys
+    for key, value in last["model"].items():  # last.pt and state.pt: the same final weights
+        assert torch.equal(value, state["model"][f"student.{key}"]), key
+
+
+# --------------------------------------------------------------------------------------------
 # Failures
 # --------------------------------------------------------------------------------------------
 
@@ -634,37 +698,3 @@ def test_evaluate_scores_a_distilled_deit_on_the_mean_of_its_heads(accelerator: 
     assert result["acc1"] == pytest.approx(100.0)  # the cls head alone would score 0
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert model.training
-
-
-# --------------------------------------------------------------------------------------------
-# The atomic checkpoint writer
-# --------------------------------------------------------------------------------------------
-
-
-def test_atomic_save_replaces_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "last.pt"
-    train._atomic_save({"epoch": 0}, path)
-    train._atomic_save({"epoch": 1}, path)
-    assert torch.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-def test_atomic_save_keeps_the_previous_file_when_the_write_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "last.pt"
-    train._atomic_save({"weights": torch.arange(4.0)}, path)
-    before = path.read_bytes()
-
-    def crash_mid_write(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
-        handle.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="No space left"):
-        train._atomic_save({"weights": torch.zeros(4)}, path)
-    monkeypatch.undo()
-
-    assert path.read_bytes() == before
-    assert torch.equal(torch.load(path)["weights"], torch.arange(4.0))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
