@@ -317,6 +317,44 @@ def _count_flops(step: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def prepared_step(row: Row, dev: torch.device, updates: int, log: Callable[[str], None]):
+    """The row's models (random weights: speed does not depend on them, and no downloads or
+    teacher checkpoints are needed) prepared by `kd.train.prepare_step` as the loop prepares
+    them, with a schedule of `updates` updates. Returns (models, parts, normalize): `normalize`
+    turns the loader's uint8 batches into the student's input."""
+    from accelerate import Accelerator
+
+    from kd import data as D
+    from kd import train as T
+
+    cfg, tcfg = row.config, row.config.train
+    num_classes = row_num_classes(row)
+    torch.manual_seed(tcfg.seed)
+    log(f"building {cfg.student.model} + {cfg.teacher.model if cfg.teacher else 'no teacher'}")
+    models = T.build_models(row, num_classes, weights=False)
+    mixup = D.build_mixup(num_classes, tcfg.mixup, tcfg.cutmix, tcfg.label_smoothing)
+    precision = T._mixed_precision(tcfg.precision, dev.type == "cuda")
+    accelerator = Accelerator(cpu=dev.type != "cuda", mixed_precision=precision)
+    # uint8 images, as the loader hands them over; both loops normalise them on the device
+    normalize, test_normalize = T.batch_normalizers(row.config, models.student_data)
+    built = T.Built(
+        student=models.student,
+        teacher=models.teacher,
+        step_module=models.step_module,
+        train_loader=None,
+        test_loader=None,
+        loader_generator=torch.Generator(),
+        mixup=mixup,
+        teacher_renorm=models.teacher_renorm,
+        num_classes=num_classes,
+        train_normalize=normalize,
+        test_normalize=test_normalize,
+    )
+    parts = T.prepare_step(tcfg, accelerator, built)
+    parts.scheduler = T.build_scheduler(tcfg, parts.raw_optimizer, updates)
+    return models, parts, normalize
+
+
 def step_benchmark(
     row: Row,
     *,
@@ -336,9 +374,6 @@ def step_benchmark(
     """
     import dataclasses
 
-    from accelerate import Accelerator
-
-    from kd import data as D
     from kd import train as T
 
     log = log or (lambda _m: None)
@@ -356,30 +391,10 @@ def step_benchmark(
     precision = T._mixed_precision(tcfg.precision, cuda)
     num_classes = row_num_classes(row)
 
-    torch.manual_seed(tcfg.seed)
-    log(f"building {cfg.student.model} + {cfg.teacher.model if cfg.teacher else 'no teacher'}")
-    models = T.build_models(row, num_classes, weights=False)
-    mixup = D.build_mixup(num_classes, tcfg.mixup, tcfg.cutmix, tcfg.label_smoothing)
+    models, parts, normalize = prepared_step(row, dev, max(steps + warmup, 1), log)
+    accelerator, mixup = parts.accelerator, parts.mixup
     if mixup is not None and bs % 2:
         raise ValueError(f"mixup/cutmix need an even batch size, got {bs}")
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
-    # uint8 images, as the loader hands them over; both loops normalise them on the device
-    normalize, test_normalize = T.batch_normalizers(row.config, models.student_data)
-    built = T.Built(
-        student=models.student,
-        teacher=models.teacher,
-        step_module=models.step_module,
-        train_loader=None,
-        test_loader=None,
-        loader_generator=torch.Generator(),
-        mixup=mixup,
-        teacher_renorm=models.teacher_renorm,
-        num_classes=num_classes,
-        train_normalize=normalize,
-        test_normalize=test_normalize,
-    )
-    parts = T.prepare_step(tcfg, accelerator, built)
-    parts.scheduler = T.build_scheduler(tcfg, parts.raw_optimizer, max(steps + warmup, 1))
     parts.step_module.train()
     plain_loop = (
         PlainLoop(row, models, mixup, dev, parts.raw_optimizer.param_groups) if plain else None
@@ -518,6 +533,131 @@ def format_step(r: dict[str, Any]) -> str:
     if "mfu" in r:
         lines.append(f"  MFU           {r['mfu'] * 100:8.1f} %  of {r['peak_tflops']:.0f} TFLOP/s")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_benchmark(
+    row: Row,
+    *,
+    repeats: int = 3,
+    folder: str | Path | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Seconds an epoch end keeps training waiting for its checkpoint files, written in the
+    loop (as before: best.pt, last.pt, state.pt, each fsynced) and in the background (the
+    loop only copies the state to the CPU), alternated `repeats` times, medians.
+
+    The files go to a scratch folder beside the row's output folder (the filesystem its
+    checkpoints go to), removed afterwards; `folder` puts it elsewhere. While the background
+    write runs, the training thread's rate of tiny torch calls (what launching GPU kernels
+    costs) is compared with its rate alone: the write's cost to training beyond the copy."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from functools import partial
+
+    from kd import checkpoint as K
+    from kd import train as T
+
+    log = log or (lambda _m: None)
+    dev = _resolve_device(device)
+    models, parts, _ = prepared_step(row, dev, 10, log)
+    for param in parts.step_module.parameters():  # the optimizer's moments exist, as after a step
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad()
+    if parts.ema is not None:
+        parts.ema.update(parts.student)
+    parent = Path(folder) if folder else Path(row.config.output_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".bench-checkpoint-", dir=parent))
+    bench_row = dataclasses.replace(
+        row, config=dataclasses.replace(row.config, output_dir=str(scratch))
+    )
+    bench_row.output_dir.mkdir(parents=True)
+    val = {"acc1": 0.0, "acc5": 0.0, "loss": 0.0}
+
+    def files(copy: bool) -> T.EpochFiles:  # an early epoch: improved, so best.pt is written too
+        return T.snapshot_epoch(
+            bench_row, parts, epoch=0, val=val, num_classes=row_num_classes(row),
+            improved=True, best_acc1=0.0, run_id=None, history=[], copy=copy,
+        )  # fmt: skip
+
+    def dispatch_rate(until: Callable[[], bool], seconds: float = 0.0) -> float:
+        x, calls, start = torch.zeros(8), 0, time.perf_counter()
+        while not until() or time.perf_counter() - start < seconds:
+            x.add_(1)
+            calls += 1
+        return calls / max(time.perf_counter() - start, 1e-9)
+
+    writer = K.BackgroundWriter()
+    in_loop, blocking, background, rates = [], [], [], []
+    try:
+        for r in range(repeats):
+            started = time.perf_counter()
+            T.write_epoch_files(bench_row, files(copy=False))
+            in_loop.append(time.perf_counter() - started)
+            alone = dispatch_rate(lambda: True, seconds=0.5)
+            started = time.perf_counter()
+            writer.submit(partial(T.write_epoch_files, bench_row, files(copy=True)))
+            blocking.append(time.perf_counter() - started)
+            during = dispatch_rate(lambda: not writer.busy, seconds=0.02)
+            writer.wait()
+            background.append(time.perf_counter() - started - blocking[-1])
+            rates.append(during / alone)
+            log(
+                f"repeat {r + 1}/{repeats}: in the loop {in_loop[-1]:.2f} s; background: "
+                f"{blocking[-1]:.2f} s blocking + {background[-1]:.2f} s writing"
+            )
+        sizes = {p.name: p.stat().st_size for p in bench_row.output_dir.glob("*.pt")}
+    finally:
+        writer.finish_quietly()
+        shutil.rmtree(scratch, ignore_errors=True)
+    from kd.models import count_params
+
+    return {
+        "row": row.id,
+        "label": row.label,
+        "student": row.config.student.model,
+        "student_params": count_params(models.student),
+        "ema": parts.ema is not None,
+        "device": str(dev),
+        "folder": str(parent),
+        "repeats": repeats,
+        "state_bytes": sizes.get(T.STATE_FILE, 0),
+        "model_bytes": sizes.get(T.LAST_FILE, 0),
+        "bytes_per_epoch": sum(sizes.values()),  # an improving epoch: best.pt too
+        "in_loop_s": _median(in_loop),
+        "background_blocking_s": _median(blocking),
+        "background_write_s": _median(background),
+        "blocking_ratio": _median([b / s for b, s in zip(blocking, in_loop, strict=True)]),
+        "dispatch_rate_during_write": _median(rates),
+        **machine(),
+    }
+
+
+def format_checkpoint(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"row {r['row']} ({r['label']}): {r['student']} ({r['student_params'] / 1e6:.1f} M "
+            f"params, EMA {r['ema']}), {r['device']}, load {r['load_avg_1m']}",
+            f"  files per epoch  {r['bytes_per_epoch'] / 1e9:7.3f} GB  (state.pt "
+            f"{r['state_bytes'] / 1e9:.3f}, best.pt + last.pt {r['model_bytes'] / 1e9:.3f} each) "
+            f"in {r['folder']}",
+            f"  written in the loop    {r['in_loop_s']:7.3f} s per epoch, training waits",
+            f"  in the background      {r['background_blocking_s']:7.3f} s per epoch, training waits "
+            f"(the CPU copy); then {r['background_write_s']:.3f} s of writing beside training",
+            f"  blocking ratio         {r['blocking_ratio']:7.3f}  (background / in the loop)",
+            f"  training thread's rate of tiny torch calls during the write: "
+            f"{r['dispatch_rate_during_write'] * 100:.0f} % of its rate alone",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------

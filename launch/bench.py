@@ -3,6 +3,7 @@
     python launch/bench.py step grids/table2b.yaml --row 2b-6 --smoke          # CPU, tiny models
     python launch/bench.py step grids/table2b.yaml --row 2b-6 --batch-size 64  # on a GPU: + MFU
     python launch/bench.py data grids/table2b.yaml --row 2b-6 --smoke --generate 512 --workers 2
+    python launch/bench.py checkpoint grids/table2b.yaml --row 2b-6            # epoch-end files
     python launch/bench.py launch 1000 --partition gpu                         # needs SLURM
     python launch/bench.py local grids/table2b.yaml --row 2b-2 --smoke         # local executor
 
@@ -10,6 +11,8 @@
 a minimal plain-PyTorch loop doing the same arithmetic; their ratio; the teacher's share.
 `data`: images/s of decode + augment + collate through the row's loader, against the step's
 demand (measured with `step` unless --demand is given).
+`checkpoint`: seconds an epoch end keeps training waiting for the row's checkpoint files, written
+in the loop and in the background (what the loop does), with the bytes written per epoch.
 `launch`: seconds to expand + validate, submit (MLflow runs and sbatch apart) and read the
 status of an N-row grid on the SLURM cluster; every job it submitted is cancelled afterwards.
 `local`: a row run by the local executor: from process start to its first training step.
@@ -94,6 +97,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from kd.bench import checkpoint_benchmark, format_checkpoint
+
+    result = checkpoint_benchmark(
+        _row(args), repeats=args.repeats, folder=args.dir, device=args.device, log=_log(args)
+    )
+    _emit(args, result, format_checkpoint(result))
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from slurm.bench import format_launch, launch_benchmark
 
@@ -166,6 +179,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--demand", type=float, help="the step's img/s (default: measure it)")
     data.add_argument("--demand-steps", type=int, default=10, help=argparse.SUPPRESS)
     data.set_defaults(func=cmd_data)
+
+    ckpt = sub.add_parser(
+        "checkpoint", parents=[common, row], help="epoch-end checkpoint files: training's wait"
+    )
+    ckpt.add_argument("--repeats", type=int, default=3, help="alternations; the median is kept")
+    ckpt.add_argument(
+        "--dir", help="where to write (default: a scratch folder beside the row's output folder)"
+    )
+    ckpt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ckpt.set_defaults(func=cmd_checkpoint)
 
     launch = sub.add_parser("launch", parents=[common], help="submit + status of an N-row grid")
     launch.add_argument("rows", nargs="?", type=int, default=1000)

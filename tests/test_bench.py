@@ -153,6 +153,34 @@ def test_data_reports_loader_throughput_against_a_demand(cli, capsys, tmp_path: 
     assert r["demand_img_per_s"] == 1e9 and r["keeps_up"] is False
 
 
+def test_checkpoint_reports_what_an_epoch_end_keeps_training_waiting(
+    cli, capsys, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    r = run_json(
+        cli,
+        capsys,
+        *("checkpoint", GRID, f"output_dir={out}", "--row", HARD_ROW, "--smoke"),
+        *("--repeats", "2", "--threads", "1"),
+    )
+    assert r["student"] == "deit_tiny_distilled_patch16_224" and r["device"] == "cpu"
+    positive(r, "in_loop_s", "background_blocking_s", "background_write_s", "blocking_ratio")
+    positive(r, "state_bytes", "model_bytes", "dispatch_rate_during_write", "student_params")
+    # best.pt + last.pt + state.pt; the state holds the weights and AdamW's two moments
+    assert r["bytes_per_epoch"] == 2 * r["model_bytes"] + r["state_bytes"]
+    assert r["state_bytes"] > 2.5 * r["model_bytes"]
+    assert r["model_bytes"] > 4 * r["student_params"]  # fp32 weights
+    folder = Path(r["folder"])  # the row's output folder (--smoke: `<output_dir>-smoke`)
+    assert folder.parent == tmp_path and folder.name.startswith("out") and r["repeats"] == 2
+    assert not list(folder.glob(".bench-checkpoint-*"))  # the scratch folder is gone
+
+    argv = ["checkpoint", GRID, f"output_dir={out}", "--row", HARD_ROW, "--smoke"]
+    assert cli.main([*argv, "--repeats", "1", "--threads", "1", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    for label in ("files per epoch", "written in the loop", "in the background", "blocking ratio"):
+        assert label in text
+
+
 def test_peak_flops_table_knows_the_gpus_mfu_is_computed_for() -> None:
     from kd.bench import peak_tflops
 
