@@ -544,6 +544,7 @@ def checkpoint_benchmark(
     row: Row,
     *,
     repeats: int = 3,
+    batch_size: int = 2,
     folder: str | Path | None = None,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
@@ -554,8 +555,9 @@ def checkpoint_benchmark(
 
     The files go to a scratch folder beside the row's output folder (the filesystem its
     checkpoints go to), removed afterwards; `folder` puts it elsewhere. While the background
-    write runs, the training thread's rate of tiny torch calls (what launching GPU kernels
-    costs) is compared with its rate alone: the write's cost to training beyond the copy."""
+    write runs, the row's real training step (`batch_size` synthetic images) keeps running;
+    the same number of steps is then timed without a write: their time ratio is what the
+    write costs training beyond the copy."""
     import dataclasses
     import shutil
     import tempfile
@@ -563,17 +565,29 @@ def checkpoint_benchmark(
 
     from kd import checkpoint as K
     from kd import train as T
+    from kd.models import count_params
 
     log = log or (lambda _m: None)
     dev = _resolve_device(device)
-    models, parts, _ = prepared_step(row, dev, 10, log)
-    for param in parts.step_module.parameters():  # the optimizer's moments exist, as after a step
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad()
-    if parts.ema is not None:
-        parts.ema.update(parts.student)
+    models, parts, normalize = prepared_step(row, dev, 10, log)
+    size, num_classes = row.config.data.img_size, row_num_classes(row)
+    if parts.mixup is not None and batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even batch size, got {batch_size}")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=gen, dtype=torch.uint8)
+    targets = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    images, targets = images.to(dev), targets.to(dev)
+
+    def steps(at_least: int, busy: Callable[[], bool] = lambda: False) -> tuple[int, float]:
+        done, start = 0, time.perf_counter()
+        while done < at_least or busy():
+            T.train_step(parts, normalize(images), targets)
+            done += 1
+        _sync(dev)
+        return done, time.perf_counter() - start
+
+    log(f"one warm-up step of {batch_size} images (AdamW's moments exist after it)")
+    steps(1)
     parent = Path(folder) if folder else Path(row.config.output_dir)
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".bench-checkpoint-", dir=parent))
@@ -585,42 +599,39 @@ def checkpoint_benchmark(
 
     def files(copy: bool) -> T.EpochFiles:  # an early epoch: improved, so best.pt is written too
         return T.snapshot_epoch(
-            bench_row, parts, epoch=0, val=val, num_classes=row_num_classes(row),
+            bench_row, parts, epoch=0, val=val, num_classes=num_classes,
             improved=True, best_acc1=0.0, run_id=None, history=[], copy=copy,
         )  # fmt: skip
 
-    def dispatch_rate(until: Callable[[], bool], seconds: float = 0.0) -> float:
-        x, calls, start = torch.zeros(8), 0, time.perf_counter()
-        while not until() or time.perf_counter() - start < seconds:
-            x.add_(1)
-            calls += 1
-        return calls / max(time.perf_counter() - start, 1e-9)
-
     writer = K.BackgroundWriter()
-    in_loop, blocking, background, rates = [], [], [], []
+    in_loop, blocking, background, step_ratio, during = [], [], [], [], []
     try:
         for r in range(repeats):
             started = time.perf_counter()
             T.write_epoch_files(bench_row, files(copy=False))
             in_loop.append(time.perf_counter() - started)
-            alone = dispatch_rate(lambda: True, seconds=0.5)
+            written: list[float] = []
+            job = partial(T.write_epoch_files, bench_row, files(copy=True))
             started = time.perf_counter()
-            writer.submit(partial(T.write_epoch_files, bench_row, files(copy=True)))
+            writer.submit(
+                lambda job=job, written=written: (job(), written.append(time.perf_counter()))
+            )
             blocking.append(time.perf_counter() - started)
-            during = dispatch_rate(lambda: not writer.busy, seconds=0.02)
+            n, with_write = steps(1, busy=lambda: writer.busy)
             writer.wait()
-            background.append(time.perf_counter() - started - blocking[-1])
-            rates.append(during / alone)
+            background.append(written[0] - started - blocking[-1])
+            _, alone = steps(n)
+            during.append(n)
+            step_ratio.append(with_write / alone)
             log(
                 f"repeat {r + 1}/{repeats}: in the loop {in_loop[-1]:.2f} s; background: "
-                f"{blocking[-1]:.2f} s blocking + {background[-1]:.2f} s writing"
+                f"{blocking[-1]:.2f} s blocking + {background[-1]:.2f} s writing; {n} steps "
+                f"during the write took {with_write / alone:.2f}x their time alone"
             )
         sizes = {p.name: p.stat().st_size for p in bench_row.output_dir.glob("*.pt")}
     finally:
         writer.finish_quietly()
         shutil.rmtree(scratch, ignore_errors=True)
-    from kd.models import count_params
-
     return {
         "row": row.id,
         "label": row.label,
@@ -630,6 +641,7 @@ def checkpoint_benchmark(
         "device": str(dev),
         "folder": str(parent),
         "repeats": repeats,
+        "batch_size": batch_size,
         "state_bytes": sizes.get(T.STATE_FILE, 0),
         "model_bytes": sizes.get(T.LAST_FILE, 0),
         "bytes_per_epoch": sum(sizes.values()),  # an improving epoch: best.pt too
@@ -637,7 +649,8 @@ def checkpoint_benchmark(
         "background_blocking_s": _median(blocking),
         "background_write_s": _median(background),
         "blocking_ratio": _median([b / s for b, s in zip(blocking, in_loop, strict=True)]),
-        "dispatch_rate_during_write": _median(rates),
+        "steps_during_write": _median(during),
+        "step_time_ratio_during_write": _median(step_ratio),
         **machine(),
     }
 
@@ -654,8 +667,8 @@ def format_checkpoint(r: dict[str, Any]) -> str:
             f"  in the background      {r['background_blocking_s']:7.3f} s per epoch, training waits "
             f"(the CPU copy); then {r['background_write_s']:.3f} s of writing beside training",
             f"  blocking ratio         {r['blocking_ratio']:7.3f}  (background / in the loop)",
-            f"  training thread's rate of tiny torch calls during the write: "
-            f"{r['dispatch_rate_during_write'] * 100:.0f} % of its rate alone",
+            f"  training steps during the write: {r['steps_during_write']:g} of batch "
+            f"{r['batch_size']}, {r['step_time_ratio_during_write']:.2f}x their time alone",
         ]
     )
 

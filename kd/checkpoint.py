@@ -121,64 +121,90 @@ def cpu_snapshot(obj: Any) -> Any:
     """`obj` (state dicts, lists, RNG states) with every tensor copied to the CPU and every
     container copied, so training can go on changing the originals while the copy is written.
 
-    A state_dict's `_metadata` (module versions, read by `load_state_dict`) comes along."""
+    Containers keep their type and attributes (a state_dict's `_metadata`, module versions
+    that `load_state_dict` reads); other objects that are not plain values are deep-copied."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, np.ndarray):
         return obj.copy()
     if isinstance(obj, dict):
-        out = type(obj)((key, cpu_snapshot(value)) for key, value in obj.items())
+        out = copy.copy(obj)  # same type and attributes; the values are replaced below
+        for key, value in obj.items():
+            out[key] = cpu_snapshot(value)
         if hasattr(obj, "_metadata"):
             out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
         return out
     if isinstance(obj, (list, tuple)):
         items = [cpu_snapshot(value) for value in obj]
-        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
-    return obj  # numbers, strings, None: not changed in place
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return obj
+    return copy.deepcopy(obj)
 
 
 class BackgroundWriter:
     """Runs write jobs in a thread, one at a time and in order, while the caller goes on.
 
-    `submit` waits for the job before it (so at most one snapshot is held in memory and the
-    files of epoch N land before those of epoch N+1) and raises that job's error, if it failed;
-    `wait` does the same for the last job. The thread is not a daemon: a process that exits
-    (a requeued job's SystemExit) finishes the write in flight first.
+    `submit` waits for the job before it (so the files of epoch N land before those of epoch
+    N+1) and raises that job's error, if it failed; `wait` does the same for the last job.
+    The caller calls `wait` before taking the next snapshot, so one copy is held at a time.
+
+    Waiting is on an Event, not `Thread.join`: on CPython 3.10-3.12 a signal handler that
+    raises while `join` waits (submitit's requeue on USR2 raises SystemExit) marks the thread
+    as stopped, and neither a second `join` nor the interpreter's exit waits for it any more.
+    `finish_quietly` waits through such interruptions until the write in flight has landed.
     """
 
     def __init__(self, name: str = "kdgrid-checkpoint") -> None:
         self._name = name
-        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._done.set()
         self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name=self._name)
-        self._thread.start()
+        self._done.clear()
+        thread = threading.Thread(target=self._run, args=(job,), name=self._name)
+        thread.start()
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
             job()
         except BaseException as exc:  # handed to the caller by wait()
             self._error = exc
+        finally:
+            self._done.set()
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._done.is_set()
 
     def wait(self) -> None:
         """Block until the job in flight is done; raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._done.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def finish_quietly(self) -> None:
-        """`wait`, for a caller already failing: the write in flight still lands, and its own
-        error, if any, is printed rather than raised over the first one."""
-        try:
-            self.wait()
-        except BaseException as exc:  # noqa: BLE001 - reported, the caller's error goes on
-            print(f"[checkpoint] writing failed as well: {exc}", file=sys.stderr, flush=True)
+        """`wait`, for a caller already failing or exiting: the write in flight still lands,
+        through further interruptions (a second USR2, Ctrl-C), and its own error, if any, is
+        printed rather than raised over the first one."""
+        while True:
+            try:
+                self.wait()
+                return
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if self.busy:
+                    print(
+                        f"[checkpoint] {type(exc).__name__} while a checkpoint is being "
+                        "written: waiting for it to land",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                print(f"[checkpoint] writing failed as well: {exc!r}", file=sys.stderr)
+                return
+            except BaseException as exc:  # noqa: BLE001 - reported, the caller's error goes on
+                print(f"[checkpoint] writing failed as well: {exc}", file=sys.stderr, flush=True)
+                return

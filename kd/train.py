@@ -776,6 +776,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
             metrics["val/best_acc1"] = best_acc1
             history.append({"epoch": epoch, "metrics": metrics})
             if accelerator.is_main_process:
+                writer.wait()  # the previous epoch's files: one copy in memory at a time
                 # Copied to the CPU now (a fraction of a second); written while the next epoch trains.
                 files = snapshot_epoch(
                     row,
@@ -791,19 +792,19 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                 elapsed = time.time() - started
                 done = epoch + 1 - start_epoch
                 eta = elapsed / done * (tcfg.epochs - epoch - 1)
-                writer.submit(partial(write_epoch_files, row, files, mlrun, metrics, eta))
-                log(
+                line = (
                     f"[{row.id}] epoch {epoch + 1}/{tcfg.epochs} loss {metrics['train/loss']:.4f} "
                     f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f} "
                     f"{img_per_s:.1f} img/s eta {_hms(eta)}"
                 )
+                writer.submit(
+                    partial(write_epoch_files, row, files, mlrun, metrics, eta, log, line)
+                )
+                if stop_requested is not None:
+                    writer.wait()  # before the barrier: no process stops while this one writes
             accelerator.wait_for_everyone()
-            if stop_requested is not None:
-                writer.wait()  # polled once the epoch's files are written
-                if stop_requested() and epoch + 1 < tcfg.epochs:
-                    raise StopRequested(
-                        f"stopped after epoch {epoch + 1}; state saved at {state_path}"
-                    )
+            if stop_requested is not None and stop_requested() and epoch + 1 < tcfg.epochs:
+                raise StopRequested(f"stopped after epoch {epoch + 1}; state saved at {state_path}")
         writer.wait()  # the last epoch's files land before the run is finished
     except BaseException:
         writer.finish_quietly()  # the epoch in flight still lands; the first error goes on
@@ -946,10 +947,13 @@ def write_epoch_files(
     mlrun: Any = None,
     metrics: dict | None = None,
     eta_s: float = math.nan,
+    log: Callable[[str], None] | None = None,
+    line: str | None = None,
 ) -> None:
-    """best.pt (if improved), last.pt, state.pt, state.json, then the epoch's metrics and
-    progress.json: metrics reach MLflow only once the state that holds them is on disk, so a
-    resumed run never logs an epoch twice."""
+    """best.pt (if improved), last.pt, state.pt, state.json, then the epoch's metrics,
+    progress.json and its log `line`: metrics reach MLflow only once the state that holds them
+    is on disk, so a resumed run never logs an epoch twice, and the log says an epoch is done
+    only once a resume would start after it."""
     out = row.output_dir
     if files.improved:
         atomic_save(files.model, out / BEST_FILE)
@@ -968,6 +972,8 @@ def write_epoch_files(
     if mlrun and metrics is not None:
         mlrun.log_metrics(metrics, step=files.epoch + 1)
     _write_progress(row, files.epoch + 1, files.epochs, files.model["acc1"], eta_s)
+    if log is not None and line is not None:
+        log(line)
 
 
 def _load_state(path: Path, run_id: str | None) -> dict | None:

@@ -101,7 +101,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from kd.bench import checkpoint_benchmark, format_checkpoint
 
     result = checkpoint_benchmark(
-        _row(args), repeats=args.repeats, folder=args.dir, device=args.device, log=_log(args)
+        _row(args),
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        folder=args.dir,
+        device=args.device,
+        log=_log(args),
     )
     _emit(args, result, format_checkpoint(result))
     return 0
@@ -186,6 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ckpt.add_argument("--repeats", type=int, default=3, help="alternations; the median is kept")
     ckpt.add_argument(
         "--dir", help="where to write (default: a scratch folder beside the row's output folder)"
+    )
+    ckpt.add_argument(
+        "--batch-size", type=int, default=2, help="images per training step run during the write"
     )
     ckpt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ckpt.set_defaults(func=cmd_checkpoint)

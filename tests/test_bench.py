@@ -165,7 +165,8 @@ def test_checkpoint_reports_what_an_epoch_end_keeps_training_waiting(
     )
     assert r["student"] == "deit_tiny_distilled_patch16_224" and r["device"] == "cpu"
     positive(r, "in_loop_s", "background_blocking_s", "background_write_s", "blocking_ratio")
-    positive(r, "state_bytes", "model_bytes", "dispatch_rate_during_write", "student_params")
+    positive(r, "state_bytes", "model_bytes", "step_time_ratio_during_write", "student_params")
+    assert r["steps_during_write"] >= 1 and r["batch_size"] == 2
     # best.pt + last.pt + state.pt; the state holds the weights and AdamW's two moments
     assert r["bytes_per_epoch"] == 2 * r["model_bytes"] + r["state_bytes"]
     assert r["state_bytes"] > 2.5 * r["model_bytes"]

@@ -147,3 +147,48 @@ def test_finish_quietly_lands_the_write_and_reports_its_error(capsys) -> None:
     writer.finish_quietly()
     assert done == ["written"]
     assert "writing failed as well: I/O error" in capsys.readouterr().err
+
+
+SIGNAL_DURING_WAIT = r"""
+import os, signal, sys, threading, time
+from pathlib import Path
+from kd.checkpoint import BackgroundWriter
+
+out = Path(sys.argv[1])
+def requeue(signum, frame):  # what submitit's USR2 handler does after requeueing the job
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, requeue)
+
+def write():
+    time.sleep(1.0)
+    out.write_text("epoch 3")
+
+writer = BackgroundWriter()
+writer.submit(write)
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGUSR2)).start()  # a second one
+try:
+    writer.wait()  # the training loop waiting for the previous epoch's files
+except SystemExit:
+    writer.finish_quietly()
+    print("landed before exit:", out.exists(), flush=True)
+    raise
+"""
+
+
+def test_a_requeue_signal_while_waiting_still_lets_the_write_land(tmp_path) -> None:
+    """SystemExit raised by a signal handler while the loop waits for the write in flight
+    (submitit's requeue on USR2): the file is written before the process exits."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "state.txt"
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_WAIT, str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 255, done.stderr
+    assert "landed before exit: True" in done.stdout, (done.stdout, done.stderr)
+    assert out.read_text() == "epoch 3"
+    assert "waiting for it to land" in done.stderr  # the second signal came while it wrote

@@ -286,7 +286,7 @@ def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, m
 @pytest.fixture
 def small_disk(tmp_path):
     """A folder on a 16 MiB tmpfs, and `fill()` to leave it no free byte. Where tmpfs cannot be
-    mounted (not root), `fill()` makes every later write in kd.train fail with ENOSPC instead."""
+    mounted (not root), `fill()` makes every later checkpoint write (kd.checkpoint) fail with ENOSPC instead."""
     folder = tmp_path / "disk"
     folder.mkdir()
     mounted = (
@@ -368,6 +368,46 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
     fault.detail = (
         "a 1 MB tmpfs filled between epochs: CheckpointWriteError, epoch 1 kept, resumed once freed"
     )
+
+
+def test_disk_full_under_the_background_writer_fails_the_row_and_keeps_the_last_epoch(
+    tmp_path, small_disk, one_thread, monkeypatch, fault
+):
+    """As a row runs in production (no stop_requested): epoch 2's files, written while epoch 3
+    trains, hit a full disk; the error is raised at epoch 3's end, epoch 1 is what is kept, and
+    epoch 2's metrics never reach MLflow (its state did not land)."""
+    folder, fill, free = small_disk
+    data = generate_dataset("imagefolder", tmp_path / "data", num_classes=2, image_size=16)
+    row = tiny_row(tmp_path, Path(data.root), epochs=3, out=folder / "out")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = new_run(uri, row, tmp_path / "artifacts")
+    real_write = train.write_epoch_files
+
+    def write_then_fill(row_, files, *args, **kwargs):
+        real_write(row_, files, *args, **kwargs)
+        if files.epoch == 0:
+            fill()  # the disk fills up right after epoch 1's files landed
+
+    monkeypatch.setattr(train, "write_epoch_files", write_then_fill)
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    message = str(info.value)
+    assert "the disk is full" in message and "is kept" in message
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
+    assert train._load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc1")) == [1]
+    assert temp_files(folder) == []
+
+    free()
+    monkeypatch.undo()
+    train.run(row, run_id=run_id, tracking_uri=uri, log=print)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc1")) == [1, 2, 3]
+    fault.lost = 0  # every check of the data above passed
+    fault.detail = "background write hit a full disk: FAILED at the next epoch end, epoch 1 kept"
 
 
 # ---------------------------------------------------------------------------------------------
