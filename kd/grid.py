@@ -1084,6 +1084,8 @@ def _changed_from_defaults(tree: dict[str, Any]) -> dict[str, Any]:
     for section in C.PLACEMENT_SECTIONS:
         defaults.pop(section, None)
     flat, flat_defaults = C.flatten(tree), C.flatten(defaults)
+    for dotted in C.PLACEMENT_FIELDS_ADDED_LATER:
+        flat_defaults.pop(dotted, None)
     changed = {k: v for k, v in flat.items() if k not in flat_defaults or flat_defaults[k] != v}
     changed |= {k: "<absent>" for k in flat_defaults if k not in flat}
     return changed

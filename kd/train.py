@@ -446,6 +446,13 @@ def build_loaders(
     )
     # epoch 0 for whoever reads the loader before the loop seeds each epoch (bench.py data)
     datasets["train"].seed_augmentations(cfg.train.seed, 0)
+    # The test split is read every epoch (twice with EMA) through the same deterministic
+    # transform: its uint8 images are kept after the first pass. Before any worker starts.
+    datasets["test"].cache = D.TransformCache.for_split(
+        len(datasets["test"]),
+        (3, cfg.data.img_size, cfg.data.img_size),
+        limit_gb=cfg.data.eval_cache_gb,
+    )
     return train_loader, test_loader
 
 

@@ -336,3 +336,77 @@ def test_randaugment_posterize_never_asks_pillow_for_zero_bits():
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         out = auto_augment.NAME_TO_OP[name](Image.new("RGB", (8, 8), (200, 100, 50)), 0)
         assert out.size == (8, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# The test split's transform cache
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images.clone(), targets.clone()) for images, targets in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_test_split_gives_the_same_batches_without_reading_the_images(tmp_path, workers):
+    """Pass 1 fills the cache (in loader workers too: shared pages); the images are then
+    deleted, and pass 2, read from the cache, equals pass 1 and an uncached loader."""
+    from kd.data import TransformCache
+
+    spec = generate_dataset("cub", tmp_path / "cub", **{**SMALL, "test_per_class": 5})
+    tf = build_transforms(train=False, img_size=24, mean=MEAN, std=STD, uint8=True)
+    plain = load_split(spec, "test", transform=tf)
+    expected = _eval_batches(build_loader(plain, batch_size=4, train=False, num_workers=0))
+
+    data = load_split(spec, "test", transform=tf)
+    data.cache = TransformCache.for_split(len(data), (3, 24, 24), limit_gb=1, folder=tmp_path)
+    assert data.cache is not None and data.cache.nbytes == 20 * 3 * 24 * 24
+    assert not list(tmp_path.glob("kdgrid-transform-cache-*"))  # unlinked at once
+    loader = build_loader(data, batch_size=4, train=False, num_workers=workers)
+    first = _eval_batches(loader)
+    assert bool(data.cache.filled.all())  # what the workers computed is seen here
+    for path in (Path(spec.root) / "images").rglob("*.jpg"):
+        path.unlink()
+    second = _eval_batches(loader)
+    assert len(first) == len(second) == len(expected) == 5
+    for (a, ya), (b, yb), (c, yc) in zip(expected, first, second, strict=True):
+        assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(ya, yb) and torch.equal(ya, yc)
+
+
+def test_transform_cache_keeps_only_what_fits(tmp_path, monkeypatch, capsys):
+    from kd import data as D
+
+    assert D.TransformCache.for_split(10, (3, 8, 8), limit_gb=0, folder=tmp_path) is None
+    assert D.TransformCache.for_split(0, (3, 8, 8), limit_gb=1, folder=tmp_path) is None
+    over = D.TransformCache.for_split(2**20, (3, 384, 384), limit_gb=16, folder=tmp_path)
+    assert over is None and "over data.eval_cache_gb=16" in capsys.readouterr().err
+
+    class Usage:
+        free = 2**29  # 0.5 GiB: less than the 1 GiB kept free
+
+    monkeypatch.setattr(D.shutil, "disk_usage", lambda _folder: Usage)
+    assert D.TransformCache.for_split(10, (3, 8, 8), limit_gb=1, folder=tmp_path) is None
+    err = capsys.readouterr().err
+    assert "do not fit in" in err and str(tmp_path) in err and "TMPDIR" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transform_cache_skips_what_it_cannot_hold_and_is_left_out_of_pickles(tmp_path):
+    import pickle
+
+    from kd.data import TransformCache
+
+    cache = TransformCache(3, (3, 4, 4), folder=str(tmp_path))
+    cache.put(0, torch.ones(3, 4, 4, dtype=torch.uint8), 7)
+    cache.put(1, torch.ones(3, 5, 5, dtype=torch.uint8), 1)  # another shape
+    cache.put(2, torch.ones(3, 4, 4), 1)  # float: not what the test loader gives
+    image, label = cache.get(0)
+    assert torch.equal(image, torch.ones(3, 4, 4, dtype=torch.uint8)) and label == 7
+    assert cache.get(1) is None and cache.get(2) is None
+
+    spec = generate_dataset("imagefolder", tmp_path / "folder", **SMALL)
+    data = load_split(spec, "test")
+    data.cache = cache
+    copy = pickle.loads(pickle.dumps(data))  # as spawned workers get it: no cache, same data
+    assert copy.cache is None and data.cache is cache and len(copy) == len(data)

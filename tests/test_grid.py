@@ -169,12 +169,35 @@ def test_keys_are_stable_and_ignore_placement_names_and_paper(tmp_path):
         ["output_dir=/elsewhere"],
         ["paper.acc1=99.5"],
         ["data.root=/another/copy", "data.num_workers=2"],
+        ["data.eval_cache_gb=0"],
     ):
         assert keys(mini(tmp_path, overrides)) == base, overrides
     relabelled = MINI.replace("label: T,", "label: T-new,").replace(
         "output_dir: out", "output_dir: o"
     )
     assert keys(mini(tmp_path, text=relabelled)) == base
+
+
+# The keys of the paper grid's rows as published: a new version of kdgrid must recognise the
+# rows an older one finished (a schema key added with its default, a new placement field), or
+# it would train them all again. Update only for a change that really changes every result.
+TABLE2B_KEYS = {
+    "convnext_b": "3f5766fc635fb1bf",
+    "deit_b_deit": "97e1861bba4fc995",
+    "deit_b_convnext": "ef84189dae93a982",
+    "deit_b_dist": "b90e4f2aac563505",
+    "deit_b_dist_soft": "5fda349df3b10ce5",
+    "deit_b_dist_hard": "bac3533fc95954af",
+    "deit_b_dist_hard_ft": "cfdb921e8b259fe9",
+    "bit": "57c611da29dbeb05",
+    "deit_b_dist_hard_bit": "8ce91a2d8338e5b9",
+    "deit_b_dist_hard_bit_ft": "7f94388a4cbfe7e7",
+}
+
+
+def test_finished_rows_keep_their_keys_across_versions():
+    grid = load_grid(GRIDS / "table2b.yaml", check_data=False)
+    assert {row.id: row.key for row in grid.rows} == TABLE2B_KEYS
 
 
 @pytest.mark.parametrize(
