@@ -687,13 +687,16 @@ def data_benchmark(
     image_px: int = 500,
     generate_root: str | Path | None = None,
     demand: float | None = None,
+    test: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Images/s of decode + augment + collate through the row's training loader.
 
     `generate` writes a copy of the row's dataset with about that many training images of
     `image_px` pixels (CUB's photos are about 500 x 375) and reads that instead. The first
-    batch (worker start-up) is timed apart; the rate is over the batches after it.
+    batch (worker start-up) is timed apart; the rate is over the batches after it. `test`:
+    also the test loader, as each epoch's evaluation reads it: a first pass (decode, resize,
+    crop; it fills the transform cache) and a second (from the cache, when the row has one).
     """
     import dataclasses
 
@@ -716,7 +719,7 @@ def data_benchmark(
             root,
             num_classes=classes,
             train_per_class=max(1, generate // classes),
-            test_per_class=1,
+            test_per_class=max(1, generate // classes // 2) if test else 1,
             image_size=image_px,
         )
         data = dataclasses.replace(data, root=spec.root, dogs_root=spec.dogs_root)
@@ -726,7 +729,7 @@ def data_benchmark(
     student = M.build_model(
         cfg.student.model, num_classes=num_classes, img_size=data.img_size, source="scratch"
     )
-    train_loader, _ = T.build_loaders(row, spec, M.data_config(student))
+    train_loader, test_loader = T.build_loaders(row, spec, M.data_config(student))
     del student
     bs = train_loader.batch_size
     n_batches = min(batches, len(train_loader))
@@ -773,7 +776,38 @@ def data_benchmark(
         result["demand_img_per_s"] = demand
         result["keeps_up"] = rate >= demand
         result["headroom"] = rate / demand
+    if test:
+        result |= _test_passes(test_loader, batches, log)
     return result
+
+
+def _test_passes(loader: Any, batches: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Two passes over (up to `batches` of) the test loader, as two epochs' evaluations read
+    it: the first decodes, resizes and crops (filling the cache), the second reads the cache."""
+    n_batches = min(batches, len(loader))
+    if n_batches < 2:
+        raise ValueError(f"the test split has {len(loader.dataset)} images: under two batches")
+    cache = getattr(loader.dataset, "cache", None)
+    log(f"reading {n_batches} test batches twice (cache: {'on' if cache else 'off'})")
+    rates = []
+    for _ in range(2):  # each timed from its first batch on (worker start-up left out)
+        images, start = 0, None
+        for index, (x, _y) in enumerate(loader):
+            if index >= n_batches:
+                break
+            if start is None:
+                start = time.perf_counter()
+                continue
+            images += x.shape[0]
+        rates.append(images / (time.perf_counter() - start))
+    return {
+        "test_images_in_split": len(loader.dataset),
+        "test_batches": n_batches,
+        "test_cache": cache is not None,
+        "test_cache_gb": cache.nbytes / 2**30 if cache is not None else 0.0,
+        "test_first_pass_img_per_s": rates[0],
+        "test_second_pass_img_per_s": rates[1],
+    }
 
 
 def _next_epoch_first_batch(
@@ -808,6 +842,13 @@ def format_data(r: dict[str, Any]) -> str:
             else "batch not timed: over 2048 images of the epoch were left to read)"
         ),
     ]
+    if "test_first_pass_img_per_s" in r:
+        cache = f"cached, {r['test_cache_gb']:.2f} GiB" if r["test_cache"] else "not cached"
+        lines.append(
+            f"  test split    {r['test_first_pass_img_per_s']:9.1f} img/s first pass, "
+            f"{r['test_second_pass_img_per_s']:.1f} img/s after ({cache}; "
+            f"{r['test_images_in_split']} images)"
+        )
     if "demand_img_per_s" in r:
         verdict = "keeps up" if r["keeps_up"] else "does NOT keep up"
         lines.append(

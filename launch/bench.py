@@ -91,6 +91,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         generate=args.generate,
         image_px=args.image_px,
         demand=demand,
+        test=args.test,
         log=_log(args),
     )
     _emit(args, result, format_data(result))
@@ -182,6 +183,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     data.add_argument("--image-px", type=int, default=500, help="side of generated images")
     data.add_argument("--demand", type=float, help="the step's img/s (default: measure it)")
+    data.add_argument(
+        "--test", action="store_true", help="also the test loader: first pass, then cached"
+    )
     data.add_argument("--demand-steps", type=int, default=10, help=argparse.SUPPRESS)
     data.set_defaults(func=cmd_data)
 

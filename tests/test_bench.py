@@ -151,6 +151,18 @@ def test_data_reports_loader_throughput_against_a_demand(cli, capsys, tmp_path: 
     positive(r, "loader_img_per_s", "per_worker_img_per_s")
     assert r["images_in_split"] >= 40 and r["workers"] == 2 and r["batches"] == 4
     assert r["demand_img_per_s"] == 1e9 and r["keeps_up"] is False
+    assert "test_first_pass_img_per_s" not in r  # only with --test
+
+    # the test loader too: a first pass, then one from its transform cache
+    r = run_json(
+        cli,
+        capsys,
+        *("data", GRID, out, "--row", HARD_ROW, "--smoke", "--workers", "2", "--test"),
+        *("--generate", "48", "--image-px", "64", "--batches", "3", "--demand", "10"),
+    )
+    positive(r, "test_first_pass_img_per_s", "test_second_pass_img_per_s", "test_cache_gb")
+    assert r["test_cache"] is True and r["test_batches"] == 3
+    assert r["test_images_in_split"] >= 20  # --test generates a test split to read (half)
 
 
 def test_checkpoint_reports_what_an_epoch_end_keeps_training_waiting(
