@@ -777,6 +777,7 @@ def data_benchmark(
         result["keeps_up"] = rate >= demand
         result["headroom"] = rate / demand
     if test:
+        D.cache_split(test_loader, (3, data.img_size, data.img_size), limit_gb=data.eval_cache_gb)
         result |= _test_passes(test_loader, batches, log)
     return result
 

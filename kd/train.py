@@ -446,13 +446,6 @@ def build_loaders(
     )
     # epoch 0 for whoever reads the loader before the loop seeds each epoch (bench.py data)
     datasets["train"].seed_augmentations(cfg.train.seed, 0)
-    # The test split is read every epoch (twice with EMA) through the same deterministic
-    # transform: its uint8 images are kept after the first pass. Before any worker starts.
-    datasets["test"].cache = D.TransformCache.for_split(
-        len(datasets["test"]),
-        (3, cfg.data.img_size, cfg.data.img_size),
-        limit_gb=cfg.data.eval_cache_gb,
-    )
     return train_loader, test_loader
 
 
@@ -688,6 +681,11 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         parts.ema,
     )
     train_loader, test_loader = accelerator.prepare(built.train_loader, built.test_loader)
+    # The test split is read every epoch (twice with EMA) through the same deterministic
+    # transform: this process's shard of its uint8 images is kept after the first pass.
+    D.cache_split(
+        test_loader, (3, cfg.data.img_size, cfg.data.img_size), limit_gb=cfg.data.eval_cache_gb
+    )
     train_loader = D.NormalizedBatches(train_loader, built.train_normalize)
     test_loader = D.NormalizedBatches(test_loader, built.test_normalize)
     # Counted on the prepared loader: with several processes each one iterates its shard only.

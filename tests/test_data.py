@@ -351,7 +351,7 @@ def _eval_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_cached_test_split_gives_the_same_batches_without_reading_the_images(tmp_path, workers):
     """Pass 1 fills the cache (in loader workers too: shared pages); the images are then
     deleted, and pass 2, read from the cache, equals pass 1 and an uncached loader."""
-    from kd.data import TransformCache
+    from kd.data import cache_split
 
     spec = generate_dataset("cub", tmp_path / "cub", **{**SMALL, "test_per_class": 5})
     tf = build_transforms(train=False, img_size=24, mean=MEAN, std=STD, uint8=True)
@@ -359,12 +359,12 @@ def test_cached_test_split_gives_the_same_batches_without_reading_the_images(tmp
     expected = _eval_batches(build_loader(plain, batch_size=4, train=False, num_workers=0))
 
     data = load_split(spec, "test", transform=tf)
-    data.cache = TransformCache.for_split(len(data), (3, 24, 24), limit_gb=1, folder=tmp_path)
-    assert data.cache is not None and data.cache.nbytes == 20 * 3 * 24 * 24
-    assert not list(tmp_path.glob("kdgrid-transform-cache-*"))  # unlinked at once
     loader = build_loader(data, batch_size=4, train=False, num_workers=workers)
+    cache = cache_split(loader, (3, 24, 24), limit_gb=1, folder=str(tmp_path))
+    assert cache is not None and data.cache is cache and cache.nbytes == 20 * 3 * 24 * 24
+    assert not list(tmp_path.glob("kdgrid-transform-cache-*"))  # unlinked at once
     first = _eval_batches(loader)
-    assert bool(data.cache.filled.all())  # what the workers computed is seen here
+    assert bool(cache.filled.all())  # what the workers computed is seen here
     for path in (Path(spec.root) / "images").rglob("*.jpg"):
         path.unlink()
     second = _eval_batches(loader)
@@ -372,24 +372,52 @@ def test_cached_test_split_gives_the_same_batches_without_reading_the_images(tmp
     for (a, ya), (b, yb), (c, yc) in zip(expected, first, second, strict=True):
         assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(a, c)
         assert torch.equal(ya, yb) and torch.equal(ya, yc)
+    image, _ = data[0]
+    image.zero_()  # what a reader does with an item does not reach the cache
+    assert torch.equal(data[0][0], expected[0][0][0])
 
 
-def test_transform_cache_keeps_only_what_fits(tmp_path, monkeypatch, capsys):
+def test_a_process_caches_only_its_shard_of_the_split(tmp_path):
+    """With Accelerate each process reads a shard: its cache holds those images only."""
+    from kd.data import TransformCache
+
+    cache = TransformCache([4, 5, 6, 7, 5], size=10, shape=(3, 2, 2), folder=str(tmp_path))
+    assert cache.nbytes == 4 * 12 and cache.images.shape == (4, 3, 2, 2)
+    cache.put(5, torch.full((3, 2, 2), 5, dtype=torch.uint8), 1)
+    cache.put(0, torch.full((3, 2, 2), 9, dtype=torch.uint8), 1)  # another process's image
+    assert cache.get(0) is None and int(cache.filled.sum()) == 1
+    assert torch.equal(cache.get(5)[0], torch.full((3, 2, 2), 5, dtype=torch.uint8))
+
+
+def test_cache_split_says_why_it_does_not_cache(tmp_path, monkeypatch, capsys):
     from kd import data as D
 
-    assert D.TransformCache.for_split(10, (3, 8, 8), limit_gb=0, folder=tmp_path) is None
-    assert D.TransformCache.for_split(0, (3, 8, 8), limit_gb=1, folder=tmp_path) is None
-    over = D.TransformCache.for_split(2**20, (3, 384, 384), limit_gb=16, folder=tmp_path)
-    assert over is None and "over data.eval_cache_gb=16" in capsys.readouterr().err
+    spec = generate_dataset("imagefolder", tmp_path / "folder", **SMALL)
+    data = load_split(spec, "test")
+
+    def loader(workers=0):
+        return build_loader(data, batch_size=4, train=False, num_workers=workers)
+
+    assert D.cache_split(loader(), (3, 8, 8), limit_gb=0, folder=str(tmp_path)) is None
+    assert capsys.readouterr().err == ""  # turned off: nothing to say
+    assert D.cache_split(loader(), (3, 2**12, 2**12), limit_gb=0.01, folder=str(tmp_path)) is None
+    assert "over data.eval_cache_gb=0.01" in capsys.readouterr().err
+    spawned = build_loader(data, batch_size=4, train=False, num_workers=2)
+    spawned.multiprocessing_context = "spawn"
+    assert D.cache_split(spawned, (3, 8, 8), limit_gb=1, folder=str(tmp_path)) is None
+    assert "start by 'spawn', not 'fork'" in capsys.readouterr().err
+    assert D.cache_split(loader(), (3, 8, 8), limit_gb=1, folder="/dev/shm") is None
+    assert "/dev/shm is in memory (tmpfs)" in capsys.readouterr().err
 
     class Usage:
         free = 2**29  # 0.5 GiB: less than the 1 GiB kept free
 
     monkeypatch.setattr(D.shutil, "disk_usage", lambda _folder: Usage)
-    assert D.TransformCache.for_split(10, (3, 8, 8), limit_gb=1, folder=tmp_path) is None
+    assert D.cache_split(loader(), (3, 8, 8), limit_gb=1, folder=str(tmp_path)) is None
     err = capsys.readouterr().err
     assert "do not fit in" in err and str(tmp_path) in err and "TMPDIR" in err
-    assert list(tmp_path.iterdir()) == []
+    assert data.cache is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
 def test_transform_cache_skips_what_it_cannot_hold_and_is_left_out_of_pickles(tmp_path):
@@ -397,7 +425,7 @@ def test_transform_cache_skips_what_it_cannot_hold_and_is_left_out_of_pickles(tm
 
     from kd.data import TransformCache
 
-    cache = TransformCache(3, (3, 4, 4), folder=str(tmp_path))
+    cache = TransformCache(range(3), 3, (3, 4, 4), folder=str(tmp_path))
     cache.put(0, torch.ones(3, 4, 4, dtype=torch.uint8), 7)
     cache.put(1, torch.ones(3, 5, 5, dtype=torch.uint8), 1)  # another shape
     cache.put(2, torch.ones(3, 4, 4), 1)  # float: not what the test loader gives

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kd import config as C
 from kd.grid import Grid, GridError, load_grid, split_row_names
 from kd.plan import plan_launch
 
@@ -198,6 +199,9 @@ TABLE2B_KEYS = {
 def test_finished_rows_keep_their_keys_across_versions():
     grid = load_grid(GRIDS / "table2b.yaml", check_data=False)
     assert {row.id: row.key for row in grid.rows} == TABLE2B_KEYS
+    # Left out of the defaults only if left out of the row: else every key would change.
+    assert C.PLACEMENT_FIELDS_ADDED_LATER <= C.PLACEMENT_FIELDS
+    assert all(name.count(".") == 1 for name in C.PLACEMENT_FIELDS)  # section.field
 
 
 @pytest.mark.parametrize(
