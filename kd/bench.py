@@ -611,8 +611,8 @@ def checkpoint_benchmark(
             T.write_epoch_files(bench_row, files(copy=False))
             in_loop.append(time.perf_counter() - started)
             written: list[float] = []
+            started = time.perf_counter()  # what the loop waits for: the copy, then the hand-over
             job = partial(T.write_epoch_files, bench_row, files(copy=True))
-            started = time.perf_counter()
             writer.submit(
                 lambda job=job, written=written: (job(), written.append(time.perf_counter()))
             )
