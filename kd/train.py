@@ -758,6 +758,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
             metrics["train/img_per_s"] = img_per_s
             if epoch == start_epoch and startup_s is not None:
                 metrics["time/startup_s"] = startup_s
+            eval_start = time.time()
             val = evaluate(student, test_loader, accelerator, limit=tcfg.limit_eval_batches)
             metrics |= {"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"]}
             if ema is not None:
@@ -765,6 +766,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     ema.module, test_loader, accelerator, limit=tcfg.limit_eval_batches
                 )
                 metrics |= {"val_ema/acc1": val_ema["acc1"], "val_ema/acc5": val_ema["acc5"]}
+            metrics["time/train_s"] = train_time
+            metrics["time/eval_s"] = time.time() - eval_start
             if cfg.data.skip_corrupt:
                 skipped = _skipped_images(built, accelerator)
                 metrics["data/skipped_images"] = len(skipped)
@@ -781,6 +784,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
             metrics["val/best_acc1"] = best_acc1
             history.append({"epoch": epoch, "metrics": metrics})
             if accelerator.is_main_process:
+                checkpoint_start = time.time()
                 writer.wait()  # the previous epoch's files: one copy in memory at a time
                 # Copied to the CPU now (a fraction of a second); written while the next epoch trains.
                 files = snapshot_epoch(
@@ -794,6 +798,14 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     run_id=run_id,
                     history=history,
                 )
+                # Where the epoch's time went: what training waited for its checkpoint, and
+                # the whole epoch (training, evaluation, checkpoint, the rest).
+                timing = {
+                    "time/checkpoint_s": time.time() - checkpoint_start,
+                    "time/epoch_s": time.time() - epoch_start,
+                }
+                metrics |= timing
+                files.state["history"][-1]["metrics"] |= timing  # the copy being written
                 elapsed = time.time() - started
                 done = epoch + 1 - start_epoch
                 eta = elapsed / done * (tcfg.epochs - epoch - 1)

@@ -47,6 +47,10 @@ EPOCH_METRICS = (
     "val/acc1",
     "val/acc5",
     "val/loss",
+    "time/train_s",
+    "time/eval_s",
+    "time/checkpoint_s",
+    "time/epoch_s",
 )
 
 
@@ -270,6 +274,19 @@ def test_row_trains_and_logs_metrics_params_and_artifacts(
     for name in EPOCH_METRICS:
         assert metric_steps(world, run.info.run_id, name) == [1, 2], name
         assert all(math.isfinite(v) for v in metric_values(world, run.info.run_id, name)), name
+    # Where each epoch's time went: its parts add up to no more than the whole.
+    parts = zip(
+        *(
+            metric_values(world, run.info.run_id, f"time/{n}_s")
+            for n in ("train", "eval", "checkpoint", "epoch")
+        ),
+        strict=True,
+    )
+    for train_s, eval_s, checkpoint_s, epoch_s in parts:
+        assert min(train_s, eval_s, checkpoint_s) > 0
+        assert train_s + eval_s + checkpoint_s <= epoch_s + 1e-3
+    state = load_pt(resume_pair.row_a.output_dir / train.STATE_FILE)
+    assert all("time/checkpoint_s" in h["metrics"] for h in state["history"])
     loss, ce, hard = (
         metric_values(world, run.info.run_id, n)
         for n in ("train/loss", "train/ce", "train/deit_hard")
