@@ -317,11 +317,13 @@ def _count_flops(step: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def prepared_step(row: Row, dev: torch.device, updates: int, log: Callable[[str], None]):
+def prepared_step(
+    row: Row, dev: torch.device, updates: int, batch_size: int, log: Callable[[str], None]
+):
     """The row's models (random weights: speed does not depend on them, and no downloads or
     teacher checkpoints are needed) prepared by `kd.train.prepare_step` as the loop prepares
-    them, with a schedule of `updates` updates. Returns (models, parts, normalize): `normalize`
-    turns the loader's uint8 batches into the student's input."""
+    them, with a schedule of `updates` updates, for batches of `batch_size`. Returns (models,
+    parts, normalize): `normalize` turns the loader's uint8 batches into the student's input."""
     from accelerate import Accelerator
 
     from kd import data as D
@@ -329,10 +331,12 @@ def prepared_step(row: Row, dev: torch.device, updates: int, log: Callable[[str]
 
     cfg, tcfg = row.config, row.config.train
     num_classes = row_num_classes(row)
+    mixup = D.build_mixup(num_classes, tcfg.mixup, tcfg.cutmix, tcfg.label_smoothing)
+    if mixup is not None and batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even batch size, got {batch_size}")
     torch.manual_seed(tcfg.seed)
     log(f"building {cfg.student.model} + {cfg.teacher.model if cfg.teacher else 'no teacher'}")
     models = T.build_models(row, num_classes, weights=False)
-    mixup = D.build_mixup(num_classes, tcfg.mixup, tcfg.cutmix, tcfg.label_smoothing)
     precision = T._mixed_precision(tcfg.precision, dev.type == "cuda")
     accelerator = Accelerator(cpu=dev.type != "cuda", mixed_precision=precision)
     # uint8 images, as the loader hands them over; both loops normalise them on the device
@@ -353,6 +357,23 @@ def prepared_step(row: Row, dev: torch.device, updates: int, log: Callable[[str]
     parts = T.prepare_step(tcfg, accelerator, built)
     parts.scheduler = T.build_scheduler(tcfg, parts.raw_optimizer, updates)
     return models, parts, normalize
+
+
+def synthetic_batches(
+    row: Row, dev: torch.device, batch_size: int, count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` batches of random uint8 images of the row's size (as the loader hands them
+    over) and random targets, on `dev`; the same ones every call."""
+    size, num_classes = row.config.data.img_size, row_num_classes(row)
+    shape = (batch_size, 3, size, size)
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(dev),
+            torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev),
+        )
+        for _ in range(count)
+    ]
 
 
 def step_benchmark(
@@ -389,25 +410,15 @@ def step_benchmark(
     row = dataclasses.replace(row, config=dataclasses.replace(cfg, train=tcfg))
     bs, size = tcfg.batch_size, cfg.data.img_size
     precision = T._mixed_precision(tcfg.precision, cuda)
-    num_classes = row_num_classes(row)
 
-    models, parts, normalize = prepared_step(row, dev, max(steps + warmup, 1), log)
+    models, parts, normalize = prepared_step(row, dev, max(steps + warmup, 1), bs, log)
     accelerator, mixup = parts.accelerator, parts.mixup
-    if mixup is not None and bs % 2:
-        raise ValueError(f"mixup/cutmix need an even batch size, got {bs}")
     parts.step_module.train()
     plain_loop = (
         PlainLoop(row, models, mixup, dev, parts.raw_optimizer.param_groups) if plain else None
     )
 
-    gen = torch.Generator().manual_seed(0)
-    batches = [
-        (
-            torch.randint(0, 256, (bs, 3, size, size), generator=gen, dtype=torch.uint8).to(dev),
-            torch.randint(0, num_classes, (bs,), generator=gen).to(dev),
-        )
-        for _ in range(4)
-    ]
+    batches = synthetic_batches(row, dev, bs, 4)
     teacher_inputs = [normalize(images) for images, _ in batches]
 
     flops = None
@@ -569,14 +580,9 @@ def checkpoint_benchmark(
 
     log = log or (lambda _m: None)
     dev = _resolve_device(device)
-    models, parts, normalize = prepared_step(row, dev, 10, log)
-    size, num_classes = row.config.data.img_size, row_num_classes(row)
-    if parts.mixup is not None and batch_size % 2:
-        raise ValueError(f"mixup/cutmix need an even batch size, got {batch_size}")
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=gen, dtype=torch.uint8)
-    targets = torch.randint(0, num_classes, (batch_size,), generator=gen)
-    images, targets = images.to(dev), targets.to(dev)
+    models, parts, normalize = prepared_step(row, dev, 10, batch_size, log)
+    num_classes = row_num_classes(row)
+    ((images, targets),) = synthetic_batches(row, dev, batch_size, 1)
 
     def steps(at_least: int, busy: Callable[[], bool] = lambda: False) -> tuple[int, float]:
         done, start = 0, time.perf_counter()
