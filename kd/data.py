@@ -181,6 +181,7 @@ def cache_split(
     folder = folder or tempfile.gettempdir()
     start = loader.multiprocessing_context or torch.multiprocessing.get_start_method()
     start = start if isinstance(start, str) else start.get_start_method()
+    fstype = _filesystem_type(folder)
     why = None
     if nbytes > limit_gb * 2**30:
         why = f"{nbytes / 2**30:.1f} GiB, over data.eval_cache_gb={limit_gb:g}"
@@ -188,8 +189,8 @@ def cache_split(
         why = f"its loader workers start by {start!r}, not 'fork', and would not share it"
     elif not hasattr(os, "posix_fallocate"):
         why = "this system has no posix_fallocate to reserve its file"
-    elif _filesystem_type(folder) in ("tmpfs", "ramfs"):
-        why = f"{folder} is in memory ({_filesystem_type(folder)}); set TMPDIR to local disk"
+    elif fstype in ("tmpfs", "ramfs"):
+        why = f"{folder} is in memory ({fstype}); set TMPDIR to local disk"
     elif nbytes + 2**30 > shutil.disk_usage(folder).free:
         why = f"{nbytes / 2**30:.1f} GiB do not fit in {folder}; set TMPDIR to a larger folder"
     if why is None:
