@@ -754,14 +754,19 @@ class RowRun:
     def start(self, tags: Mapping[str, str] | None = None, *, system_metrics: bool = False) -> None:
         """Mark the run RUNNING; with `system_metrics`, sample CPU, memory, disk, network and (with
         NVML) GPU utilisation and memory into `system/*` metrics until `finish`."""
-        from mlflow.entities import RunTag
-
         self._retry(self.client.update_run, self.run_id, status="RUNNING")
-        if tags:  # one request, not one per tag
-            batch = [RunTag(k, v) for k, v in tags.items()]
-            self._retry(self.client.log_batch, self.run_id, tags=batch)
+        if tags:
+            self.set_tags(tags)
         if system_metrics:
             self._start_monitor()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """The tags in one request, not one per tag."""
+        from mlflow.entities import RunTag
+
+        self._retry(
+            self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
+        )
 
     def _start_monitor(self) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd import config as C
+from kd import provenance
 from kd.checkpoint import (
     BackgroundWriter,
     atomic_save,
@@ -70,6 +71,8 @@ class Built:
     # The loaders give uint8 batches; these make them the student's input on the device.
     train_normalize: Callable[[torch.Tensor], torch.Tensor]
     test_normalize: Callable[[torch.Tensor], torch.Tensor]
+    # Dependency row id -> the MLflow run whose checkpoint the teacher or init was read from.
+    dependency_runs: dict[str, str] = field(default_factory=dict)
 
 
 class DistillationStep(torch.nn.Module):
@@ -174,6 +177,10 @@ def run(
             if built.teacher is not None:
                 sizes["model/teacher_params"] = count_params(built.teacher)
             mlrun.log_metrics(sizes, step=0)
+            if built.dependency_runs:
+                mlrun.set_tags(
+                    {provenance.dependency_tag(d): r for d, r in built.dependency_runs.items()}
+                )
         result = _train(row, accelerator, built, mlrun, run_id, stop_requested, log)
     except (StopRequested, SystemExit):
         # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
@@ -284,6 +291,7 @@ class Models:
     step_module: DistillationStep
     teacher_renorm: tuple[torch.Tensor, torch.Tensor] | None
     student_data: dict[str, Any]  # input size and normalisation the student expects
+    dependency_runs: dict[str, str]  # dependency row id -> run that wrote the checkpoint read
 
 
 def build_models(row: Row, num_classes: int, *, weights: bool = True) -> Models:
@@ -298,6 +306,8 @@ def build_models(row: Row, num_classes: int, *, weights: bool = True) -> Models:
     cfg = row.config
     where = f"row '{row.id}' ({row.grid_file})"
     scratch = {"source": "scratch"}
+    # Read before the weights: which run wrote each dependency checkpoint about to be loaded.
+    dependency_runs = provenance.dependency_runs(row) if weights else {}
     student = M.build_model(
         cfg.student.model,
         num_classes=num_classes,
@@ -354,7 +364,7 @@ def build_models(row: Row, num_classes: int, *, weights: bool = True) -> Models:
         ) != tuple(student_data["std"]):
             renorm = _renorm_tensors(student_data, teacher_data)
     step_module = DistillationStep(student, kd_loss, cfg.student.feature_layer)
-    return Models(student, teacher, step_module, renorm, student_data)
+    return Models(student, teacher, step_module, renorm, student_data, dependency_runs)
 
 
 def build(row: Row, accelerator: Any) -> Built:
@@ -381,6 +391,7 @@ def build(row: Row, accelerator: Any) -> Built:
         num_classes=num_classes,
         train_normalize=train_normalize,
         test_normalize=test_normalize,
+        dependency_runs=models.dependency_runs,
     )
 
 
@@ -698,6 +709,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     start_epoch, best_acc1, history = 0, -1.0, []
     state = _load_state(state_path, run_id)
     if state is not None:
+        _check_same_dependencies(row, state, built.dependency_runs)
         accelerator.unwrap_model(step_module).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -797,6 +809,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     best_acc1=best_acc1,
                     run_id=run_id,
                     history=history,
+                    dependency_runs=built.dependency_runs,
                 )
                 # Where the epoch's time went: what training waited for its checkpoint, and
                 # the whole epoch (training, evaluation, checkpoint, the rest).
@@ -877,9 +890,16 @@ def _inject_nan(global_step: int) -> bool:
 
 
 def _model_checkpoint(
-    row: Row, student: dict, kd_loss: dict, epoch: int, val: dict, num_classes: int
+    row: Row,
+    student: dict,
+    kd_loss: dict,
+    epoch: int,
+    val: dict,
+    num_classes: int,
+    run_id: str | None,
 ) -> dict:
-    """A timm/DeiT-style checkpoint ({"model": state_dict}) plus what produced it."""
+    """A timm/DeiT-style checkpoint ({"model": state_dict}) plus what produced it: the run id
+    lets the rows that read it record which run's weights they used (kd/provenance.py)."""
     return {
         "model": student,
         "kd_loss": kd_loss,  # the embed_mse projection, if any
@@ -890,6 +910,7 @@ def _model_checkpoint(
         "acc1": val["acc1"],
         "row": row.to_dict(),
         "key": row.key,
+        "run_id": run_id,
     }
 
 
@@ -916,6 +937,7 @@ def snapshot_epoch(
     best_acc1: float,
     run_id: str | None,
     history: list[dict],
+    dependency_runs: dict[str, str] | None = None,
     copy: bool = True,
 ) -> EpochFiles:
     """The epoch's checkpoint contents, copied to the CPU (`copy=False`: the live tensors, for
@@ -932,7 +954,9 @@ def snapshot_epoch(
         epoch,
         val,
         num_classes,
+        run_id,
     )
+    dependency_runs = dependency_runs or {}
     state = {
         "model": weights,
         "optimizer": snapshot(parts.optimizer.state_dict()),
@@ -943,6 +967,7 @@ def snapshot_epoch(
         "best_acc1": best_acc1,
         "run_id": run_id,
         "key": row.key,
+        "dependency_runs": dict(dependency_runs),
         "history": snapshot(history),
         "rng": _rng_state(),
     }
@@ -984,6 +1009,7 @@ def write_epoch_files(
             "key": row.key,
             "epoch": files.epoch + 1,
             "epochs": files.epochs,
+            "dependency_runs": files.state.get("dependency_runs", {}),
         },
     )
     if mlrun and metrics is not None:
@@ -1001,6 +1027,24 @@ def _load_state(path: Path, run_id: str | None) -> dict | None:
     if run_id is not None and state.get("run_id") != run_id:
         return None
     return state
+
+
+class DependencyChanged(RuntimeError):
+    """The saved state was trained from another run's checkpoint of a dependency row."""
+
+
+def _check_same_dependencies(row: Row, state: dict, now: dict[str, str]) -> None:
+    """A resume must read the teacher (or init) the saved epochs were trained from: a resume
+    across a rerun of the dependency would mix two teachers in one run. The launcher starts such
+    a row over instead (`resumable_run`); this catches any other way of getting here."""
+    for dep, used in state.get("dependency_runs", {}).items():
+        if used != provenance.UNKNOWN_RUN and now.get(dep, used) != used:
+            raise DependencyChanged(
+                f"row '{row.id}': its saved state (epoch {state['epoch'] + 1}) was trained from row "
+                f"'{dep}' run {used}, but {dependency_checkpoint(row, dep)} now comes from run "
+                f"{now[dep]}; resuming would mix the two. Start the row over: launch/grid.py "
+                f"{row.grid_file} --rows {row.id} --force"
+            )
 
 
 def _rng_state() -> dict[str, Any]:
