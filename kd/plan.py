@@ -6,7 +6,9 @@ The rules that keep a row from running twice by accident:
     one whose run failed but whose job SLURM requeued (a lost node), since it will run again;
   - `--rerun-failed` runs only rows whose latest run FAILED or was KILLED, and the unfinished
     rows that depend on them;
-  - every dependency of a row that runs must be finished or run in the same launch.
+  - every dependency of a row that runs must be finished or run in the same launch;
+  - a finished row is not rerun while a row that reads its checkpoint is queued or running
+    from an earlier launch (the rerun replaces that checkpoint under it).
 """
 
 from __future__ import annotations
@@ -94,7 +96,75 @@ def plan_launch(
                 reason = f"rerun (latest run {previous.status.lower()})"
             decisions.append(Decision(row, "run", reason, previous))
     _check_dependencies(grid, decisions, latest, allow_active_dependencies)
+    _check_readers(grid, decisions, latest, is_alive, requeued)
     return decisions
+
+
+def forced(decision: Decision) -> bool:
+    """A finished row run again: its new run replaces the checkpoint other rows read."""
+    return (
+        decision.action == "run"
+        and decision.previous is not None
+        and decision.previous.status == "FINISHED"
+    )
+
+
+def _readers(grid: Grid, row_id: str) -> list[Row]:
+    """Rows that read this row's checkpoint (its direct dependents)."""
+    return [r for r in grid.rows if row_id in r.depends_on]
+
+
+def _check_readers(
+    grid: Grid,
+    decisions: list[Decision],
+    latest: Mapping[str, RunRecord],
+    is_alive: Callable[[RunRecord], bool],
+    requeued: Callable[[RunRecord], bool],
+) -> None:
+    running = {d.row.id for d in decisions if d.action == "run"}
+    problems = []
+    for decision in filter(forced, decisions):
+        for reader in _readers(grid, decision.row.id):
+            record = latest.get(reader.key)
+            if reader.id in running or record is None:
+                continue
+            active = (record.status in ACTIVE and is_alive(record)) or (
+                record.status in FAILED and requeued(record)
+            )
+            if active:
+                job = f" (job {record.job_id})" if record.job_id else ""
+                problems.append(
+                    f"{grid.file}: row '{decision.row.id}' ({decision.row.label}): cannot be rerun "
+                    f"while row '{reader.id}', which reads its checkpoint, is "
+                    f"{record.status.lower()}{job}; wait for it to finish, or cancel it first "
+                    f"(launch/grid.py {grid.file} --cancel --rows {reader.id})"
+                )
+    if problems:
+        raise GridError(problems)
+
+
+def stale_after_launch(
+    grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
+) -> list[str]:
+    """A line for each forced row whose finished readers this launch leaves as they are: their
+    results will come from the checkpoint being replaced (status and the table mark them
+    stale), and how to rerun them with it."""
+    running = {d.row.id for d in decisions if d.action == "run"}
+    lines = []
+    for decision in filter(forced, decisions):
+        kept = [
+            r.id
+            for r in _readers(grid, decision.row.id)
+            if r.id not in running and r.key in latest and latest[r.key].status == "FINISHED"
+        ]
+        if kept:
+            ids = ",".join([decision.row.id, *kept])
+            lines.append(
+                f"row '{decision.row.id}' is rerun; {', '.join(kept)} finished from its checkpoint of "
+                f"run {decision.previous.run_id} and are kept (status and the table mark them stale): "
+                f"rerun them too with --rows {ids} --force"
+            )
+    return lines
 
 
 def _is_failed(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kd.grid import Grid, GridError
-from kd.plan import Decision, plan_launch
+from kd.plan import Decision, plan_launch, stale_after_launch
 from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
 
@@ -69,10 +69,10 @@ class Liveness:
         return state is not None and not state.terminal
 
 
-def describe(decisions: list[Decision]) -> None:
+def describe(decisions: list[Decision], resumes: dict[str, str]) -> None:
     for d in decisions:
         if d.action == "run":
-            resume = "; resumes its saved state" if resumable_run(d) else ""
+            resume = "; resumes its saved state" if d.row.id in resumes else ""
             print(f"  run      {d.row.id:<28} {d.row.label:<12} {d.reason}{resume}")
         elif d.action in ("skip_finished", "skip_active"):
             print(f"  skipped  {d.row.id:<28} {d.row.label:<12} {d.reason}")
@@ -194,7 +194,10 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         f"{sum(d.action.startswith('skip') for d in decisions)} skipped; tracking {uri}, "
         f"experiment '{grid.experiment}'"
     )
-    describe(decisions)
+    resumes = {} if options.force else resumable_runs(grid, decisions, latest)
+    describe(decisions, resumes)
+    for line in stale_after_launch(grid, decisions, latest):
+        print(f"note: {line}")
     if not to_run:
         return 0
     tracker = Tracker(uri)
@@ -218,7 +221,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     for d in decisions:
         if d.action != "run":
             continue
-        resumable = None if options.force else resumable_run(d)
+        resumable = resumes.get(d.row.id)
         if resumable is not None:
             tracker.reopen_row_run(resumable, executor=options.executor, parent_run_id=parent)
             run_ids[d.row.id] = resumable
@@ -237,17 +240,42 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent)
 
 
-def resumable_run(decision: Decision) -> str | None:
+def resumable_runs(
+    grid: Grid, decisions: list[Decision], latest: dict[str, RunRecord]
+) -> dict[str, str]:
+    """Row id -> the run each row of this launch resumes into (rows that start over are left out)."""
+    running = {d.row.id for d in decisions if d.action == "run"}
+    checkpoints: dict[str, str | None] = {}  # row id -> the run whose best.pt readers will get
+    for row in grid.rows:
+        record = latest.get(row.key)
+        finished = record is not None and record.status == "FINISHED"
+        checkpoints[row.id] = record.run_id if finished and row.id not in running else None
+    resumes = {}
+    for d in decisions:
+        run_id = resumable_run(d, checkpoints) if d.action == "run" else None
+        if run_id is not None:
+            resumes[d.row.id] = run_id
+    return resumes
+
+
+def resumable_run(decision: Decision, checkpoints: dict[str, str | None]) -> str | None:
     """The run of a row that crashed (killed, node lost, time out of requeues) after saving
     state: rerunning it resumes from that state into the same run instead of starting over.
-    `--force` starts over."""
+    `--force` starts over, and so does a row whose saved epochs were trained from another run
+    of a dependency than the one it would read now (`checkpoints`: see `resumable_runs`)."""
+    from kd.provenance import UNKNOWN_RUN
     from kd.train import saved_state_info
 
     previous = decision.previous
     if previous is None or previous.status == "FINISHED":
         return None
-    if saved_state_info(decision.row, previous.run_id) is None:
+    info = saved_state_info(decision.row, previous.run_id)
+    if info is None:
         return None
+    for dep, used in info.get("dependency_runs", {}).items():
+        now = checkpoints.get(dep)  # None: the dependency runs again in this launch
+        if now is None or (used != UNKNOWN_RUN and used != now):
+            return None
     return previous.run_id
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kd.grid import Grid, GridError, load_grid
-from kd.plan import plan_launch
+from kd.plan import plan_launch, stale_after_launch
 from kd.tracking import RunRecord
 
 GRID = Path(__file__).resolve().parent.parent / "grids" / "table2b.yaml"
@@ -217,3 +217,61 @@ def test_failed_row_whose_job_slurm_requeued_is_not_submitted_again(grid):
             assert "requeued its job job-deit_b_deit" in decision.reason
     # once the job is gone for good, the row is an ordinary failed row again
     assert running(plan_launch(grid, latest, rerun_failed=True)) == {"deit_b_deit"}
+
+
+@pytest.mark.parametrize("state", ["SCHEDULED", "RUNNING"])
+def test_a_finished_row_is_not_rerun_under_a_row_that_reads_its_checkpoint(grid, state):
+    """A forced rerun replaces best.pt; a student queued or running from an earlier launch
+    would load the new, half-trained teacher. Refused, naming both rows and what to do."""
+    latest = everything(grid, deit_b_dist_hard=state)
+    with pytest.raises(GridError) as err:
+        plan_launch(grid, latest, rows=["convnext_b"], force=True, is_alive=lambda r: True)
+    (problem,) = err.value.problems
+    assert "row 'convnext_b'" in problem and "row 'deit_b_dist_hard'" in problem
+    assert "job-deit_b_dist_hard" in problem and "--cancel --rows deit_b_dist_hard" in problem
+    # its process gone, the reader no longer holds the teacher up
+    dead = plan_launch(grid, latest, rows=["convnext_b"], force=True, is_alive=lambda r: False)
+    assert running(dead) == {"convnext_b"}
+    # rows that do not read the forced row's checkpoint do not matter
+    assert running(
+        plan_launch(grid, latest, rows=["bit"], force=True, is_alive=lambda r: True)
+    ) == {"bit"}
+
+
+def test_a_reader_whose_failed_job_slurm_requeued_blocks_a_forced_rerun(grid):
+    latest = everything(grid, deit_b_dist_hard_bit="FAILED")
+    with pytest.raises(GridError, match="row 'deit_b_dist_hard_bit'"):
+        plan_launch(
+            grid,
+            latest,
+            rows=["bit"],
+            force=True,
+            requeued=lambda r: r.row_id == "deit_b_dist_hard_bit",
+        )
+
+
+def test_a_failed_teacher_is_rerun_while_its_student_still_waits(grid):
+    """Only a *finished* row's checkpoint can have been read: rerunning a failed teacher (whose
+    waiting student SLURM cancels) is not held up."""
+    latest = everything(grid, convnext_b="FAILED", deit_b_dist_hard="SCHEDULED")
+    decisions = plan_launch(grid, latest, rows=["convnext_b"], is_alive=lambda r: True)
+    assert running(decisions) == {"convnext_b"}
+
+
+def test_forcing_a_row_names_its_finished_readers_left_stale(grid):
+    latest = everything(grid)
+    decisions = plan_launch(grid, latest, rows=["deit_b_dist"], force=True)
+    (line,) = stale_after_launch(grid, decisions, latest)
+    assert "deit_b_dist_hard_ft, deit_b_dist_hard_bit_ft" in line
+    assert "run-deit_b_dist" in line
+    assert "--rows deit_b_dist,deit_b_dist_hard_ft,deit_b_dist_hard_bit_ft --force" in line
+    # rerun together, nothing is left stale; the suggested launch is a valid one
+    together = plan_launch(
+        grid,
+        latest,
+        rows=["deit_b_dist", "deit_b_dist_hard_ft", "deit_b_dist_hard_bit_ft"],
+        force=True,
+    )
+    assert stale_after_launch(grid, together, latest) == []
+    # a plain launch forces nothing
+    assert stale_after_launch(grid, plan_launch(grid, latest), latest) == []

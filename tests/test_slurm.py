@@ -570,6 +570,46 @@ def test_relaunch_while_queued_submits_nothing_and_cancel_kills(
     assert not queued_jobs(tmp_path)
 
 
+def test_a_finished_teacher_is_not_rerun_under_its_queued_student(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """A forced rerun replaces the teacher's best.pt; a student queued from an earlier launch
+    would start from the new, half-trained one. The launch is refused (exit 2, nothing queued,
+    no run created) until the student is done or cancelled."""
+    grid = write_grid(
+        tmp_path,
+        "reader",
+        [
+            {"id": "teacher", "label": "R-1", "train": {"epochs": 2}},
+            {"id": "student", "label": "R-2", "init": {"row": "teacher"}},
+        ],
+        tiny_data,
+        epochs=5000,  # minutes: still queued or running when the teacher is forced
+    )
+    first = launch(tmp_path, grid.name, "--rows", "teacher")
+    assert first.returncode == 0, first.stdout + first.stderr
+    wait_for_rows(tmp_path, grid.name, labels=["R-1"])
+    second = launch(tmp_path, grid.name, "--rows", "student")
+    assert second.returncode == 0, second.stdout + second.stderr
+    jobs, runs = jobs_submitted_from(tmp_path), len(row_runs(tmp_path, "kd-test-reader"))
+
+    forced = launch(tmp_path, grid.name, "--rows", "teacher", "--force")
+    assert forced.returncode == 2, forced.stdout + forced.stderr
+    assert "row 'teacher' (R-1): cannot be rerun while row 'student'" in forced.stderr
+    assert "--cancel --rows student" in forced.stderr and "Traceback" not in forced.stderr
+    assert jobs_submitted_from(tmp_path) == jobs
+    assert len(row_runs(tmp_path, "kd-test-reader")) == runs
+
+    cancel = launch(tmp_path, grid.name, "--cancel", "--rows", "student")
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    wait_sacct_done(jobs_submitted_from(tmp_path))
+    again = launch(tmp_path, grid.name, "--rows", "teacher", "--force")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 to run" in again.stdout, again.stdout
+    rows = wait_for_rows(tmp_path, grid.name, labels=["R-1"])
+    assert rows["R-2"]["state"] == "cancelled", rows
+
+
 # --------------------------------------------------------------------------------------------
 # 6-7. Requeue (scontrol requeue) and a time limit: resume into the same run, epochs once each
 # --------------------------------------------------------------------------------------------
