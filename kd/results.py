@@ -2,7 +2,8 @@
 
 Rows keep the grid's (the paper's) order; a row that has not finished is shown with its state,
 never dropped. Measured values are the last epoch's validation metrics of the row's latest
-finished run; `diff` is measured minus paper.
+finished run; `diff` is measured minus paper. A finished row trained from a teacher (or init)
+checkpoint that has since been replaced by a rerun is marked stale (kd/provenance.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd.grid import Grid, Row
+from kd.provenance import stale_reason
 from kd.tracking import RunSummary
 
 
@@ -37,6 +39,7 @@ class TableRow:
     paper_loss: float | None
     paper_params: str | None
     extra: Mapping[str, float]  # e.g. clustering NMI/ARI
+    stale: str | None = None  # why a finished row no longer matches its dependencies' runs
 
     @property
     def diff_acc1(self) -> float | None:
@@ -69,10 +72,12 @@ def build_table(
     grid: Grid, runs: Mapping[str, RunSummary], extra_metrics: Sequence[str] = ()
 ) -> list[TableRow]:
     table = []
+    latest = {key: summary.record for key, summary in runs.items()}
     for row in grid.rows:
         summary = runs.get(row.key)
         state = "not run" if summary is None else summary.record.status.lower()
         finished = summary is not None and summary.record.status == "FINISHED"
+        stale = stale_reason(grid, row, summary.record.tags, latest) if finished else None
         metrics = summary.metrics if finished else {}
         params = metrics.get("model/params")
         model, distillation, init = _describe(row)
@@ -96,6 +101,7 @@ def build_table(
                 paper_loss=paper.loss,
                 paper_params=paper.params,
                 extra={name: metrics[name] for name in extra_metrics if name in metrics},
+                stale=stale,
             )
         )
     return table
@@ -130,7 +136,7 @@ def _cells(row: TableRow, extra: Sequence[str]) -> list[str]:
         _num(row.paper_acc5),
         _num(row.loss, 3),
         _num(row.paper_loss, 3),
-        row.state,
+        f"{row.state} (stale)" if row.stale else row.state,
     ]
     return cells + [_num(row.extra.get(name), 3) for name in extra]
 

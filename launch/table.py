@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         "json": lambda: results.to_json(table),
     }[args.format]()
     print(text, end="")
+    for row in table:
+        if row.stale:
+            print(f"warning: row '{row.id}' ({row.label}): {row.stale}", file=sys.stderr)
     files = []
     if args.plot:
         files.append(results.plot(table, args.plot, f"{grid.name}: measured vs paper acc@1"))

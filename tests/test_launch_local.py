@@ -6,7 +6,10 @@ skips every row; a row made to fail (NaN injected) is the only row `--rerun-fail
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +129,12 @@ def test_failed_row_is_rerun_alone(smoke_grid):
     )
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "--rerun-failed" in failed.stdout
+    # 2b-7 and 2b-10 start from deit_b_dist's checkpoint: the forced rerun says they stay as
+    # they are, and how to rerun them with it
+    assert (
+        "note: row 'deit_b_dist' is rerun; deit_b_dist_hard_ft, deit_b_dist_hard_bit_ft finished"
+        in failed.stdout
+    )
     runs = row_runs(client, "kd-table2b-smoke")
     assert len(runs) == 11
     latest = max(
@@ -143,6 +152,73 @@ def test_failed_row_is_rerun_alone(smoke_grid):
     newest = max(runs, key=lambda r: r.info.start_time)
     assert newest.data.tags["kdgrid.id"] == "deit_b_dist"
     assert newest.info.status == "FINISHED"
+
+
+def run_script(workdir: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / script), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_rows_trained_from_a_rerun_row_are_stale_until_rerun(smoke_grid):
+    """After test_failed_row_is_rerun_alone, deit_b_dist has finished again in a new run: the
+    rows that started from its first checkpoint say which run they used, and status and the
+    table call them stale until they are rerun."""
+    workdir, _ = smoke_grid
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+    def latest_finished(row_id: str):
+        runs = [
+            r for r in row_runs(client, "kd-table2b-smoke") if r.data.tags["kdgrid.id"] == row_id
+        ]
+        return max(
+            (r for r in runs if r.info.status == "FINISHED"), key=lambda r: r.info.start_time
+        )
+
+    def status() -> dict:
+        result = run_script(workdir, "status.py", "grids/table2b.yaml", "--smoke", "--json")
+        return {s["id"]: s for s in json.loads(result.stdout)}
+
+    first_init = min(
+        (
+            r
+            for r in row_runs(client, "kd-table2b-smoke")
+            if r.data.tags["kdgrid.id"] == "deit_b_dist"
+        ),
+        key=lambda r: r.info.start_time,
+    )
+    student = latest_finished("deit_b_dist_hard_ft")
+    assert student.data.tags["kdgrid.dependency_run.deit_b_dist"] == first_init.info.run_id
+    teacher = latest_finished("convnext_b")
+    assert student.data.tags["kdgrid.dependency_run.convnext_b"] == teacher.info.run_id
+
+    rows = status()
+    for stale in ("deit_b_dist_hard_ft", "deit_b_dist_hard_bit_ft"):
+        assert rows[stale]["state"] == "finished"
+        assert rows[stale]["reason"].startswith("stale: row 'deit_b_dist' has finished again")
+    assert rows["deit_b_dist_hard"]["reason"] is None  # its teacher was not rerun
+    table = run_script(workdir, "table.py", "grids/table2b.yaml", "--smoke", "--no-log")
+    line = next(x for x in table.stdout.splitlines() if x.startswith("| 2b-7 |"))
+    assert line.rstrip(" |").endswith("finished (stale)")
+    assert "warning: row 'deit_b_dist_hard_ft' (2b-7): stale:" in table.stderr
+
+    rerun = launch(workdir, "grids/table2b.yaml", "--smoke", "--rows", "2b-7", "--force")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rerun_student = latest_finished("deit_b_dist_hard_ft")
+    assert (
+        rerun_student.data.tags["kdgrid.dependency_run.deit_b_dist"]
+        == latest_finished("deit_b_dist").info.run_id
+    )
+    rows = status()
+    assert rows["deit_b_dist_hard_ft"]["reason"] is None
+    assert rows["deit_b_dist_hard_bit_ft"]["reason"].startswith("stale:")
 
 
 def test_rows_with_unfinished_dependency_is_an_error(tmp_path):
