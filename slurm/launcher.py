@@ -60,13 +60,13 @@ class Liveness:
         return state is None or not state.terminal
 
     def requeued(self, record: RunRecord) -> bool:
-        """A failed SLURM run whose job SLURM still holds: requeued (a lost node, a preemption)
-        and so to run again into the same run, or still winding down (COMPLETING, the other
-        ranks of a multi-node job). Either way a second job must not start on the row yet."""
+        """A failed SLURM run whose job SLURM still holds (`held_after_failure`): a second job
+        must not start on the row yet."""
+        from slurm.state import held_after_failure
+
         if record.tags.get("kdgrid.executor") != "slurm" or not record.job_id:
             return False
-        state = self.states.get(record.job_id)
-        return state is not None and not state.terminal
+        return held_after_failure(record.status, self.states.get(record.job_id))
 
 
 def describe(decisions: list[Decision], resumes: dict[str, str]) -> None:

@@ -49,6 +49,14 @@ class JobState:
         return self.state in TERMINAL
 
 
+def held_after_failure(run_status: str, job: JobState | None) -> bool:
+    """A FAILED or KILLED run (MLflow status) whose job SLURM still holds: requeued (a lost
+    node, a preemption) and so to run again into the same run, or still winding down
+    (COMPLETING, the other ranks of a multi-node job). Launches, status and cancel leave such
+    a row to its job."""
+    return run_status in ("FAILED", "KILLED") and job is not None and not job.terminal
+
+
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     """State of each job id (plain `123` or array task `123_4`). Unknown ids are left out."""
     ids = sorted({j for j in job_ids if j and not j.startswith("local-")})

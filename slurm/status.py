@@ -18,7 +18,7 @@ from kd.grid import Grid, Row
 from kd.provenance import stale_reason
 from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
-from slurm.state import JobState, cancel, job_states
+from slurm.state import JobState, cancel, held_after_failure, job_states
 
 STATES = (
     "not_submitted",
@@ -77,9 +77,7 @@ def row_state(
     reason = record.tags.get(f"{TAG}.failure_reason")
     if record.status == "FINISHED":
         return "finished", None
-    if record.status in ("FAILED", "KILLED") and job is not None and not job.terminal:
-        # the run failed but its job is still in SLURM: requeued (a node lost), to run again,
-        # or winding down (COMPLETING); a launch leaves the row alone meanwhile
+    if job is not None and held_after_failure(record.status, job):  # a launch leaves it alone
         state = SLURM_TO_STATE.get(job.state, "pending")
         why = f"{job.state.lower()}{', ' + job.reason if job.reason else ''}"
         return state, f"its job is still in SLURM ({why}) after: {reason or record.status.lower()}"
@@ -224,7 +222,7 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
         record = latest.get(row.key)
         if record is None:
             continue
-        still_in_slurm = record.job_id in held and not held[record.job_id].terminal
+        still_in_slurm = held_after_failure(record.status, held.get(record.job_id or ""))
         if record.status not in ("SCHEDULED", "RUNNING") and not still_in_slurm:
             continue
         if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
