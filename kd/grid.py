@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import re
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,15 @@ class Grid:
 
     def row(self, row_id: str) -> Row:
         return next(r for r in self.rows if r.id == row_id)
+
+    def command(self, script: str = "launch/grid.py", *args: str) -> str:
+        """The command line of `script` for this grid as it was loaded: the same overrides (they
+        change row ids and keys) and --smoke, then `args`; quoted for a shell. For the advice
+        that error messages and notes give."""
+        words = ["python", script, self.file, *self.overrides]
+        if self.smoke:
+            words.append("--smoke")
+        return shlex.join([*words, *args])
 
     def select(self, names: Iterable[str]) -> list[Row]:
         """Rows by id, label or 1-based position (`--rows 7`), in grid order; unknown names are

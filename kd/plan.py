@@ -136,8 +136,8 @@ def _check_readers(
                 problems.append(
                     f"{grid.file}: row '{decision.row.id}' ({decision.row.label}): cannot be rerun "
                     f"while row '{reader.id}', which reads its checkpoint, is "
-                    f"{record.status.lower()}{job}; wait for it to finish, or cancel it first "
-                    f"(launch/grid.py {grid.file} --cancel --rows {reader.id})"
+                    f"{record.status.lower()}{job}; wait for it to finish, or cancel it first: "
+                    + grid.command("launch/grid.py", "--cancel", "--rows", reader.id)
                 )
     if problems:
         raise GridError(problems)
@@ -147,8 +147,8 @@ def stale_after_launch(
     grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
 ) -> list[str]:
     """A line for each forced row whose finished readers this launch leaves as they are: their
-    results will come from the checkpoint being replaced (status and the table mark them
-    stale), and how to rerun them with it."""
+    results come from the checkpoint being replaced (status and the table mark them stale),
+    and the launch that reruns them from the new one."""
     running = {d.row.id for d in decisions if d.action == "run"}
     lines = []
     for decision in filter(forced, decisions):
@@ -158,11 +158,12 @@ def stale_after_launch(
             if r.id not in running and r.key in latest and latest[r.key].status == "FINISHED"
         ]
         if kept:
-            ids = ",".join([decision.row.id, *kept])
+            rerun = grid.command("launch/grid.py", "--rows", ",".join(kept), "--force")
             lines.append(
-                f"row '{decision.row.id}' is rerun; {', '.join(kept)} finished from its checkpoint of "
-                f"run {decision.previous.run_id} and are kept (status and the table mark them stale): "
-                f"rerun them too with --rows {ids} --force"
+                f"row '{decision.row.id}' is rerun; {', '.join(kept)} finished from its earlier "
+                f"checkpoint and are kept (status and the table mark them stale). To rerun them "
+                f"from the new one once it has finished (on SLURM, at once: they wait for its "
+                f"job): {rerun}"
             )
     return lines
 

@@ -5,11 +5,12 @@ rerun of the other row replaces that file, so a finished row's results can silen
 from a checkpoint that no longer exists in the row folder. Each checkpoint therefore carries
 the MLflow run that wrote it; a row records, per dependency, the run whose checkpoint it read
 (tag `kdgrid.dependency_run.<row id>`, and in its saved state); status and the table call a
-finished row *stale* when a dependency has finished again in another run since.
+finished row *stale* when a dependency has been rerun since, or is stale itself.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,12 +27,13 @@ def dependency_tag(dep_id: str) -> str:
 
 def checkpoint_run_id(path: Path) -> str:
     """The MLflow run that wrote a checkpoint of this project (`UNKNOWN_RUN` for older files).
-    Its tensors are mapped, not read: this costs milliseconds even for a 350 MB file."""
-    import torch
+    Its tensors are mapped, not read: 0.1-0.3 s for a 350 MB file."""
+    from kd.models import _torch_load
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable here: building the model reports it properly
+        obj = _torch_load(path, trusted=True, mmap=True)  # a file this project wrote
+    except Exception as exc:  # noqa: BLE001 - building the model reports an unreadable file
+        print(f"kd.provenance: cannot read the run id of {path}: {exc}", file=sys.stderr)
         return UNKNOWN_RUN
     run_id = obj.get("run_id") if isinstance(obj, dict) else None
     return str(run_id) if run_id else UNKNOWN_RUN
@@ -49,27 +51,74 @@ def recorded_runs(tags: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def stale_reason(
-    grid: Grid, row: Row, tags: Mapping[str, str], latest: Mapping[str, RunRecord]
+def stale_rows(grid: Grid, latest: Mapping[str, RunRecord]) -> dict[str, str]:
+    """Row id -> why its latest run, FINISHED, no longer matches the checkpoints it was trained
+    from; rows not stale are left out. `latest` maps content key -> the key's latest run.
+
+    A dependency counts as rerun when its latest run is not the one the row recorded, or, for
+    a row trained before runs were recorded (or from an older checkpoint), when that latest run
+    was created after the row started training. A row reading a stale row is stale too."""
+    reasons: dict[str, str] = {}
+    done: set[str] = set()
+
+    def visit(row: Row) -> None:
+        if row.id in done:
+            return
+        done.add(row.id)
+        record = latest.get(row.key)
+        if record is None or record.status != "FINISHED":
+            return
+        used = recorded_runs(record.tags)
+        for dep_id in row.depends_on:
+            dep = grid.row(dep_id)
+            visit(dep)
+            reason = _dependency_changed(grid, row, record, dep, used.get(dep_id), latest)
+            if reason is None and dep_id in reasons:
+                reason = (
+                    f"stale: it was trained from row '{dep_id}', which is stale itself; rerun "
+                    f"that first, then this row: {grid.command('launch/grid.py', '--rows', row.id, '--force')}"
+                )
+            if reason is not None:
+                reasons[row.id] = reason
+                return
+
+    for row in grid.rows:
+        visit(row)
+    return reasons
+
+
+def _dependency_changed(
+    grid: Grid,
+    row: Row,
+    record: RunRecord,
+    dep: Row,
+    used: str | None,
+    latest: Mapping[str, RunRecord],
 ) -> str | None:
-    """Why a finished row's results no longer come from its dependencies' current checkpoints,
-    or None. `tags` are the row's run tags; `latest` maps content key -> latest run."""
-    for dep_id, used in recorded_runs(tags).items():
-        if dep_id not in row.depends_on or used == UNKNOWN_RUN:
-            continue
-        current = latest.get(grid.row(dep_id).key)
-        if current is None or current.run_id == used:
-            continue
-        since = (
-            "has finished again"
-            if current.status == "FINISHED"
-            else f"was rerun ({current.status.lower()})"
-        )
+    current = latest.get(dep.key)
+    if current is None:
+        return None
+    if used is not None and used != UNKNOWN_RUN:
+        if current.run_id == used:
+            return None
+        trained = f"this row was trained from its run {used}"
+    elif current.start_time > int(record.tags.get("kdgrid.started_at_ms", record.start_time)):
+        trained = "this row started training (which run it read was not recorded)"
+    else:
+        return None
+    rerun = grid.command("launch/grid.py", "--rows", row.id, "--force")
+    if current.status == "FINISHED":
+        return f"stale: row '{dep.id}' has finished again (run {current.run_id}) since {trained}; rerun: {rerun}"
+    if current.status in ("SCHEDULED", "RUNNING"):
         return (
-            f"stale: row '{dep_id}' {since} (run {current.run_id}) since this row was trained "
-            f"from its run {used}; rerun with --rows {row.id} --force"
+            f"stale: row '{dep.id}' is being rerun (run {current.run_id}, {current.status.lower()}) "
+            f"since {trained}; once it has finished: {rerun}"
         )
-    return None
+    return (
+        f"stale: row '{dep.id}' was rerun (run {current.run_id}, {current.status.lower()}) since "
+        f"{trained}, and its best.pt may hold that run's partial weights; finish it "
+        f"({grid.command('launch/grid.py', '--rows', dep.id, '--rerun-failed')}), then: {rerun}"
+    )
 
 
 __all__ = [
@@ -79,5 +128,5 @@ __all__ = [
     "dependency_runs",
     "dependency_tag",
     "recorded_runs",
-    "stale_reason",
+    "stale_rows",
 ]

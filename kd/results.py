@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd.grid import Grid, Row
-from kd.provenance import stale_reason
+from kd.provenance import stale_rows
 from kd.tracking import RunSummary
 
 
@@ -72,12 +72,12 @@ def build_table(
     grid: Grid, runs: Mapping[str, RunSummary], extra_metrics: Sequence[str] = ()
 ) -> list[TableRow]:
     table = []
-    latest = {key: summary.record for key, summary in runs.items()}
+    stale_reasons = stale_rows(grid, {key: summary.record for key, summary in runs.items()})
     for row in grid.rows:
         summary = runs.get(row.key)
         state = "not run" if summary is None else summary.record.status.lower()
         finished = summary is not None and summary.record.status == "FINISHED"
-        stale = stale_reason(grid, row, summary.record.tags, latest) if finished else None
+        stale = stale_reasons.get(row.id)
         metrics = summary.metrics if finished else {}
         params = metrics.get("model/params")
         model, distillation, init = _describe(row)

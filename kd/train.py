@@ -177,10 +177,6 @@ def run(
             if built.teacher is not None:
                 sizes["model/teacher_params"] = count_params(built.teacher)
             mlrun.log_metrics(sizes, step=0)
-            if built.dependency_runs:
-                mlrun.set_tags(
-                    {provenance.dependency_tag(d): r for d, r in built.dependency_runs.items()}
-                )
         result = _train(row, accelerator, built, mlrun, run_id, stop_requested, log)
     except (StopRequested, SystemExit):
         # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
@@ -710,6 +706,9 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     state = _load_state(state_path, run_id)
     if state is not None:
         _check_same_dependencies(row, state, built.dependency_runs)
+    if mlrun and built.dependency_runs:  # once a resume is known not to mix two teachers
+        mlrun.set_tags({provenance.dependency_tag(d): r for d, r in built.dependency_runs.items()})
+    if state is not None:
         accelerator.unwrap_model(step_module).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1038,12 +1037,14 @@ def _check_same_dependencies(row: Row, state: dict, now: dict[str, str]) -> None
     across a rerun of the dependency would mix two teachers in one run. The launcher starts such
     a row over instead (`resumable_run`); this catches any other way of getting here."""
     for dep, used in state.get("dependency_runs", {}).items():
-        if used != provenance.UNKNOWN_RUN and now.get(dep, used) != used:
+        # An older file ("unknown") only gets a run id by being written again: a change too.
+        if now.get(dep, used) != used:
             raise DependencyChanged(
                 f"row '{row.id}': its saved state (epoch {state['epoch'] + 1}) was trained from row "
                 f"'{dep}' run {used}, but {dependency_checkpoint(row, dep)} now comes from run "
                 f"{now[dep]}; resuming would mix the two. Start the row over: launch/grid.py "
-                f"{row.grid_file} --rows {row.id} --force"
+                f"{row.grid_file} (with its overrides{', --smoke' if row.smoke else ''}) "
+                f"--rows {row.id} --force"
             )
 
 

@@ -3,7 +3,8 @@
     python launch/train.py grids/table2b.yaml --row deit_b_dist_hard --smoke train.epochs=1
 
 The row is validated exactly as `launch/grid.py` does and logs a new MLflow run; dependency
-rows must have finished already (their best checkpoints are read from the output folder).
+rows must have finished already (their best checkpoints are read from the output folder), and
+a finished row is not retrained while a row that reads its checkpoint is queued or running.
 Exit status: 0 finished, 1 the row failed, 2 bad input.
 """
 
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kd.tracking import resolve_tracking_uri
     from kd.train import run
+    from slurm.launcher import plan_inline
 
+    try:
+        for line in plan_inline(grid, row.id, args.tracking_uri):
+            print(f"note: {line}")
+    except GridError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 

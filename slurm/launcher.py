@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shlex
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.grid import Grid, GridError
+from kd.grid import Grid, GridError, dependency_checkpoint
 from kd.plan import Decision, plan_launch, stale_after_launch
 from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
@@ -146,6 +145,23 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
     return _finish(prepared, _run_local(prepared, options))
 
 
+def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> list[str]:
+    """launch/train.py's checks before it trains a row in its own process (a new run, as with
+    `--force`): its dependencies have finished, and no row that reads its checkpoint is queued
+    or running. Raises GridError; returns the notes a launch would print."""
+    uri = absolute_uri(resolve_tracking_uri(tracking_uri, grid.tracking_uri))
+    latest: dict[str, RunRecord] = {}
+    if store_exists(uri):
+        tracker = Tracker(uri)
+        experiment_id = tracker.experiment_id(grid.experiment)
+        latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
+    liveness = Liveness(latest)
+    decisions = plan_launch(
+        grid, latest, rows=[row_id], force=True, is_alive=liveness.alive, requeued=liveness.requeued
+    )
+    return stale_after_launch(grid, decisions, latest)
+
+
 def _finish(prepared: Prepared, status: int) -> int:
     """The launch run ends with the launch: for SLURM, once every row is queued."""
     prepared.tracker.mark(prepared.parent_run_id, "FINISHED" if status == 0 else "FAILED")
@@ -194,7 +210,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         f"{sum(d.action.startswith('skip') for d in decisions)} skipped; tracking {uri}, "
         f"experiment '{grid.experiment}'"
     )
-    resumes = {} if options.force else resumable_runs(grid, decisions, latest)
+    resumes = {} if options.force else resumable_runs(decisions)
     describe(decisions, resumes)
     for line in stale_after_launch(grid, decisions, latest):
         print(f"note: {line}")
@@ -240,30 +256,24 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent)
 
 
-def resumable_runs(
-    grid: Grid, decisions: list[Decision], latest: dict[str, RunRecord]
-) -> dict[str, str]:
+def resumable_runs(decisions: list[Decision]) -> dict[str, str]:
     """Row id -> the run each row of this launch resumes into (rows that start over are left out)."""
     running = {d.row.id for d in decisions if d.action == "run"}
-    checkpoints: dict[str, str | None] = {}  # row id -> the run whose best.pt readers will get
-    for row in grid.rows:
-        record = latest.get(row.key)
-        finished = record is not None and record.status == "FINISHED"
-        checkpoints[row.id] = record.run_id if finished and row.id not in running else None
     resumes = {}
     for d in decisions:
-        run_id = resumable_run(d, checkpoints) if d.action == "run" else None
+        run_id = resumable_run(d, running) if d.action == "run" else None
         if run_id is not None:
             resumes[d.row.id] = run_id
     return resumes
 
 
-def resumable_run(decision: Decision, checkpoints: dict[str, str | None]) -> str | None:
+def resumable_run(decision: Decision, running: set[str]) -> str | None:
     """The run of a row that crashed (killed, node lost, time out of requeues) after saving
     state: rerunning it resumes from that state into the same run instead of starting over.
     `--force` starts over, and so does a row whose saved epochs were trained from another run
-    of a dependency than the one it would read now (`checkpoints`: see `resumable_runs`)."""
-    from kd.provenance import UNKNOWN_RUN
+    of a dependency than the checkpoint it would read now: one the dependency's folder holds
+    (the trainer checks the same), or a new one, when the dependency is in `running`."""
+    from kd.provenance import checkpoint_run_id
     from kd.train import saved_state_info
 
     previous = decision.previous
@@ -273,8 +283,9 @@ def resumable_run(decision: Decision, checkpoints: dict[str, str | None]) -> str
     if info is None:
         return None
     for dep, used in info.get("dependency_runs", {}).items():
-        now = checkpoints.get(dep)  # None: the dependency runs again in this launch
-        if now is None or (used != UNKNOWN_RUN and used != now):
+        if dep in running:
+            return None
+        if checkpoint_run_id(dependency_checkpoint(decision.row, dep)) != used:
             return None
     return previous.run_id
 
@@ -388,12 +399,9 @@ def _interrupts_raise() -> Iterator[None]:
 def status_command(grid: Grid, tracking_uri: str | None = None) -> str:
     """The `launch/status.py` command line that shows this grid as it was launched: with the
     same overrides (they change row keys), --smoke and --tracking-uri, quoted for a shell."""
-    words = ["python", "launch/status.py", grid.file, *grid.overrides]
-    if grid.smoke:
-        words.append("--smoke")
-    if tracking_uri:
-        words += ["--tracking-uri", tracking_uri]
-    return shlex.join(words)
+    return grid.command(
+        "launch/status.py", *(["--tracking-uri", tracking_uri] if tracking_uri else [])
+    )
 
 
 def record_launch(

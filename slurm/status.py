@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from kd.grid import Grid, Row
-from kd.provenance import stale_reason
+from kd.provenance import stale_rows
 from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
 from slurm.state import JobState, cancel, held_after_failure, job_states
@@ -128,6 +128,7 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
         r.job_id for r in latest.values() if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
     ]
     jobs = job_states(slurm_ids)
+    stale = stale_rows(grid, latest)
     out = []
     for row in grid.rows:
         record = latest.get(row.key)
@@ -140,8 +141,8 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
                 local_run_alive(record.tags) if record.status in ("SCHEDULED", "RUNNING") else True
             )
         state, reason = row_state(record, job, local_alive)
-        if state == "finished" and record is not None:
-            reason = stale_reason(grid, row, record.tags, latest)
+        if state == "finished":
+            reason = stale.get(row.id)
         info = metrics.get(record.run_id, {}) if record else {}
         values = info.get("metrics", {})
         elapsed = job.elapsed_s if job is not None else _elapsed(record, info)

@@ -135,6 +135,7 @@ def test_failed_row_is_rerun_alone(smoke_grid):
         "note: row 'deit_b_dist' is rerun; deit_b_dist_hard_ft, deit_b_dist_hard_bit_ft finished"
         in failed.stdout
     )
+    assert "--rows deit_b_dist_hard_ft,deit_b_dist_hard_bit_ft --force" in failed.stdout
     runs = row_runs(client, "kd-table2b-smoke")
     assert len(runs) == 11
     latest = max(
@@ -168,56 +169,53 @@ def run_script(workdir: Path, script: str, *args: str) -> subprocess.CompletedPr
 
 
 def test_rows_trained_from_a_rerun_row_are_stale_until_rerun(smoke_grid):
-    """After test_failed_row_is_rerun_alone, deit_b_dist has finished again in a new run: the
-    rows that started from its first checkpoint say which run they used, and status and the
-    table call them stale until they are rerun."""
+    """Each row records which run's checkpoint it read; after bit (2b-8) is forced, its
+    readers 2b-9 and 2b-10 are stale in status and the table until they are rerun."""
     workdir, _ = smoke_grid
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
 
     def latest_finished(row_id: str):
         runs = [
-            r for r in row_runs(client, "kd-table2b-smoke") if r.data.tags["kdgrid.id"] == row_id
+            r
+            for r in row_runs(client, "kd-table2b-smoke")
+            if r.data.tags["kdgrid.id"] == row_id and r.info.status == "FINISHED"
         ]
-        return max(
-            (r for r in runs if r.info.status == "FINISHED"), key=lambda r: r.info.start_time
-        )
+        return max(runs, key=lambda r: r.info.start_time)
 
     def status() -> dict:
         result = run_script(workdir, "status.py", "grids/table2b.yaml", "--smoke", "--json")
         return {s["id"]: s for s in json.loads(result.stdout)}
 
-    first_init = min(
-        (
-            r
-            for r in row_runs(client, "kd-table2b-smoke")
-            if r.data.tags["kdgrid.id"] == "deit_b_dist"
-        ),
-        key=lambda r: r.info.start_time,
-    )
-    student = latest_finished("deit_b_dist_hard_ft")
-    assert student.data.tags["kdgrid.dependency_run.deit_b_dist"] == first_init.info.run_id
-    teacher = latest_finished("convnext_b")
-    assert student.data.tags["kdgrid.dependency_run.convnext_b"] == teacher.info.run_id
+    student, teacher = latest_finished("deit_b_dist_hard_bit"), latest_finished("bit")
+    assert student.data.tags["kdgrid.dependency_run.bit"] == teacher.info.run_id
+    assert status()["deit_b_dist_hard_bit"]["reason"] is None
 
+    forced = launch(workdir, "grids/table2b.yaml", "--smoke", "--rows", "2b-8", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert (
+        "note: row 'bit' is rerun; deit_b_dist_hard_bit, deit_b_dist_hard_bit_ft" in forced.stdout
+    )
+    new_teacher = latest_finished("bit").info.run_id
+    assert new_teacher != teacher.info.run_id
     rows = status()
-    for stale in ("deit_b_dist_hard_ft", "deit_b_dist_hard_bit_ft"):
+    for stale in ("deit_b_dist_hard_bit", "deit_b_dist_hard_bit_ft"):
         assert rows[stale]["state"] == "finished"
-        assert rows[stale]["reason"].startswith("stale: row 'deit_b_dist' has finished again")
+        assert rows[stale]["reason"].startswith(
+            f"stale: row 'bit' has finished again (run {new_teacher})"
+        ), rows[stale]
     assert rows["deit_b_dist_hard"]["reason"] is None  # its teacher was not rerun
     table = run_script(workdir, "table.py", "grids/table2b.yaml", "--smoke", "--no-log")
-    line = next(x for x in table.stdout.splitlines() if x.startswith("| 2b-7 |"))
+    line = next(x for x in table.stdout.splitlines() if x.startswith("| 2b-9 |"))
     assert line.rstrip(" |").endswith("finished (stale)")
-    assert "warning: row 'deit_b_dist_hard_ft' (2b-7): stale:" in table.stderr
+    assert "warning: row 'deit_b_dist_hard_bit' (2b-9): stale:" in table.stderr
 
-    rerun = launch(workdir, "grids/table2b.yaml", "--smoke", "--rows", "2b-7", "--force")
+    rerun = launch(workdir, "grids/table2b.yaml", "--smoke", "--rows", "2b-9", "--force")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    rerun_student = latest_finished("deit_b_dist_hard_ft")
-    assert (
-        rerun_student.data.tags["kdgrid.dependency_run.deit_b_dist"]
-        == latest_finished("deit_b_dist").info.run_id
+    assert latest_finished("deit_b_dist_hard_bit").data.tags["kdgrid.dependency_run.bit"] == (
+        new_teacher
     )
     rows = status()
-    assert rows["deit_b_dist_hard_ft"]["reason"] is None
+    assert rows["deit_b_dist_hard_bit"]["reason"] is None
     assert rows["deit_b_dist_hard_bit_ft"]["reason"].startswith("stale:")
 
 
@@ -229,3 +227,31 @@ def test_rows_with_unfinished_dependency_is_an_error(tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_train_script_runs_one_row_after_the_launchers_checks(tmp_path):
+    """launch/train.py (one row in this process, for debugging): a row whose dependency never
+    ran is bad input (exit 2, no MLflow store created); a row without one trains."""
+    shutil.copytree(REPO / "grids", tmp_path / "grids")
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "launch" / "train.py"), "grids/table2b.yaml", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+
+    blocked = train("--row", "2b-7", "--smoke")
+    assert blocked.returncode == 2, blocked.stdout + blocked.stderr
+    assert "depends on row 'convnext_b'" in blocked.stderr and "Traceback" not in blocked.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+    done = train("--row", "2b-4", "--smoke")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[deit_b_dist] finished: " in done.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = row_runs(client, "kd-table2b-smoke")
+    assert run.info.status == "FINISHED" and run.data.tags["kdgrid.executor"] == "inline"

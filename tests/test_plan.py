@@ -262,9 +262,11 @@ def test_forcing_a_row_names_its_finished_readers_left_stale(grid):
     latest = everything(grid)
     decisions = plan_launch(grid, latest, rows=["deit_b_dist"], force=True)
     (line,) = stale_after_launch(grid, decisions, latest)
-    assert "deit_b_dist_hard_ft, deit_b_dist_hard_bit_ft" in line
-    assert "run-deit_b_dist" in line
-    assert "--rows deit_b_dist,deit_b_dist_hard_ft,deit_b_dist_hard_bit_ft --force" in line
+    assert "deit_b_dist_hard_ft, deit_b_dist_hard_bit_ft finished from its earlier" in line
+    # the readers alone: the row itself is being rerun by this very launch
+    assert line.endswith(
+        f"python launch/grid.py {grid.file} --rows deit_b_dist_hard_ft,deit_b_dist_hard_bit_ft --force"
+    )
     # rerun together, nothing is left stale; the suggested launch is a valid one
     together = plan_launch(
         grid,
@@ -275,3 +277,18 @@ def test_forcing_a_row_names_its_finished_readers_left_stale(grid):
     assert stale_after_launch(grid, together, latest) == []
     # a plain launch forces nothing
     assert stale_after_launch(grid, plan_launch(grid, latest), latest) == []
+
+
+def test_advice_repeats_the_grids_overrides_and_smoke():
+    """A hint that drops --smoke or a sweep override names rows of another experiment."""
+    swept = load_grid(GRID, ["train.seed=0,1"], smoke=True, check_data=False, check_models=False)
+    reader, teacher = swept.row("deit_b_dist_hard-seed1"), swept.row("convnext_b-seed1")
+    latest = {
+        teacher.key: RunRecord("t", teacher.key, teacher.id, "FINISHED", 0, {}),
+        reader.key: RunRecord("s", reader.key, reader.id, "RUNNING", 1, {}),
+    }
+    with pytest.raises(GridError) as err:
+        plan_launch(swept, latest, rows=[teacher.id], force=True)
+    assert err.value.problems[0].endswith(
+        f"python launch/grid.py {swept.file} train.seed=0,1 --smoke --cancel --rows {reader.id}"
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurmtools import TINY_MODEL, write_grid
 
 from kd import provenance
 from kd import train as T
@@ -50,31 +51,77 @@ def test_a_checkpoint_names_the_run_that_wrote_it(grid):
     assert provenance.checkpoint_run_id(path) == provenance.UNKNOWN_RUN
 
 
-def test_a_finished_row_is_stale_once_its_teacher_finished_again(grid):
-    student = grid.row("deit_b_dist_hard_ft")  # teacher convnext_b, init deit_b_dist
-    tags = {
-        provenance.dependency_tag("convnext_b"): "run-1",
-        provenance.dependency_tag("deit_b_dist"): "run-init",
-    }
-    teacher_key, init_key = grid.row("convnext_b").key, grid.row("deit_b_dist").key
-    latest = {
-        teacher_key: record(grid, "convnext_b", "FINISHED", "run-1"),
-        init_key: record(grid, "deit_b_dist", "FINISHED", "run-init"),
-    }
-    assert provenance.stale_reason(grid, student, tags, latest) is None
+def tagged(grid: Grid, row_id: str, run_id: str, started: int = 10, **used: str) -> RunRecord:
+    """A FINISHED run of `row_id` that read the given dependency runs (`used`: dep -> run)."""
+    tags = {provenance.dependency_tag(dep): run for dep, run in used.items()}
+    tags["kdgrid.started_at_ms"] = str(started)
+    row = grid.row(row_id)
+    return RunRecord(run_id, row.key, row_id, "FINISHED", started - 5, tags)
 
-    latest[teacher_key] = record(grid, "convnext_b", "RUNNING", "run-2")
-    reason = provenance.stale_reason(grid, student, tags, latest)
-    assert reason.startswith("stale: row 'convnext_b' was rerun (running) (run run-2)")
-    assert "run-1" in reason and "--rows deit_b_dist_hard_ft --force" in reason
 
-    latest[teacher_key] = record(grid, "convnext_b", "FINISHED", "run-2")
-    assert "has finished again (run run-2)" in provenance.stale_reason(grid, student, tags, latest)
+def latest_of(*records: RunRecord) -> dict[str, RunRecord]:
+    return {r.key: r for r in records}
 
-    # a row trained before runs were recorded, or from an old checkpoint, is never called stale
-    assert provenance.stale_reason(grid, student, {}, latest) is None
-    unknown = {provenance.dependency_tag("convnext_b"): provenance.UNKNOWN_RUN}
-    assert provenance.stale_reason(grid, student, unknown, latest) is None
+
+def test_a_finished_row_is_stale_once_its_teacher_is_rerun(grid):
+    teacher = record(grid, "convnext_b", "FINISHED", "run-1")
+    init = record(grid, "deit_b_dist", "FINISHED", "run-init")
+    student = tagged(
+        grid, "deit_b_dist_hard_ft", "run-s", convnext_b="run-1", deit_b_dist="run-init"
+    )
+    assert provenance.stale_rows(grid, latest_of(teacher, init, student)) == {}
+
+    running = record(grid, "convnext_b", "RUNNING", "run-2")
+    reason = provenance.stale_rows(grid, latest_of(running, init, student))["deit_b_dist_hard_ft"]
+    assert reason.startswith("stale: row 'convnext_b' is being rerun (run run-2, running)")
+    assert "trained from its run run-1" in reason and "once it has finished" in reason
+    assert reason.endswith(f"python launch/grid.py {grid.file} --rows deit_b_dist_hard_ft --force")
+
+    finished = record(grid, "convnext_b", "FINISHED", "run-2")
+    reason = provenance.stale_rows(grid, latest_of(finished, init, student))["deit_b_dist_hard_ft"]
+    assert "row 'convnext_b' has finished again (run run-2)" in reason
+
+    # a failed rerun may have left partial weights in best.pt: finish it first, then the row
+    failed = record(grid, "convnext_b", "FAILED", "run-2")
+    reason = provenance.stale_rows(grid, latest_of(failed, init, student))["deit_b_dist_hard_ft"]
+    assert "(run run-2, failed)" in reason and "may hold that run's partial weights" in reason
+    assert "--rows convnext_b --rerun-failed" in reason
+
+
+def test_a_row_that_reads_a_stale_row_is_stale(tmp_path):
+    """teacher -> student -> grandstudent (init from the student): after a rerun of the
+    teacher, the student is stale, and so is the row trained from the student."""
+    path = write_grid(
+        tmp_path,
+        "chain",
+        [
+            {"id": "teacher", "label": "C-1"},
+            {"id": "student", "label": "C-2", "teacher": {"row": "teacher", "model": TINY_MODEL}},
+            {"id": "grand", "label": "C-3", "init": {"row": "student"}},
+        ],
+        tmp_path / "data",
+        epochs=1,
+    )
+    chain = load_grid(path, check_data=False, check_models=False)
+    student = tagged(chain, "student", "run-s", teacher="run-t1")
+    grand = tagged(chain, "grand", "run-g", student="run-s")
+    first = record(chain, "teacher", "FINISHED", "run-t1")
+    assert provenance.stale_rows(chain, latest_of(first, student, grand)) == {}
+    again = record(chain, "teacher", "FINISHED", "run-t2")
+    reasons = provenance.stale_rows(chain, latest_of(again, student, grand))
+    assert reasons["student"].startswith("stale: row 'teacher' has finished again")
+    assert reasons["grand"].startswith("stale: it was trained from row 'student', which is stale")
+
+
+def test_rows_trained_before_runs_were_recorded_are_judged_by_time(grid):
+    student = tagged(grid, "deit_b_dist_hard", "run-s", started=1_000)  # no dependency tag
+    before = RunRecord("run-1", grid.row("convnext_b").key, "convnext_b", "FINISHED", 900, {})
+    assert provenance.stale_rows(grid, latest_of(before, student)) == {}
+    after = RunRecord("run-2", grid.row("convnext_b").key, "convnext_b", "FINISHED", 2_000, {})
+    reason = provenance.stale_rows(grid, latest_of(after, student))["deit_b_dist_hard"]
+    assert "has finished again (run run-2) since this row started training" in reason
+    unknown = tagged(grid, "deit_b_dist_hard", "run-s", started=1_000, convnext_b="unknown")
+    assert "deit_b_dist_hard" in provenance.stale_rows(grid, latest_of(after, unknown))
 
 
 def write_state(row, run_id: str, dependency_runs: dict | None) -> None:
@@ -85,30 +132,50 @@ def write_state(row, run_id: str, dependency_runs: dict | None) -> None:
     (row.output_dir / T.STATE_INFO_FILE).write_text(json.dumps(info))
 
 
+def write_best(row, run_id: str | None) -> None:
+    """The row's best.pt as the loop writes it (no run id: as written before they were)."""
+    row.output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = T._model_checkpoint(row, {"w": torch.ones(2)}, {}, 0, {"acc1": 1.0}, 10, run_id)
+    if run_id is None:
+        del checkpoint["run_id"]
+    atomic_save(checkpoint, row.output_dir / "best.pt")
+
+
+U = provenance.UNKNOWN_RUN
+
+
 @pytest.mark.parametrize(
-    ("saved", "teacher_run", "force_teacher", "resumes"),
+    ("saved", "teacher_file", "force_teacher", "resumes"),
     [
-        ({"convnext_b": "run-1"}, "run-1", False, True),  # same teacher run: resume
-        ({"convnext_b": "run-1"}, "run-2", False, False),  # teacher finished again since
-        ({"convnext_b": "run-1"}, "run-1", True, False),  # teacher rerun in this launch
-        (None, "run-2", False, True),  # state from before runs were recorded
-        ({"convnext_b": provenance.UNKNOWN_RUN}, "run-2", False, True),  # an old teacher file
-        ({"convnext_b": provenance.UNKNOWN_RUN}, "run-1", True, False),
+        ({"convnext_b": "run-1"}, "run-1", False, True),  # the same teacher checkpoint: resume
+        ({"convnext_b": "run-1"}, "run-2", False, False),  # the teacher was rerun since
+        ({"convnext_b": "run-1"}, "run-1", True, False),  # the teacher runs again in this launch
+        (None, "run-2", False, True),  # a state from before runs were recorded
+        ({"convnext_b": U}, None, False, True),  # the same old-format teacher file
+        ({"convnext_b": U}, "run-2", False, False),  # an old file only gets an id by a rewrite
     ],
 )
-def test_a_crashed_row_resumes_only_with_the_teacher_run_it_trained_from(
-    grid, saved, teacher_run, force_teacher, resumes
+def test_a_crashed_row_resumes_only_from_the_teacher_checkpoint_it_trained_with(
+    grid, saved, teacher_file, force_teacher, resumes
 ):
-    student = grid.row("deit_b_dist_hard")
+    teacher, student = grid.row("convnext_b"), grid.row("deit_b_dist_hard")
+    write_best(teacher, teacher_file)
     write_state(student, "run-student", saved)
-    latest = {
-        grid.row("convnext_b").key: record(grid, "convnext_b", "FINISHED", teacher_run),
-        student.key: record(grid, "deit_b_dist_hard", "FAILED", "run-student"),
-    }
+    latest = latest_of(
+        record(grid, "convnext_b", "FINISHED", teacher_file or "run-old"),
+        record(grid, "deit_b_dist_hard", "FAILED", "run-student"),
+    )
     rows = ["convnext_b", "deit_b_dist_hard"] if force_teacher else ["deit_b_dist_hard"]
     decisions = plan_launch(grid, latest, rows=rows, force=force_teacher)
-    expected = {"deit_b_dist_hard": "run-student"} if resumes else {}
-    assert resumable_runs(grid, decisions, latest) == expected
+    assert resumable_runs(decisions) == ({"deit_b_dist_hard": "run-student"} if resumes else {})
+    # the trainer, reading the same file, agrees with the launcher
+    now = provenance.dependency_runs(student)
+    state = {"epoch": 0, **({"dependency_runs": saved} if saved is not None else {})}
+    if resumes or force_teacher:
+        T._check_same_dependencies(student, state, now)
+    else:
+        with pytest.raises(T.DependencyChanged):
+            T._check_same_dependencies(student, state, now)
 
 
 def test_the_trainer_refuses_to_resume_across_a_teacher_rerun(grid):
@@ -116,8 +183,6 @@ def test_the_trainer_refuses_to_resume_across_a_teacher_rerun(grid):
     state = {"epoch": 3, "dependency_runs": {"convnext_b": "run-1"}}
     T._check_same_dependencies(row, state, {"convnext_b": "run-1"})
     T._check_same_dependencies(row, {"epoch": 3}, {"convnext_b": "run-2"})  # an older state
-    unknown = {"epoch": 3, "dependency_runs": {"convnext_b": provenance.UNKNOWN_RUN}}
-    T._check_same_dependencies(row, unknown, {"convnext_b": "run-2"})  # as the launcher decides
     with pytest.raises(T.DependencyChanged) as err:
         T._check_same_dependencies(row, state, {"convnext_b": "run-2"})
     message = str(err.value)
