@@ -79,6 +79,10 @@ class Row:
     grid_file: str
     experiment: str
     smoke: bool = False
+    # (dependency id, folder of its best.pt) where that is not the dependency's own folder: the
+    # launcher found its content key finished under another row id (a sweep variant equal to
+    # its grid row, e.g. `train.seed=0,1` where 0 is the grid's seed). See `dependency_checkpoint`.
+    dependency_dirs: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
@@ -106,6 +110,7 @@ class Row:
             "grid_file": self.grid_file,
             "experiment": self.experiment,
             "smoke": self.smoke,
+            "dependency_dirs": dict(self.dependency_dirs),
         }
 
     @classmethod
@@ -122,6 +127,7 @@ class Row:
             grid_file=data["grid_file"],
             experiment=data["experiment"],
             smoke=data.get("smoke", False),
+            dependency_dirs=tuple((data.get("dependency_dirs") or {}).items()),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -1157,8 +1163,10 @@ def _freeze(
 
 
 def dependency_checkpoint(row: Row, dep_id: str) -> Path:
-    """Where the dependency row writes its best checkpoint (same output root)."""
-    return Path(row.config.output_dir) / dep_id / "best.pt"
+    """Where this row reads the dependency row's best checkpoint: the dependency's own folder
+    under the same output root, unless the launcher found it in another (`Row.dependency_dirs`)."""
+    folder = dict(row.dependency_dirs).get(dep_id)
+    return Path(folder if folder else Path(row.config.output_dir) / dep_id) / "best.pt"
 
 
 __all__ = [

@@ -13,8 +13,10 @@ The rules that keep a row from running twice by accident:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kd.grid import Grid, GridError, Row
@@ -210,3 +212,43 @@ def _check_dependencies(
             )
     if problems:
         raise GridError(problems)
+
+
+def locate_checkpoints(
+    grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
+) -> list[Decision]:
+    """The decisions, each row to run told where to read the best checkpoints of dependencies
+    that do not run in this launch: in the folder of the row id whose run holds the content
+    key (a sweep variant equal to its grid row shares the grid row's finished run, and so its
+    folder). A finished dependency whose checkpoint is gone is a GridError, before anything
+    is submitted: the row would fail as it starts."""
+    running = {d.row.id for d in decisions if d.action == "run"}
+    problems, out = [], []
+    for decision in decisions:
+        row, dirs = decision.row, {}
+        for dep_id in row.depends_on if decision.action == "run" else ():
+            dep = grid.row(dep_id)
+            record = latest.get(dep.key)
+            if dep_id in running or record is None:
+                continue
+            owner = record.row_id or dep_id
+            folder = Path(dep.config.output_dir) / owner
+            path = folder / "best.pt"
+            if record.status == "FINISHED" and not path.is_file():
+                as_row = f" as row '{owner}'" if owner != dep_id else ""
+                problems.append(
+                    f"{grid.file}: row '{row.id}' ({row.label}): needs the best checkpoint of row "
+                    f"'{dep_id}', which finished in run {record.run_id}{as_row}, at {path}, which "
+                    f"does not exist (moved or deleted?); put back the run's MLflow artifact "
+                    f"checkpoints/best.pt there, or rerun it: "
+                    + grid.command("launch/grid.py", "--rows", dep_id, "--force")
+                )
+            if owner != dep_id:
+                dirs[dep_id] = str(folder)
+        if dirs:
+            row = dataclasses.replace(row, dependency_dirs=tuple(sorted(dirs.items())))
+            decision = dataclasses.replace(decision, row=row)
+        out.append(decision)
+    if problems:
+        raise GridError(problems)
+    return out

@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     from slurm.launcher import plan_inline
 
     try:
-        for line in plan_inline(grid, row.id, args.tracking_uri):
-            print(f"note: {line}")
+        row, notes = plan_inline(grid, row.id, args.tracking_uri)
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2
+    for line in notes:
+        print(f"note: {line}")
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 

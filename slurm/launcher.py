@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.grid import Grid, GridError, dependency_checkpoint
-from kd.plan import Decision, plan_launch, stale_after_launch
+from kd.grid import Grid, GridError, Row, dependency_checkpoint
+from kd.plan import Decision, locate_checkpoints, plan_launch, stale_after_launch
 from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
 
@@ -145,10 +145,11 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
     return _finish(prepared, _run_local(prepared, options))
 
 
-def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> list[str]:
+def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tuple[Row, list[str]]:
     """launch/train.py's checks before it trains a row in its own process (a new run, as with
     `--force`): its dependencies have finished, and no row that reads its checkpoint is queued
-    or running. Raises GridError; returns the notes a launch would print."""
+    or running. Raises GridError; returns the row, told where its dependencies' checkpoints
+    are, and the notes a launch would print."""
     uri = absolute_uri(resolve_tracking_uri(tracking_uri, grid.tracking_uri))
     latest: dict[str, RunRecord] = {}
     if store_exists(uri):
@@ -159,7 +160,9 @@ def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> lis
     decisions = plan_launch(
         grid, latest, rows=[row_id], force=True, is_alive=liveness.alive, requeued=liveness.requeued
     )
-    return stale_after_launch(grid, decisions, latest)
+    decisions = locate_checkpoints(grid, decisions, latest)
+    (row,) = (d.row for d in decisions if d.row.id == row_id)
+    return row, stale_after_launch(grid, decisions, latest)
 
 
 def _finish(prepared: Prepared, status: int) -> int:
@@ -190,6 +193,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
             requeued=liveness.requeued,
             allow_active_dependencies=options.executor == "slurm",
         )
+        decisions = locate_checkpoints(grid, decisions, latest)
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -297,10 +301,11 @@ def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
     record_launch(grid, to_run, run_ids, "local")
     executor = LocalExecutor(prepared.tracker, max_parallel=options.max_parallel, live=options.live)
     result = executor.run(to_run, run_ids)
+    uri_args = ["--tracking-uri", options.tracking_uri] if options.tracking_uri else []
     print(
         f"done: {len(result.finished)} finished, {len(result.failed)} failed, {len(result.skipped)} not started"
         + (
-            f"; rerun with: python launch/grid.py {grid.file} --rerun-failed"
+            f"; rerun with: {grid.command('launch/grid.py', '--rerun-failed', *uri_args)}"
             if not result.ok
             else ""
         )

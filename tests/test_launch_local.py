@@ -128,7 +128,10 @@ def test_failed_row_is_rerun_alone(smoke_grid):
         env={"KDGRID_INJECT_NAN_AT_STEP": "1"},
     )
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert "--rerun-failed" in failed.stdout
+    assert (
+        "rerun with: python launch/grid.py grids/table2b.yaml --smoke --rerun-failed"
+        in failed.stdout
+    )
     # 2b-7 and 2b-10 start from deit_b_dist's checkpoint: the forced rerun says they stay as
     # they are, and how to rerun them with it
     assert (
@@ -255,3 +258,28 @@ def test_train_script_runs_one_row_after_the_launchers_checks(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = row_runs(client, "kd-table2b-smoke")
     assert run.info.status == "FINISHED" and run.data.tags["kdgrid.executor"] == "inline"
+
+
+def test_a_sweep_variant_equal_to_its_grid_row_reads_that_rows_teacher(tmp_path):
+    """`train.seed=0,1` with 0 the grid's seed: convnext_b-seed0 is convnext_b (same content
+    key), finished by an earlier launch in the folder convnext_b; the seed-0 student launched
+    from the sweep reads that checkpoint (its own convnext_b-seed0 folder does not exist)."""
+    shutil.copytree(REPO / "grids", tmp_path / "grids")
+    teacher = launch(tmp_path, "grids/table2b.yaml", "--smoke", "--rows", "convnext_b")
+    assert teacher.returncode == 0, teacher.stdout + teacher.stderr
+    swept = launch(
+        tmp_path,
+        "grids/table2b.yaml",
+        "train.seed=0,1",
+        "--smoke",
+        "--rows",
+        "deit_b_dist_hard-seed0",
+    )
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert "done: 1 finished, 0 failed" in swept.stdout
+    assert not (tmp_path / "outputs" / "table2b-smoke" / "convnext_b-seed0").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {r.data.tags["kdgrid.id"]: r for r in row_runs(client, "kd-table2b-smoke")}
+    assert runs["deit_b_dist_hard-seed0"].info.status == "FINISHED"
+    used = runs["deit_b_dist_hard-seed0"].data.tags["kdgrid.dependency_run.convnext_b-seed0"]
+    assert used == runs["convnext_b"].info.run_id

@@ -292,3 +292,39 @@ def test_advice_repeats_the_grids_overrides_and_smoke():
     assert err.value.problems[0].endswith(
         f"python launch/grid.py {swept.file} train.seed=0,1 --smoke --cancel --rows {reader.id}"
     )
+
+
+def test_a_sweep_variant_reads_the_checkpoint_of_the_grid_row_it_equals(tmp_path, monkeypatch):
+    """`train.seed=0,1` where 0 is the grid's seed: convnext_b-seed0 has convnext_b's content
+    key, so its finished run (written as row convnext_b) counts, and deit_b_dist_hard-seed0
+    must read convnext_b's folder, not the empty convnext_b-seed0."""
+    from kd.grid import dependency_checkpoint
+    from kd.plan import locate_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    swept = load_grid(GRID, ["train.seed=0,1"], check_data=False, check_models=False)
+    teacher, student = swept.row("convnext_b-seed0"), swept.row("deit_b_dist_hard-seed0")
+    latest = {teacher.key: RunRecord("t", teacher.key, "convnext_b", "FINISHED", 0, {})}
+    decisions = plan_launch(swept, latest, rows=[student.id])
+    with pytest.raises(GridError) as err:  # the finished run's checkpoint is not there
+        locate_checkpoints(swept, decisions, latest)
+    (problem,) = err.value.problems
+    assert "row 'deit_b_dist_hard-seed0'" in problem and "as row 'convnext_b'" in problem
+    assert "convnext_b/best.pt" in problem and "--rows convnext_b-seed0 --force" in problem
+
+    written = Path(teacher.config.output_dir) / "convnext_b" / "best.pt"
+    written.parent.mkdir(parents=True)
+    written.write_bytes(b"weights")
+    located = {d.row.id: d.row for d in locate_checkpoints(swept, decisions, latest)}
+    assert dependency_checkpoint(located[student.id], teacher.id) == written
+    # what the job gets: the row through its JSON file
+    from kd.grid import Row
+
+    again = Row.from_dict(located[student.id].to_dict())
+    assert dependency_checkpoint(again, teacher.id) == written
+    # a dependency in its own folder is left as it was
+    own = {teacher.key: RunRecord("t", teacher.key, teacher.id, "FINISHED", 0, {})}
+    (Path(teacher.config.output_dir) / teacher.id).mkdir()
+    (Path(teacher.config.output_dir) / teacher.id / "best.pt").write_bytes(b"w")
+    (row,) = (d.row for d in locate_checkpoints(swept, decisions, own) if d.row.id == student.id)
+    assert row.dependency_dirs == ()
