@@ -217,33 +217,38 @@ def _check_dependencies(
 def locate_checkpoints(
     grid: Grid, decisions: list[Decision], latest: Mapping[str, RunRecord]
 ) -> list[Decision]:
-    """The decisions, each row to run told where to read the best checkpoints of dependencies
-    that do not run in this launch: in the folder of the row id whose run holds the content
-    key (a sweep variant equal to its grid row shares the grid row's finished run, and so its
-    folder). A finished dependency whose checkpoint is gone is a GridError, before anything
-    is submitted: the row would fail as it starts."""
+    """The decisions, each row to run told where to read its dependencies' best checkpoints:
+    a dependency that runs in this launch writes in its own folder; one that does not, in the
+    folder of the run that holds its content key (tag kdgrid.output_dir; for older runs, the
+    folder of the row id that run was written as, under the dependency's output root). So a
+    sweep variant equal to its grid row (the same key) reads the grid row's finished
+    checkpoint, and a row reads a dependency with another `output_dir` from there. A finished
+    dependency whose checkpoint is gone is a GridError, before anything is submitted: the row
+    would fail as it starts."""
     running = {d.row.id for d in decisions if d.action == "run"}
     problems, out = [], []
     for decision in decisions:
         row, dirs = decision.row, {}
         for dep_id in row.depends_on if decision.action == "run" else ():
             dep = grid.row(dep_id)
-            record = latest.get(dep.key)
-            if dep_id in running or record is None:
-                continue
-            owner = record.row_id or dep_id
-            folder = Path(dep.config.output_dir) / owner
-            path = folder / "best.pt"
-            if record.status == "FINISHED" and not path.is_file():
-                as_row = f" as row '{owner}'" if owner != dep_id else ""
-                problems.append(
-                    f"{grid.file}: row '{row.id}' ({row.label}): needs the best checkpoint of row "
-                    f"'{dep_id}', which finished in run {record.run_id}{as_row}, at {path}, which "
-                    f"does not exist (moved or deleted?); put back the run's MLflow artifact "
-                    f"checkpoints/best.pt there, or rerun it: "
-                    + grid.command("launch/grid.py", "--rows", dep_id, "--force")
+            record = None if dep_id in running else latest.get(dep.key)
+            folder = dep.output_dir
+            if record is not None:
+                owner = record.row_id or dep_id
+                folder = Path(
+                    record.tags.get("kdgrid.output_dir") or Path(dep.config.output_dir) / owner
                 )
-            if owner != dep_id:
+                path = folder / "best.pt"
+                if record.status == "FINISHED" and not path.is_file():
+                    as_row = f" as row '{owner}'" if owner != dep_id else ""
+                    problems.append(
+                        f"{grid.file}: row '{row.id}' ({row.label}): needs the best checkpoint of "
+                        f"row '{dep_id}', which finished in run {record.run_id}{as_row}, at {path}, "
+                        f"which does not exist (moved or deleted?); put back the run's MLflow "
+                        f"artifact checkpoints/best.pt there, or rerun both: "
+                        + grid.command("launch/grid.py", "--rows", f"{dep_id},{row.id}", "--force")
+                    )
+            if folder != Path(row.config.output_dir) / dep_id:
                 dirs[dep_id] = str(folder)
         if dirs:
             row = dataclasses.replace(row, dependency_dirs=tuple(sorted(dirs.items())))

@@ -334,6 +334,8 @@ class Tracker:
             f"{TAG}.launch_host": socket.gethostname(),
             f"{TAG}.launcher_pid": str(os.getpid()),
             f"{TAG}.smoke": str(row.smoke).lower(),
+            # where the row writes: rows that read its checkpoint find it here (kd.plan)
+            f"{TAG}.output_dir": str(row.output_dir.resolve()),
             "mlflow.source.git.commit": project_commit(),
         }
         if parent_run_id:

@@ -160,6 +160,16 @@ def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tup
     decisions = plan_launch(
         grid, latest, rows=[row_id], force=True, is_alive=liveness.alive, requeued=liveness.requeued
     )
+    (decision,) = (d for d in decisions if d.row.id == row_id)
+    if decision.action != "run":  # SCHEDULED or RUNNING, and alive
+        raise GridError(
+            [
+                f"{grid.file}: row '{decision.row.id}' ({decision.row.label}): {decision.reason}; "
+                "launch/train.py would train it a second time beside it: wait for it to finish, "
+                "or cancel it first: "
+                + grid.command("launch/grid.py", "--cancel", "--rows", row_id)
+            ]
+        )
     decisions = locate_checkpoints(grid, decisions, latest)
     (row,) = (d.row for d in decisions if d.row.id == row_id)
     return row, stale_after_launch(grid, decisions, latest)

@@ -310,7 +310,8 @@ def test_a_sweep_variant_reads_the_checkpoint_of_the_grid_row_it_equals(tmp_path
         locate_checkpoints(swept, decisions, latest)
     (problem,) = err.value.problems
     assert "row 'deit_b_dist_hard-seed0'" in problem and "as row 'convnext_b'" in problem
-    assert "convnext_b/best.pt" in problem and "--rows convnext_b-seed0 --force" in problem
+    assert "convnext_b/best.pt" in problem
+    assert problem.endswith("--rows convnext_b-seed0,deit_b_dist_hard-seed0 --force")
 
     written = Path(teacher.config.output_dir) / "convnext_b" / "best.pt"
     written.parent.mkdir(parents=True)
@@ -328,3 +329,37 @@ def test_a_sweep_variant_reads_the_checkpoint_of_the_grid_row_it_equals(tmp_path
     (Path(teacher.config.output_dir) / teacher.id / "best.pt").write_bytes(b"w")
     (row,) = (d.row for d in locate_checkpoints(swept, decisions, own) if d.row.id == student.id)
     assert row.dependency_dirs == ()
+
+    # the folder the run recorded wins (another output root, say)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "best.pt").parent.mkdir(parents=True)
+    (elsewhere / "best.pt").write_bytes(b"w")
+    tagged = {
+        teacher.key: RunRecord(
+            "t", teacher.key, "convnext_b", "FINISHED", 0, {"kdgrid.output_dir": str(elsewhere)}
+        )
+    }
+    (row,) = (d.row for d in locate_checkpoints(swept, decisions, tagged) if d.row.id == student.id)
+    assert dependency_checkpoint(row, teacher.id) == elsewhere / "best.pt"
+
+
+def test_a_teacher_with_its_own_output_dir_is_read_from_there(tmp_path):
+    from slurmtools import TINY_MODEL, write_grid
+
+    from kd.grid import dependency_checkpoint
+    from kd.plan import locate_checkpoints
+
+    path = write_grid(
+        tmp_path,
+        "roots",
+        [
+            {"id": "teacher", "label": "R-1", "output_dir": "teachers"},
+            {"id": "student", "label": "R-2", "teacher": {"row": "teacher", "model": TINY_MODEL}},
+        ],
+        tmp_path / "data",
+        epochs=1,
+    )
+    roots = load_grid(path, check_data=False, check_models=False)
+    decisions = locate_checkpoints(roots, plan_launch(roots, {}), {})
+    student = next(d.row for d in decisions if d.row.id == "student")
+    assert dependency_checkpoint(student, "teacher") == Path("teachers/teacher/best.pt")
