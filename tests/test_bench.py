@@ -269,9 +269,16 @@ def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
         assert b.info.user_id == a.info.user_id and b.info.start_time > 0
         assert set(b.data.tags) == set(a.data.tags)
         for key in a.data.tags:
-            if key not in (f"{TAG}.id", f"{TAG}.label", f"{TAG}.key", "mlflow.runName"):
+            if key not in (
+                f"{TAG}.id",
+                f"{TAG}.label",
+                f"{TAG}.key",
+                f"{TAG}.output_dir",
+                "mlflow.runName",
+            ):
                 assert b.data.tags[key] == a.data.tags[key], key
         assert b.data.tags[f"{TAG}.key"] == row.key and b.data.tags[f"{TAG}.job_id"] == "8_2"
+        assert b.data.tags[f"{TAG}.output_dir"] == str(row.output_dir.resolve())
         assert set(b.data.params) == set(a.data.params)
         assert b.data.params["key"] == row.key
         assert [f.path for f in tracker.client.list_artifacts(b.info.run_id)] == ["row.yaml"]
