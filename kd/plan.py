@@ -102,6 +102,11 @@ def plan_launch(
     return decisions
 
 
+def running_ids(decisions: Iterable[Decision]) -> set[str]:
+    """Ids of the rows that run in this launch."""
+    return {d.row.id for d in decisions if d.action == "run"}
+
+
 def forced(decision: Decision) -> bool:
     """A finished row run again: its new run replaces the checkpoint other rows read."""
     return (
@@ -123,7 +128,7 @@ def _check_readers(
     is_alive: Callable[[RunRecord], bool],
     requeued: Callable[[RunRecord], bool],
 ) -> None:
-    running = {d.row.id for d in decisions if d.action == "run"}
+    running = running_ids(decisions)
     problems = []
     for decision in filter(forced, decisions):
         for reader in _readers(grid, decision.row.id):
@@ -151,7 +156,7 @@ def stale_after_launch(
     """A line for each forced row whose finished readers this launch leaves as they are: their
     results come from the checkpoint being replaced (status and the table mark them stale),
     and the launch that reruns them from the new one."""
-    running = {d.row.id for d in decisions if d.action == "run"}
+    running = running_ids(decisions)
     lines = []
     for decision in filter(forced, decisions):
         kept = [
@@ -188,7 +193,7 @@ def _check_dependencies(
 ) -> None:
     """A row that runs needs each dependency finished or in this launch; on SLURM a dependency
     still queued or running from an earlier launch also does (the new job waits on its job)."""
-    running = {d.row.id for d in decisions if d.action == "run"}
+    running = running_ids(decisions)
     if allow_active:
         running |= {d.row.id for d in decisions if d.action == "skip_active"}
     problems = []
@@ -225,7 +230,7 @@ def locate_checkpoints(
     checkpoint, and a row reads a dependency with another `output_dir` from there. A finished
     dependency whose checkpoint is gone is a GridError, before anything is submitted: the row
     would fail as it starts."""
-    running = {d.row.id for d in decisions if d.action == "run"}
+    running = running_ids(decisions)
     problems, out = [], []
     for decision in decisions:
         row, dirs = decision.row, {}

@@ -955,7 +955,6 @@ def snapshot_epoch(
         num_classes,
         run_id,
     )
-    dependency_runs = dependency_runs or {}
     state = {
         "model": weights,
         "optimizer": snapshot(parts.optimizer.state_dict()),
@@ -966,7 +965,7 @@ def snapshot_epoch(
         "best_acc1": best_acc1,
         "run_id": run_id,
         "key": row.key,
-        "dependency_runs": dict(dependency_runs),
+        "dependency_runs": dict(dependency_runs or {}),
         "history": snapshot(history),
         "rng": _rng_state(),
     }

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kd.grid import Grid, GridError, Row, dependency_checkpoint
-from kd.plan import Decision, locate_checkpoints, plan_launch, stale_after_launch
+from kd.plan import (
+    Decision,
+    locate_checkpoints,
+    plan_launch,
+    running_ids,
+    stale_after_launch,
+)
 from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
 from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
 
@@ -151,11 +157,7 @@ def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tup
     or running. Raises GridError; returns the row, told where its dependencies' checkpoints
     are, and the notes a launch would print."""
     uri = absolute_uri(resolve_tracking_uri(tracking_uri, grid.tracking_uri))
-    latest: dict[str, RunRecord] = {}
-    if store_exists(uri):
-        tracker = Tracker(uri)
-        experiment_id = tracker.experiment_id(grid.experiment)
-        latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
+    latest = _latest_runs(grid, uri)[1]
     liveness = Liveness(latest)
     decisions = plan_launch(
         grid, latest, rows=[row_id], force=True, is_alive=liveness.alive, requeued=liveness.requeued
@@ -175,6 +177,16 @@ def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tup
     return row, stale_after_launch(grid, decisions, latest)
 
 
+def _latest_runs(grid: Grid, uri: str) -> tuple[Tracker | None, dict[str, RunRecord]]:
+    """The store's tracker (None when there is no store yet: nothing is created) and the
+    latest run of each content key in the grid's experiment."""
+    if not store_exists(uri):
+        return None, {}
+    tracker = Tracker(uri)
+    experiment_id = tracker.experiment_id(grid.experiment)
+    return tracker, tracker.latest_by_key(experiment_id) if experiment_id else {}
+
+
 def _finish(prepared: Prepared, status: int) -> int:
     """The launch run ends with the launch: for SLURM, once every row is queued."""
     prepared.tracker.mark(prepared.parent_run_id, "FINISHED" if status == 0 else "FAILED")
@@ -184,13 +196,9 @@ def _finish(prepared: Prepared, status: int) -> int:
 def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     """Plan against MLflow and create the runs; an int is an exit status (nothing to run, bad input)."""
     uri = absolute_uri(resolve_tracking_uri(options.tracking_uri, grid.tracking_uri))
-    latest: dict[str, RunRecord] = {}
-    if store_exists(uri):
-        tracker = Tracker(uri)
-        experiment_id = tracker.experiment_id(grid.experiment)
-        latest = tracker.latest_by_key(experiment_id) if experiment_id else {}
-        if any(never_queued(r) for r in latest.values()):
-            latest = recover(grid, latest, tracker)
+    tracker, latest = _latest_runs(grid, uri)
+    if tracker is not None and any(never_queued(r) for r in latest.values()):
+        latest = recover(grid, latest, tracker)
     liveness = Liveness(latest)
     try:
         decisions = plan_launch(
@@ -272,7 +280,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
 
 def resumable_runs(decisions: list[Decision]) -> dict[str, str]:
     """Row id -> the run each row of this launch resumes into (rows that start over are left out)."""
-    running = {d.row.id for d in decisions if d.action == "run"}
+    running = running_ids(decisions)
     resumes = {}
     for d in decisions:
         run_id = resumable_run(d, running) if d.action == "run" else None
