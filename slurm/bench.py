@@ -242,7 +242,7 @@ def launch_benchmark(
         parts: dict[str, float] = {}
         targets = [
             (status_module, "latest_grid_runs", "mlflow"),
-            (status_module, "job_states", "slurm"),
+            (status_module, "slurm_jobs", "slurm"),
         ]
         start = time.perf_counter()
         with _timed(parts, targets):

@@ -46,14 +46,9 @@ class Liveness:
     """Will a run still run? Local runs by pid, SLURM runs by their job (one sacct call)."""
 
     def __init__(self, latest: dict[str, RunRecord]):
-        from slurm.state import job_states
+        from slurm.state import slurm_jobs
 
-        slurm_runs = [
-            r
-            for r in latest.values()
-            if r.tags.get("kdgrid.executor") == "slurm" and r.status != "FINISHED" and r.job_id
-        ]
-        self.states = job_states(r.job_id for r in slurm_runs)
+        self.states = slurm_jobs(r for r in latest.values() if r.status != "FINISHED")
 
     def alive(self, record: RunRecord) -> bool:
         """An open (SCHEDULED/RUNNING) run whose process or job is still there."""
@@ -337,7 +332,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
     caught: the next launch settles it, see slurm/interrupted.py.)"""
     from kd.tracking import TAG
-    from slurm.state import cancel
+    from slurm.state import cancel, cluster_name
     from slurm.submit import submit_rows
 
     grid, to_run, run_ids, tracker = (
@@ -353,9 +348,14 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     repo = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
 
+    # where the jobs went: a job this cluster no longer lists has ended (slurm.state.job_states)
+    cluster = {f"{TAG}.slurm_cluster": name} if (name := cluster_name()) else {}
+
     def record_queued(queued: dict[str, str]) -> None:
         record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
-        tracker.set_tags_many({run_ids[r]: {f"{TAG}.job_id": job} for r, job in queued.items()})
+        tracker.set_tags_many(
+            {run_ids[r]: {f"{TAG}.job_id": job, **cluster} for r, job in queued.items()}
+        )
 
     submitted: dict[str, str] = {}
     try:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from kd.tracking import RunRecord
+
+# kdgrid's own state: SLURM no longer holds a job of ours under this id (`job_states`)
+GONE = "GONE"
 TERMINAL = {
+    GONE,
     "COMPLETED",
     "FAILED",
     "CANCELLED",
@@ -43,6 +51,7 @@ class JobState:
     start: str = ""
     end: str = ""
     cancelled_by: str = ""  # uid in sacct's "CANCELLED by UID"; "" when SLURM cancelled it itself
+    name: str = ""  # the job's name (kdgrid's jobs: `job_name(grid)`)
 
     @property
     def terminal(self) -> bool:
@@ -57,8 +66,62 @@ def held_after_failure(run_status: str, job: JobState | None) -> bool:
     return run_status in ("FAILED", "KILLED") and job is not None and not job.terminal
 
 
-def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
-    """State of each job id (plain `123` or array task `123_4`). Unknown ids are left out."""
+@dataclass(frozen=True)
+class Submission:
+    """What a run recorded about its job: the name it was submitted under and the cluster it
+    was submitted to (None: not recorded, e.g. by an older kdgrid)."""
+
+    name: str | None = None
+    cluster: str | None = None
+
+
+def job_name(grid_name: str) -> str:
+    """The SLURM job name of a grid's rows (the launcher reserves `--job-name`)."""
+    return f"kd-{grid_name}"
+
+
+@functools.cache
+def cluster_name() -> str | None:
+    """This machine's SLURM cluster (`ClusterName`), or None when the controller does not answer."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", out.stdout, re.MULTILINE)
+    return found[1] if out.returncode == 0 and found else None
+
+
+def slurm_jobs(records: Iterable[RunRecord]) -> dict[str, JobState]:
+    """The jobs of these runs' SLURM submissions, by job id (`job_states`, told what each run
+    recorded about its job)."""
+    from kd.tracking import TAG
+
+    submitted = {
+        r.job_id: Submission(
+            name=job_name(r.tags[f"{TAG}.grid"]) if f"{TAG}.grid" in r.tags else None,
+            cluster=r.tags.get(f"{TAG}.slurm_cluster"),
+        )
+        for r in records
+        if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
+    }
+    return job_states(submitted, submitted)
+
+
+def job_states(
+    job_ids: Iterable[str], submitted: Mapping[str, Submission] | None = None
+) -> dict[str, JobState]:
+    """State of each job id (plain `123` or array task `123_4`). Unknown ids are left out.
+
+    With `submitted` (what the runs recorded about their jobs) an id is GONE, i.e. no job of
+    ours runs or waits under it, when SLURM lists it under another job's name (job ids started
+    over: a reset controller), or when the controller of the cluster it was submitted to no
+    longer lists it and accounting does not say how it ended (a lost controller state, no
+    accounting). A live job is always in `squeue`; when `squeue` does not answer nothing is
+    GONE, and an unknown id stays unknown."""
     ids = sorted({j for j in job_ids if j and not j.startswith("local-")})
     if not ids or shutil.which("sacct") is None:
         return {}
@@ -71,7 +134,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             "-j",
             ",".join(ids),
             "-o",
-            "JobID,State,ElapsedRaw,NodeList,Start,End,Reason",
+            "JobID,State,ElapsedRaw,NodeList,Start,End,Reason,JobName",
         ],
         capture_output=True,
         text=True,
@@ -80,10 +143,10 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     ).stdout
     states: dict[str, JobState] = {}
     for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) < 7:
+        parts = line.split("|", 7)
+        if len(parts) < 8:
             continue
-        job_id, state, elapsed, nodes, start, end, reason = parts[:7]
+        job_id, state, elapsed, nodes, start, end, reason, name = parts
         words = state.split()
         states[job_id] = JobState(
             job_id=job_id,
@@ -96,19 +159,53 @@ def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             start=start,
             end=end,
             cancelled_by=words[2] if len(words) > 2 and words[1] == "by" else "",
+            name=name,
         )
     _expand_pending_arrays(states, ids)
     # squeue is the controller's own view of live jobs; sacct (slurmdbd) lags it by seconds and
     # does not know a job submitted a moment ago at all.
-    for job_id, (state, reason, nodes) in _queued(ids).items():
+    queued = _queued(ids)
+    for job_id, (state, reason, nodes, name) in (queued or {}).items():
         known = states.get(job_id, JobState(job_id=job_id, state=state))
         states[job_id] = dataclasses.replace(
             known,
             state=state,
             reason=reason if state == "PENDING" else known.reason,
             nodes=nodes or known.nodes,
+            name=name,
         )
+    asked = set(ids)
+    for job_id, submission in (submitted or {}).items():
+        if job_id in asked:
+            _mark_gone(states, job_id, submission, queued)
     return states
+
+
+def _mark_gone(
+    states: dict[str, JobState],
+    job_id: str,
+    submission: Submission,
+    queued: dict[str, tuple[str, str, str, str]] | None,
+) -> None:
+    """Replace what SLURM says of `job_id` with GONE where it says nothing of our job."""
+    job = states.get(job_id)
+    if job is not None and submission.name and job.name and job.name != submission.name:
+        why = (
+            f"job id {job_id} belongs to another job now ('{job.name}', not "
+            f"'{submission.name}'): SLURM's job ids started over"
+        )
+    elif (
+        queued is not None
+        and job_id not in queued
+        and submission.cluster is not None
+        and submission.cluster == cluster_name()
+        and (job is None or not job.terminal)
+    ):
+        last = f" (accounting last said {job.state})" if job is not None else ""
+        why = f"SLURM no longer has job {job_id}{last}: it ended without a trace"
+    else:
+        return
+    states[job_id] = JobState(job_id=job_id, state=GONE, reason=why)
 
 
 def _expand_pending_arrays(states: dict[str, JobState], ids: list[str]) -> None:
@@ -136,24 +233,31 @@ def _task_in_range(task: str, spec: str) -> bool:
     return False
 
 
-def _queued(ids: list[str]) -> dict[str, tuple[str, str, str]]:
-    """(state, pending reason, nodes) of the asked-for jobs squeue still lists."""
+def _queued(ids: list[str]) -> dict[str, tuple[str, str, str, str]] | None:
+    """(state, pending reason, nodes, name) of the asked-for jobs squeue lists; None when squeue
+    does not answer (no controller)."""
     if shutil.which("squeue") is None:
-        return {}
-    out = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i|%T|%r|%N"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
+        return None
+    try:
+        result = subprocess.run(
+            # --all: jobs in hidden partitions too
+            ["squeue", "-h", "-a", "-r", "-o", "%i|%T|%r|%N|%j"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if result.returncode != 0:
+        return None
     wanted = set(ids)
     queued = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) == 4 and parts[0] in wanted:
-            job_id, state, reason, nodes = parts
-            queued[job_id] = (state, "" if reason == "None" else reason, nodes)
+    for line in result.stdout.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) == 5 and parts[0] in wanted:
+            job_id, state, reason, nodes, name = parts
+            queued[job_id] = (state, "" if reason == "None" else reason, nodes, name)
     return queued
 
 

@@ -18,7 +18,7 @@ from kd.grid import Grid, Row
 from kd.provenance import stale_rows
 from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
-from slurm.state import JobState, cancel, held_after_failure, job_states
+from slurm.state import GONE, JobState, cancel, held_after_failure, slurm_jobs
 
 STATES = (
     "not_submitted",
@@ -47,6 +47,7 @@ SLURM_TO_STATE = {
     "BOOT_FAIL": "failed",
     "DEADLINE": "timeout",
     "COMPLETED": "failed",  # only reached when the run did not finish (see row_state)
+    GONE: "failed",  # no job of ours under its id any more (slurm.state.job_states)
 }
 
 
@@ -124,10 +125,7 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
         }
         for summary in summaries.values()
     }
-    slurm_ids = [
-        r.job_id for r in latest.values() if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
-    ]
-    jobs = job_states(slurm_ids)
+    jobs = slurm_jobs(latest.values())
     stale = stale_rows(grid, latest)
     out = []
     for row in grid.rows:
@@ -145,14 +143,15 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
             reason = stale.get(row.id)
         info = metrics.get(record.run_id, {}) if record else {}
         values = info.get("metrics", {})
-        elapsed = job.elapsed_s if job is not None else _elapsed(record, info)
+        known = job is not None and job.state != GONE
+        elapsed = job.elapsed_s if known else _elapsed(record, info)
         out.append(
             RowStatus(
                 id=row.id,
                 label=row.label,
                 state=state,
                 job_id=record.job_id if record else None,
-                nodes=(job.nodes or None) if job is not None else None,
+                nodes=(job.nodes or None) if known else None,
                 elapsed_s=elapsed,
                 epoch=int(values["epoch"]) if "epoch" in values else None,
                 epochs=row.config.train.epochs,
@@ -214,20 +213,22 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
     if experiment_id is None:
         return []
     latest = tracker.latest_by_key(experiment_id)
-    # a FAILED/KILLED run whose job SLURM still holds (requeued, or held) is cancelled too
-    held = job_states(
-        r.job_id for r in latest.values() if r.status in ("FAILED", "KILLED") and r.job_id
-    )
+    # a FAILED/KILLED run whose job SLURM still holds (requeued, or held) is cancelled too; a
+    # job id that is GONE (another job's now, or ended) is not cancelled
+    jobs = slurm_jobs(r for r in latest.values() if r.status != "FINISHED")
     cancelled, job_ids = [], []
     for row in rows:
         record = latest.get(row.key)
         if record is None:
             continue
-        still_in_slurm = held_after_failure(record.status, held.get(record.job_id or ""))
-        if record.status not in ("SCHEDULED", "RUNNING") and not still_in_slurm:
+        job = jobs.get(record.job_id or "")
+        if record.status not in ("SCHEDULED", "RUNNING") and not held_after_failure(
+            record.status, job
+        ):
             continue
         if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
-            job_ids.append(record.job_id)
+            if job is None or job.state != GONE:
+                job_ids.append(record.job_id)
         elif record.tags.get(f"{TAG}.pid"):
             with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
                 os.killpg(int(record.tags[f"{TAG}.pid"]), signal.SIGTERM)

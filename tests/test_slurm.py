@@ -599,6 +599,20 @@ def test_a_finished_teacher_is_not_rerun_under_its_queued_student(
     assert "--cancel --rows student" in forced.stderr and "Traceback" not in forced.stderr
     assert jobs_submitted_from(tmp_path) == jobs
     assert len(row_runs(tmp_path, "kd-test-reader")) == runs
+    # launch/train.py, which trains a row in its own process, refuses the queued row too
+    inline = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), grid.name, "--row", "student"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert inline.returncode == 2, inline.stdout + inline.stderr
+    assert "would train it a second time beside it" in inline.stderr, inline.stderr
+    assert "--cancel --rows student" in inline.stderr and "Traceback" not in inline.stderr
+    assert len(row_runs(tmp_path, "kd-test-reader")) == runs
 
     cancel = launch(tmp_path, grid.name, "--cancel", "--rows", "student")
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
@@ -608,6 +622,92 @@ def test_a_finished_teacher_is_not_rerun_under_its_queued_student(
     assert "1 to run" in again.stdout, again.stdout
     rows = wait_for_rows(tmp_path, grid.name, labels=["R-1"])
     assert rows["R-2"]["state"] == "cancelled", rows
+
+
+def _retag_job(workdir: Path, run_id: str, job_id: str) -> None:
+    """Make a run's recorded job id point elsewhere: what a controller that lost its state, or
+    started its job ids over, leaves behind."""
+    mlflow_client(workdir).set_tag(run_id, "kdgrid.job_id", job_id)
+
+
+def test_a_job_id_slurm_no_longer_holds_is_not_alive(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's job id that SLURM lists under another job's name (ids started over) or does not
+    list at all (ended without a trace: no accounting, a lost controller state) is GONE: status
+    says failed and why, a launch runs the row again, and `--cancel` cancels nobody else's job."""
+    grid = write_grid(
+        tmp_path,
+        "lost",
+        [{"id": "lost", "label": "L-1"}],
+        tiny_data,
+        epochs=1,
+        resources={"sbatch_extra": {"begin": "now+1hour"}},  # pending: never runs
+    )
+    first = launch(tmp_path, grid.name)
+    assert first.returncode == 0, first.stdout + first.stderr
+    ours = only_run(tmp_path, "kd-test-lost")
+    assert ours.data.tags["kdgrid.slurm_cluster"] == "kdgrid"  # slurm/cluster.sh's ClusterName
+    # another user's job, held, that got the id our run recorded
+    other = run(
+        "sbatch",
+        "--parsable",
+        "-J",
+        "someone-else",
+        "--hold",
+        "-D",
+        tmp_path,
+        "-o",
+        "/dev/null",
+        "--wrap",
+        "sleep 600",
+    )
+    assert other.returncode == 0, other.stderr
+    other_id = other.stdout.strip().split(";")[0]
+    run("scancel", ours.data.tags["kdgrid.job_id"])
+    _retag_job(tmp_path, ours.info.run_id, other_id)
+
+    (row,) = status_json(tmp_path, grid.name)
+    assert row["state"] == "failed", row
+    assert f"job id {other_id} belongs to another job now ('someone-else'" in row["reason"], row
+    cancel = launch(tmp_path, grid.name, "--cancel")
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert "cancelled 1 row(s): lost" in cancel.stdout, cancel.stdout
+    assert queued_jobs(tmp_path)[other_id][0] == "PENDING", "--cancel cancelled another job"
+    assert mlflow_client(tmp_path).get_run(ours.info.run_id).info.status == "KILLED"
+
+    second = launch(tmp_path, grid.name, "--rerun-failed")
+    assert second.returncode == 0, second.stdout + second.stderr
+    latest = max(row_runs(tmp_path, "kd-test-lost"), key=lambda r: r.info.start_time)
+    run("scancel", latest.data.tags["kdgrid.job_id"])
+    never = "987654321"  # no job of this cluster had it
+    _retag_job(tmp_path, latest.info.run_id, never)
+    (row,) = status_json(tmp_path, grid.name)
+    assert row["state"] == "failed" and f"SLURM no longer has job {never}" in row["reason"], row
+    third = launch(tmp_path, grid.name)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "1 to run" in third.stdout and "rerun (latest run scheduled)" in third.stdout, (
+        third.stdout
+    )
+    old = mlflow_client(tmp_path).get_run(latest.info.run_id)
+    assert old.info.status == "KILLED", old.info
+    assert old.data.tags["kdgrid.failure_reason"] == "its process or job is gone"
+
+    # squeue not answering (no controller): nothing is GONE, an unknown id stays unknown
+    from slurm.state import Submission, cluster_name, job_states
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text(
+        "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    (fake / "squeue").chmod(0o755)
+    submitted = {never: Submission(name="kd-lost", cluster=cluster_name())}
+    assert job_states([never], submitted)[never].state == "GONE"
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    assert job_states([never], submitted) == {}
+    monkeypatch.undo()
+    run("scancel", other_id, *queued_jobs(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------
