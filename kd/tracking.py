@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "kdgrid"  # tag namespace
+# A row run's tags about its process or job (`kdgrid.<name>`), dropped when the run is reopened
+JOB_TAGS = ("pid", "job_id", "slurm_job_name", "slurm_cluster", "slurm_user")
 ACTIVE = ("SCHEDULED", "RUNNING")
 FAILED = ("FAILED", "KILLED")
 PARAM_MAX_CHARS = 6000
@@ -616,7 +618,7 @@ class Tracker:
         if reason:
             tags[f"{TAG}.previous_failure"] = reason
             self.client.delete_tag(run_id, f"{TAG}.failure_reason")
-        for stale in (f"{TAG}.pid", f"{TAG}.job_id"):
+        for stale in (f"{TAG}.{name}" for name in JOB_TAGS):
             if stale in run.data.tags:
                 self.client.delete_tag(run_id, stale)
         if parent_run_id:

@@ -43,7 +43,8 @@ class LaunchOptions:
 
 
 class Liveness:
-    """Will a run still run? Local runs by pid, SLURM runs by their job (one sacct call)."""
+    """Will a run still run? Local runs by pid, SLURM runs by their job (one sacct call and
+    one squeue call for all of them)."""
 
     def __init__(self, latest: dict[str, RunRecord]):
         from slurm.state import slurm_jobs
@@ -332,7 +333,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
     caught: the next launch settles it, see slurm/interrupted.py.)"""
     from kd.tracking import TAG
-    from slurm.state import cancel, cluster_name
+    from slurm.state import cancel, submission_tags
     from slurm.submit import submit_rows
 
     grid, to_run, run_ids, tracker = (
@@ -348,13 +349,16 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     repo = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
 
-    # where the jobs went: a job this cluster no longer lists has ended (slurm.state.job_states)
-    cluster = {f"{TAG}.slurm_cluster": name} if (name := cluster_name()) else {}
-
     def record_queued(queued: dict[str, str]) -> None:
         record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
         tracker.set_tags_many(
-            {run_ids[r]: {f"{TAG}.job_id": job, **cluster} for r, job in queued.items()}
+            {
+                run_ids[r]: {
+                    f"{TAG}.job_id": job,  # and where it went: slurm.state.job_states reads them
+                    **submission_tags(by_id[r].grid, by_id[r].config.resources.sbatch_extra),
+                }
+                for r, job in queued.items()
+            }
         )
 
     submitted: dict[str, str] = {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -68,11 +69,12 @@ def held_after_failure(run_status: str, job: JobState | None) -> bool:
 
 @dataclass(frozen=True)
 class Submission:
-    """What a run recorded about its job: the name it was submitted under and the cluster it
-    was submitted to (None: not recorded, e.g. by an older kdgrid)."""
+    """What a run recorded about its job when `sbatch` returned (`submission_tags`); None where
+    it recorded nothing (an older kdgrid, a job id recovered from the journal)."""
 
-    name: str | None = None
-    cluster: str | None = None
+    name: str | None = None  # the job name it was submitted under
+    cluster: str | None = None  # the cluster it was queued on
+    user: str | None = None  # who submitted it
 
 
 def job_name(grid_name: str) -> str:
@@ -80,9 +82,13 @@ def job_name(grid_name: str) -> str:
     return f"kd-{grid_name}"
 
 
-@functools.cache
+_cluster: list[str] = []  # cluster_name(), once known
+
+
 def cluster_name() -> str | None:
     """This machine's SLURM cluster (`ClusterName`), or None when the controller does not answer."""
+    if _cluster:
+        return _cluster[0]
     if shutil.which("scontrol") is None:
         return None
     try:
@@ -92,7 +98,31 @@ def cluster_name() -> str | None:
     except subprocess.TimeoutExpired:
         return None
     found = re.search(r"^ClusterName\s*=\s*(\S+)", out.stdout, re.MULTILINE)
-    return found[1] if out.returncode == 0 and found else None
+    if out.returncode != 0 or not found:
+        return None
+    _cluster.append(found[1])
+    return found[1]
+
+
+def current_user() -> str:
+    """The user SLURM knows this process by: its uid's name (not $USER), or the uid where the
+    uid has no name (a container run with `--user 1234`)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def submission_tags(grid_name: str, sbatch_extra: Mapping[str, str]) -> dict[str, str]:
+    """The run tags that say where a row's job went (read back by `slurm_jobs`). No cluster when
+    `sbatch_extra` sends the job to other clusters: this one's squeue does not list it."""
+    from kd.tracking import TAG
+
+    tags = {f"{TAG}.slurm_job_name": job_name(grid_name), f"{TAG}.slurm_user": current_user()}
+    cluster = cluster_name()
+    if cluster is not None and "clusters" not in sbatch_extra:
+        tags[f"{TAG}.slurm_cluster"] = cluster
+    return tags
 
 
 def slurm_jobs(records: Iterable[RunRecord]) -> dict[str, JobState]:
@@ -102,13 +132,14 @@ def slurm_jobs(records: Iterable[RunRecord]) -> dict[str, JobState]:
 
     submitted = {
         r.job_id: Submission(
-            name=job_name(r.tags[f"{TAG}.grid"]) if f"{TAG}.grid" in r.tags else None,
+            name=r.tags.get(f"{TAG}.slurm_job_name"),
             cluster=r.tags.get(f"{TAG}.slurm_cluster"),
+            user=r.tags.get(f"{TAG}.slurm_user"),
         )
         for r in records
         if r.tags.get(f"{TAG}.executor") == "slurm" and r.job_id
     }
-    return job_states(submitted, submitted)
+    return job_states(submitted.keys(), submitted)
 
 
 def job_states(
@@ -118,29 +149,17 @@ def job_states(
 
     With `submitted` (what the runs recorded about their jobs) an id is GONE, i.e. no job of
     ours runs or waits under it, when SLURM lists it under another job's name (job ids started
-    over: a reset controller), or when the controller of the cluster it was submitted to no
-    longer lists it and accounting does not say how it ended (a lost controller state, no
-    accounting). A live job is always in `squeue`; when `squeue` does not answer nothing is
-    GONE, and an unknown id stays unknown."""
+    over: a reset controller), or when this user's job on this cluster is not in `squeue` and
+    accounting does not say how it ended (a lost controller state, a cluster without
+    accounting): the controller lists every job it holds. When `squeue` does not answer (no
+    controller), absence proves nothing and an unknown id stays unknown."""
     ids = sorted({j for j in job_ids if j and not j.startswith("local-")})
     if not ids or shutil.which("sacct") is None:
         return {}
-    out = subprocess.run(
-        [
-            "sacct",
-            "-n",
-            "-P",
-            "-X",
-            "-j",
-            ",".join(ids),
-            "-o",
-            "JobID,State,ElapsedRaw,NodeList,Start,End,Reason,JobName",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
+    try:
+        out = _sacct(ids)
+    except subprocess.TimeoutExpired:  # slurmdbd slow or away: squeue still says who is alive
+        out = ""
     states: dict[str, JobState] = {}
     for line in out.splitlines():
         parts = line.split("|", 7)
@@ -163,9 +182,12 @@ def job_states(
         )
     _expand_pending_arrays(states, ids)
     # squeue is the controller's own view of live jobs; sacct (slurmdbd) lags it by seconds and
-    # does not know a job submitted a moment ago at all.
+    # does not know a job submitted a moment ago at all. A job squeue lists as ended is left to
+    # sacct, which says how (by whom it was cancelled, why).
     queued = _queued(ids)
     for job_id, (state, reason, nodes, name) in (queued or {}).items():
+        if state in TERMINAL:
+            continue
         known = states.get(job_id, JobState(job_id=job_id, state=state))
         states[job_id] = dataclasses.replace(
             known,
@@ -179,6 +201,26 @@ def job_states(
         if job_id in asked:
             _mark_gone(states, job_id, submission, queued)
     return states
+
+
+def _sacct(ids: list[str]) -> str:
+    """sacct's lines, one per job allocation, for these job ids."""
+    return subprocess.run(
+        [
+            "sacct",
+            "-n",
+            "-P",
+            "-X",
+            "-j",
+            ",".join(ids),
+            "-o",
+            "JobID,State,ElapsedRaw,NodeList,Start,End,Reason,JobName",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
 
 
 def _mark_gone(
@@ -199,6 +241,7 @@ def _mark_gone(
         and job_id not in queued
         and submission.cluster is not None
         and submission.cluster == cluster_name()
+        and submission.user == current_user()  # PrivateData=jobs may hide others' jobs
         and (job is None or not job.terminal)
     ):
         last = f" (accounting last said {job.state})" if job is not None else ""
@@ -238,14 +281,20 @@ def _queued(ids: list[str]) -> dict[str, tuple[str, str, str, str]] | None:
     does not answer (no controller)."""
     if shutil.which("squeue") is None:
         return None
+    # Every job the controller holds, in any state (-t all: a requeued job between its states
+    # too; finished ones for MinJobAge), in hidden partitions too (-a), and none of the
+    # SQUEUE_* / SLURM_CLUSTERS filters a user's shell may set: absence from it means GONE.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SQUEUE_") and k != "SLURM_CLUSTERS"
+    }
     try:
         result = subprocess.run(
-            # --all: jobs in hidden partitions too
-            ["squeue", "-h", "-a", "-r", "-o", "%i|%T|%r|%N|%j"],
+            ["squeue", "-h", "-a", "-r", "-t", "all", "-o", "%i|%T|%r|%N|%j"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return None

@@ -23,6 +23,7 @@ from typing import Any
 
 from kd.config import closest
 from kd.grid import Row
+from slurm.state import job_name
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
 SAFE_FLAG = re.compile(r"^[a-z][a-z0-9-_]*$")
@@ -129,7 +130,7 @@ def executor_parameters(row: Row, array_parallelism: int) -> dict[str, Any]:
     res = row.config.resources
     tasks = res.tasks_per_node or max(res.gpus_per_node, 1)
     params: dict[str, Any] = {
-        "job_name": f"kd-{row.grid}",
+        "job_name": job_name(row.grid),
         "nodes": res.nodes,
         "ntasks_per_node": tasks,
         "cpus_per_task": res.cpus_per_task,

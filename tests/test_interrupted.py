@@ -12,7 +12,14 @@ from pathlib import Path
 
 from kd.tracking import RunRecord
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued, read_journal
-from slurm.state import JobState
+from slurm.state import (
+    GONE,
+    JobState,
+    cluster_name,
+    current_user,
+    held_after_failure,
+    submission_tags,
+)
 from slurm.status import row_state
 
 
@@ -111,3 +118,25 @@ def test_submission_interrupts_leave_an_ignored_signal_ignored() -> None:
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_status_of_a_run_whose_job_is_gone() -> None:
+    """GONE (slurm.state.job_states): no job of ours under the id any more. An open run is
+    failed, with SLURM's side of it; a failed run keeps its own reason, and is not held."""
+    gone = JobState("9", GONE, reason="SLURM no longer has job 9: it ended without a trace")
+    assert row_state(record("RUNNING", **{"kdgrid.job_id": "9"}), gone, None) == (
+        "failed",
+        "SLURM no longer has job 9: it ended without a trace",
+    )
+    failed = record("FAILED", **{"kdgrid.job_id": "9", "kdgrid.failure_reason": "OOM"})
+    assert not held_after_failure("FAILED", gone)
+    assert row_state(failed, gone, None) == ("failed", "OOM")
+
+
+def test_a_job_sent_to_other_clusters_records_no_cluster() -> None:
+    """Its absence from this cluster's squeue proves nothing: no `slurm_cluster` tag."""
+    here = submission_tags("t2b", {"qos": "high"})
+    assert here["kdgrid.slurm_job_name"] == "kd-t2b"
+    assert here["kdgrid.slurm_user"] == current_user()
+    assert here.get("kdgrid.slurm_cluster") == cluster_name()
+    assert "kdgrid.slurm_cluster" not in submission_tags("t2b", {"clusters": "other"})

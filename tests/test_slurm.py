@@ -66,6 +66,8 @@ from slurmtools import (
     write_grid,
 )
 
+from slurm.state import Submission, cluster_name, current_user, job_states
+
 require_slurm()
 
 pytestmark = pytest.mark.slurm
@@ -648,6 +650,10 @@ def test_a_job_id_slurm_no_longer_holds_is_not_alive(
     assert first.returncode == 0, first.stdout + first.stderr
     ours = only_run(tmp_path, "kd-test-lost")
     assert ours.data.tags["kdgrid.slurm_cluster"] == "kdgrid"  # slurm/cluster.sh's ClusterName
+    assert ours.data.tags["kdgrid.slurm_job_name"] == "kd-lost"
+    assert ours.data.tags["kdgrid.slurm_user"] == current_user()
+    (row,) = status_json(tmp_path, grid.name)  # our live job, with those tags: not GONE
+    assert (row["state"], row["reason"]) == ("pending", "BeginTime"), row
     # another user's job, held, that got the id our run recorded
     other = run(
         "sbatch",
@@ -694,15 +700,13 @@ def test_a_job_id_slurm_no_longer_holds_is_not_alive(
     assert old.data.tags["kdgrid.failure_reason"] == "its process or job is gone"
 
     # squeue not answering (no controller): nothing is GONE, an unknown id stays unknown
-    from slurm.state import Submission, cluster_name, job_states
-
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "squeue").write_text(
         "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n"
     )
     (fake / "squeue").chmod(0o755)
-    submitted = {never: Submission(name="kd-lost", cluster=cluster_name())}
+    submitted = {never: Submission("kd-lost", cluster=cluster_name(), user=current_user())}
     assert job_states([never], submitted)[never].state == "GONE"
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     assert job_states([never], submitted) == {}
