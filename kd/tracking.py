@@ -7,6 +7,7 @@ what is scheduled, running, finished or failed. Rows are found again by their co
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "kdgrid"  # tag namespace
 # A row run's tags about its process or job (`kdgrid.<name>`), dropped when the run is reopened
-JOB_TAGS = ("pid", "job_id", "slurm_job_name", "slurm_cluster", "slurm_user")
+JOB_TAGS = ("pid", "pid_started", "job_id", "slurm_job_name", "slurm_cluster", "slurm_user")
 ACTIVE = ("SCHEDULED", "RUNNING")
 FAILED = ("FAILED", "KILLED")
 PARAM_MAX_CHARS = 6000
@@ -167,6 +168,14 @@ class RunRecord:
     @property
     def job_id(self) -> str | None:
         return self.tags.get(f"{TAG}.job_id")
+
+
+def _launcher_identity() -> dict[str, str]:
+    """`kdgrid.launcher_started`: tells this launcher from a later process with its pid."""
+    from kd.processes import process_identity
+
+    identity = process_identity(os.getpid())
+    return {f"{TAG}.launcher_started": identity} if identity else {}
 
 
 SECRET_NAME = re.compile(
@@ -335,6 +344,7 @@ class Tracker:
             f"{TAG}.executor": executor,
             f"{TAG}.launch_host": socket.gethostname(),
             f"{TAG}.launcher_pid": str(os.getpid()),
+            **_launcher_identity(),
             f"{TAG}.smoke": str(row.smoke).lower(),
             # where the row writes: rows that read its checkpoint find it here (kd.plan)
             f"{TAG}.output_dir": str(row.output_dir.resolve()),
@@ -611,6 +621,7 @@ class Tracker:
         tags = {
             f"{TAG}.executor": executor,
             f"{TAG}.launcher_pid": str(os.getpid()),
+            **_launcher_identity(),
             f"{TAG}.launch_host": socket.gethostname(),
             f"{TAG}.resumed": str(int(run.data.tags.get(f"{TAG}.resumed", "0")) + 1),
         }
@@ -670,7 +681,28 @@ METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 JOB_HTTP_RETRIES = "2"
 
 
+# Local failures that waiting does not mend: raised at once, as themselves, not after minutes
+# of retries as "the store did not answer" (a full disk under a file artifact store, say).
+PERMANENT_OS_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
+
+
 def _transient(exc: BaseException) -> bool:
+    """Worth retrying: anything but a request the store refused (PERMANENT_ERRORS), a local
+    file error that stays (PERMANENT_OS_ERRORS) or a bug. Unknown errors are retried: a server
+    restarting mid-run fails in many ways (refused, reset, a half-sent reply)."""
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_OS_ERRORS:
+        return False
+    if isinstance(exc, (TypeError, AttributeError, NameError)):
+        return False
     return getattr(exc, "error_code", None) not in PERMANENT_ERRORS
 
 

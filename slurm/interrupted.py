@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kd.grid import Grid
+from kd.processes import still_running
 from kd.tracking import TAG, RunRecord, Tracker
 
 SUBMISSIONS_FILE = "submissions.jsonl"
@@ -37,18 +38,12 @@ def never_queued(record: RunRecord) -> bool:
 
 def _launcher_here(record: RunRecord) -> bool | None:
     """Is the launcher that created this run alive? None when it ran on another machine."""
-    import os
     import socket
 
     if record.tags.get(f"{TAG}.launch_host") != socket.gethostname():
         return None
-    try:
-        os.kill(int(record.tags.get(f"{TAG}.launcher_pid", "")), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    pid = record.tags.get(f"{TAG}.launcher_pid", "")
+    return pid.isdigit() and still_running(int(pid), record.tags.get(f"{TAG}.launcher_started"))
 
 
 def launcher_gone(record: RunRecord) -> bool:

@@ -314,7 +314,8 @@ def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
     grid, to_run, run_ids = prepared.grid, prepared.rows, prepared.run_ids
     record_launch(grid, to_run, run_ids, "local")
     executor = LocalExecutor(prepared.tracker, max_parallel=options.max_parallel, live=options.live)
-    result = executor.run(to_run, run_ids)
+    with _interrupts_raise():  # SIGTERM/SIGHUP stop the rows as Ctrl-C does
+        result = executor.run(to_run, run_ids)
     uri_args = ["--tracking-uri", options.tracking_uri] if options.tracking_uri else []
     print(
         f"done: {len(result.finished)} finished, {len(result.failed)} failed, {len(result.skipped)} not started"

@@ -17,11 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.grid import Row
+from kd.processes import process_identity, still_running
 from kd.tracking import TAG, Tracker
 from kd.train import PROGRESS_FILE
 from slurm.job import write_row_file
@@ -44,6 +45,9 @@ PRELOAD = (
     "slurm.job",
 )
 FORKSERVER_ENV = "KDGRID_LOCAL_FORKSERVER"  # "0": every row starts a fresh interpreter
+# A row's exit code when it ended after the fork server was gone (nobody reaped it to tell):
+# its MLflow run says how it went.
+EXIT_UNKNOWN = -1000
 
 
 class ForkServer:
@@ -61,20 +65,25 @@ class ForkServer:
             text=True,
             bufsize=1,
         )
+        # By request number, not pid: pids are reused (32768 of them by default), and a row
+        # forked on an earlier row's pid must not inherit its exit code.
         self._exits: dict[int, int] = {}
-        self._started: list[int] = []
+        self._started: list[int] = []  # pid of each request, in request order
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self._server.stdout:
-            what, *values = line.split()
+            words = line.split()
+            if len(words) != 3 or not all(w.lstrip("-").isdigit() for w in words[1:]):
+                continue  # not the protocol (a library printing as it was imported)
+            what, number, value = words[0], int(words[1]), int(words[2])
             with self._changed:
-                if what == "started":
-                    self._started.append(int(values[0]))
+                if what == "started":  # requests are answered in order: `number` is the next
+                    self._started.append(value)
                 elif what == "exited":
-                    self._exits[int(values[0])] = int(values[1])
+                    self._exits[number] = value
                 self._changed.notify_all()
         with self._changed:  # the server is gone
             self._changed.notify_all()
@@ -89,26 +98,29 @@ class ForkServer:
                 if self._server.poll() is not None:
                     raise RuntimeError("the local fork server exited; see the launcher's output")
                 self._changed.wait(1.0)
-            return ForkedRow(self, self._started[count])
+            return ForkedRow(self, count, self._started[count])
 
-    def exit_code(self, pid: int) -> int | None:
+    def exit_code(self, number: int) -> int | None:
+        """The exit code of the `number`th row started (None while it runs; EXIT_UNKNOWN when
+        it ended after the server was gone)."""
         with self._changed:
-            if pid in self._exits:
-                return self._exits[pid]
+            if number in self._exits:
+                return self._exits[number]
             if self._server.poll() is None:
                 return None
+            pid = self._started[number]
         try:  # the server is gone: the row process runs on, without anyone to report it
             os.kill(pid, 0)
             return None
         except ProcessLookupError:
-            return -1
+            return EXIT_UNKNOWN
         except PermissionError:
             return None
 
-    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+    def wait_exit(self, number: int, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.time() + timeout
         while True:
-            code = self.exit_code(pid)
+            code = self.exit_code(number)
             if code is not None or (deadline is not None and time.time() >= deadline):
                 return code
             with self._changed:
@@ -126,24 +138,49 @@ class ForkServer:
 class ForkedRow:
     """A row process forked by the fork server, with Popen's `pid`, `poll` and `wait`."""
 
-    def __init__(self, server: ForkServer, pid: int):
+    def __init__(self, server: ForkServer, number: int, pid: int):
         self._server = server
+        self._number = number  # the server's request number
         self.pid = pid
 
     def poll(self) -> int | None:
-        return self._server.exit_code(self.pid)
+        return self._server.exit_code(self._number)
 
     def wait(self, timeout: float | None = None) -> int:
-        code = self._server.wait_exit(self.pid, timeout)
+        code = self._server.wait_exit(self._number, timeout)
         if code is None:
             raise subprocess.TimeoutExpired(f"row process {self.pid}", timeout or 0)
         return code
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait for the end of the block, then raise KeyboardInterrupt:
+    a row process forked in it is then known to the launcher, which stops it. (Not in the main
+    thread, signals cannot be handled here, and nothing is deferred.)"""
+    caught: list[int] = []
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            handler = signal.getsignal(signum)
+            if handler not in (signal.SIG_IGN, None):  # `nohup`: SIGHUP stays ignored
+                previous[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
+    except ValueError:
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise KeyboardInterrupt(signal.Signals(caught[0]).name)
+
+
 def serve() -> None:
     """The fork server (`python -m slurm.local`): import PRELOAD once, then for each JSON
-    request on stdin fork a row process and print `started PID`; print `exited PID CODE` when
-    one ends (CODE < 0: killed by that signal); exit when stdin closes."""
+    request on stdin fork a row process and print `started N PID`; print `exited N CODE` when
+    it ends (N: the request's number, from 0; CODE < 0: killed by that signal); exit when stdin
+    closes."""
     import importlib
     import selectors
 
@@ -152,7 +189,8 @@ def serve() -> None:
         importlib.import_module(name)
     selector = selectors.DefaultSelector()
     selector.register(sys.stdin, selectors.EVENT_READ)
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid -> request number
+    requests = 0
     open_input = True
     while open_input or children:
         if open_input and selector.select(timeout=0.2):
@@ -165,17 +203,18 @@ def serve() -> None:
                 pid = os.fork()
                 if pid == 0:
                     _forked_row(request["argv"], request["log"], request["env"])
-                children.add(pid)
-                print(f"started {pid}", flush=True)
+                children[pid] = requests
+                print(f"started {requests} {pid}", flush=True)
+                requests += 1
         elif not open_input:
             time.sleep(0.2)
         for pid in list(children):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                children.discard(pid)
+                number = children.pop(pid)
                 code = os.waitstatus_to_exitcode(status)
                 if open_input:
-                    print(f"exited {pid} {code}", flush=True)
+                    print(f"exited {number} {code}", flush=True)
 
 
 def _forked_row(argv: list[str], log_path: str, env: dict[str, str]) -> None:
@@ -276,7 +315,14 @@ class LocalExecutor:
                         self._event(f"[{row.id}] {reason}")
                     elif not blocked and len(running) < self.max_parallel:
                         pending.remove(row)
-                        running[row.id] = self._start(row, run_ids[row.id], threads)
+                        if self.tracker.run_status(run_ids[row.id]) != "SCHEDULED":
+                            # `launch/grid.py --cancel` while it waited: KILLED, not started
+                            result.skipped.append(row.id)
+                            self._event(f"[{row.id}] not started: its run was cancelled")
+                            continue
+                        # an interrupt waits until the row's process is known, to be stopped
+                        with _interrupts_deferred():
+                            running[row.id] = self._start(row, run_ids[row.id], threads)
                 for row_id, proc in list(running.items()):
                     code = proc.process.poll()
                     if code is None:
@@ -289,12 +335,15 @@ class LocalExecutor:
                     self._event(f"[{row_id}] {status.lower()} in {took:.0f}s{detail}")
                 self._draw(rows, pending, running, result)
                 time.sleep(POLL_S)
-        except KeyboardInterrupt:
-            self._stop_all(running, "launcher interrupted (Ctrl-C)")
+        except BaseException as exc:  # Ctrl-C, SIGTERM/SIGHUP (raised as one), any error
+            what = (
+                f"launcher interrupted ({exc or 'Ctrl-C'})"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"launcher failed: {type(exc).__name__}: {exc}"
+            )
+            self._stop_all(running, what)
             for row in pending:
-                self.tracker.mark(
-                    run_ids[row.id], "KILLED", "launcher interrupted before the row started"
-                )
+                self.tracker.mark(run_ids[row.id], "KILLED", f"{what} before the row started")
             raise
         finally:
             if self._fork_server is not None:
@@ -320,9 +369,10 @@ class LocalExecutor:
                     env=env,
                     start_new_session=True,
                 )
-        self.tracker.set_tags(
-            run_id, {f"{TAG}.pid": str(process.pid), f"{TAG}.job_id": f"local-{process.pid}"}
-        )
+        tags = {f"{TAG}.pid": str(process.pid), f"{TAG}.job_id": f"local-{process.pid}"}
+        if (identity := process_identity(process.pid)) is not None:
+            tags[f"{TAG}.pid_started"] = identity  # tells this process from a later one
+        self.tracker.set_tags(run_id, tags)
         self._event(f"[{row.id}] started (pid {process.pid}, log {log_path})")
         return RowProcess(row, run_id, process, log_path)
 
@@ -333,7 +383,7 @@ class LocalExecutor:
             reason = f"process exited with code {code} before the run ended; see {proc.log_path}"
             self.tracker.mark(proc.run_id, "FAILED", reason)
             return "FAILED"
-        if code != 0 and status == "FINISHED":
+        if code not in (0, EXIT_UNKNOWN) and status == "FINISHED":
             return "FAILED"
         return status
 
@@ -345,7 +395,8 @@ class LocalExecutor:
             try:
                 proc.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.process.pid, signal.SIGKILL)
             if self.tracker.run_status(proc.run_id) in ("SCHEDULED", "RUNNING"):
                 self.tracker.mark(proc.run_id, "KILLED", reason)
 
@@ -415,24 +466,18 @@ def _progress_line(proc: RowProcess) -> str:
 
 
 def local_run_alive(tags: Mapping[str, str]) -> bool:
-    """Is the local process of a SCHEDULED/RUNNING run still there? (False for a crashed launcher.)"""
+    """Is the local process of a SCHEDULED/RUNNING run still there? (False for a crashed
+    launcher, or for a pid that another process has taken since.)"""
     import socket
 
     if tags.get(f"{TAG}.launch_host") != socket.gethostname():
         return True  # another machine's run: assume it is alive
-    pid = tags.get(f"{TAG}.pid")
-    if pid is None:
-        launcher = tags.get(f"{TAG}.launcher_pid")
-        pid = launcher
-    if pid is None:
+    pid, identity = tags.get(f"{TAG}.pid"), tags.get(f"{TAG}.pid_started")
+    if pid is None:  # not started yet: its launcher starts it, if alive
+        pid, identity = tags.get(f"{TAG}.launcher_pid"), tags.get(f"{TAG}.launcher_started")
+    if pid is None or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return still_running(int(pid), identity)
 
 
 if __name__ == "__main__":

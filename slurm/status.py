@@ -229,14 +229,30 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
         if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
             if job is None or job.state != GONE:
                 job_ids.append(record.job_id)
-        elif record.tags.get(f"{TAG}.pid"):
+        elif record.tags.get(f"{TAG}.pid") and _local_process_here(record):
             with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
                 os.killpg(int(record.tags[f"{TAG}.pid"]), signal.SIGTERM)
         cancelled.append((row, record))
     cancel(job_ids)
     for _, record in cancelled:
-        tracker.mark(record.run_id, "KILLED", "cancelled with launch/grid.py --cancel")
+        if tracker.run_status(record.run_id) != "FINISHED":  # it may have finished meanwhile
+            tracker.mark(record.run_id, "KILLED", "cancelled with launch/grid.py --cancel")
     return [row.id for row, _ in cancelled]
+
+
+def _local_process_here(record: RunRecord) -> bool:
+    """The row's own process runs on this machine: its pid is not another process's now, nor
+    a process of another machine."""
+    import socket
+
+    from kd.processes import still_running
+
+    pid = record.tags.get(f"{TAG}.pid", "")
+    return (
+        record.tags.get(f"{TAG}.launch_host") == socket.gethostname()
+        and pid.isdigit()
+        and still_running(int(pid), record.tags.get(f"{TAG}.pid_started"))
+    )
 
 
 __all__ = ["STATES", "RowStatus", "cancel_rows", "format_table", "grid_status", "row_state"]

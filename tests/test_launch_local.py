@@ -283,3 +283,60 @@ def test_a_sweep_variant_equal_to_its_grid_row_reads_that_rows_teacher(tmp_path)
     assert runs["deit_b_dist_hard-seed0"].info.status == "FINISHED"
     used = runs["deit_b_dist_hard-seed0"].data.tags["kdgrid.dependency_run.convnext_b-seed0"]
     assert used == runs["convnext_b"].info.run_id
+
+
+def test_a_row_cancelled_while_it_waits_is_never_started(tmp_path):
+    """One row at a time: `--cancel` of the row still waiting marks its run KILLED, and the
+    launcher, when its turn comes, does not start it (it used to, and the row ran to the end)."""
+    import os
+    import time
+
+    from slurmtools import generate_data, write_grid
+
+    grid = write_grid(
+        tmp_path,
+        "waiting",
+        [
+            {"id": "first", "label": "W-1"},
+            {"id": "second", "label": "W-2", "train": {"seed": 1}},
+        ],
+        generate_data(tmp_path / "data", train_per_class=2),
+        epochs=5000,  # minutes: still running when cancelled
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [str(grid), "--executor", "local", "--max-parallel", "1"]
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "grid.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        deadline, states = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and "RUNNING" not in states.values():
+            time.sleep(1)
+            assert launcher.poll() is None, launcher.communicate()[0]
+            if (tmp_path / "mlflow.db").exists() and client.get_experiment_by_name(
+                "kd-test-waiting"
+            ):
+                runs = row_runs(client, "kd-test-waiting")
+                states = {r.data.tags["kdgrid.id"]: r.info.status for r in runs}
+        assert states == {"first": "RUNNING", "second": "SCHEDULED"}, states
+        for row in ("second", "first"):
+            cancel = launch(tmp_path, str(grid), "--cancel", "--rows", row)
+            assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        out, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1, out
+    assert "[second] not started: its run was cancelled" in out, out
+    second = next(
+        r for r in row_runs(client, "kd-test-waiting") if r.data.tags["kdgrid.id"] == "second"
+    )
+    assert second.info.status == "KILLED", second.info
+    assert second.data.tags["kdgrid.failure_reason"] == "cancelled with launch/grid.py --cancel"
+    assert "kdgrid.pid" not in second.data.tags  # no process was ever started for it
