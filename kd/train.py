@@ -120,7 +120,12 @@ def run(
     returns True `StopRequested` is raised so the caller can requeue.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        broadcast_object_list,
+        set_seed,
+    )
 
     from kd import tracking
 
@@ -134,6 +139,9 @@ def run(
         step_scheduler_with_optimizer=False,
         # Pinned batches are copied to the GPU while the previous step still runs.
         dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=not loss_reads_class_head(cfg))
+        ],
     )
     main = accelerator.is_main_process
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -201,6 +209,15 @@ def run(
         mlrun.finish("FINISHED")
     accelerator.end_training()
     return result
+
+
+def loss_reads_class_head(cfg: C.RowConfig) -> bool:
+    """Does a term of the row's loss read the student's class head (`ce`, `ikd`)? Without one,
+    some student parameters get no gradient: the class head of a distilled DeiT trained by
+    `deit_hard`/`deit_soft` alone, every head (and, with `feature_layer`, the layers after it)
+    when only embedding terms train. Under several processes DDP must then look for unused
+    parameters at every step (a graph traversal; left off otherwise), or the second step fails."""
+    return any(cfg.kd.get(term, 0) > 0 for term in ("ce", "ikd"))
 
 
 def saved_state_info(row: Row, run_id: str | None) -> dict[str, Any] | None:

@@ -413,23 +413,7 @@ def test_two_processes_count_their_own_shard_for_schedule_and_loss(
     row = grid.rows[0]
     row.output_dir.mkdir(parents=True)
     torch.save({"run_id": "an-earlier-run", "epoch": 0}, row.output_dir / train.STATE_FILE)
-    script = tmp_path / "ddp_row.py"
-    script.write_text(DDP_SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*command, str(script), grid.file, world.uri],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _torchrun_row(grid, world, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
     run = only_run(world, grid)
     assert run.info.status == "FINISHED"
@@ -442,6 +426,45 @@ def test_two_processes_count_their_own_shard_for_schedule_and_loss(
     assert metric_values(world, run.info.run_id, "train/loss") == [
         pytest.approx(math.log(CLASSES), abs=0.2)
     ]
+
+
+def _torchrun_row(grid: Grid, world: World, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The grid's first row trained by 2 processes (torchrun, gloo on CPU)."""
+    script = tmp_path / "ddp_row.py"
+    script.write_text(DDP_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run(
+        [*command, str(script), grid.file, world.uri],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.e2e
+def test_two_processes_train_a_row_whose_loss_leaves_the_class_head_unused(
+    world: World, tmp_path: Path
+) -> None:
+    """Hard distillation alone trains a distilled DeiT's distillation head, not its class head:
+    DDP must be told to look for unused parameters, or the second step fails ("Expected to
+    have finished reduction in the prior iteration")."""
+    teacher_file = tmp_path / "bit_teacher.pt"
+    save_timm_checkpoint(teacher_file, build_model(BIT, num_classes=CLASSES))
+    row = {**hard_kd_row(teacher_file), "kd": {"ce": 0.0, "deit_hard": 1.0}}
+    grid = make_grid(world, "ddp_unused", [row], train_cfg={"epochs": 2})
+    done = _torchrun_row(grid, world, tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
+    run = only_run(world, grid)
+    assert run.info.status == "FINISHED" and run.data.tags["kdgrid.world_size"] == "2"
+    assert len(metric_values(world, run.info.run_id, "train/deit_hard")) == 2
 
 
 # --------------------------------------------------------------------------------------------
