@@ -38,10 +38,16 @@ def temp_path(path: Path) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """As `atomic_save`, for the small JSON beside a checkpoint (state.json: the launcher reads
+    it to decide whether a row resumes, so it must survive a node crash as state.pt does)."""
     tmp = temp_path(path)
     try:
-        tmp.write_text(json.dumps(data))
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(data))
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except OSError as exc:
         raise CheckpointWriteError(write_failure(path, exc)) from exc
     finally:
@@ -62,11 +68,7 @@ def atomic_save(obj: Any, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
+        _fsync_folder(path.parent)
     except OSError as exc:
         raise CheckpointWriteError(write_failure(path, exc)) from exc
     except RuntimeError as exc:  # torch's zip writer reports a failed write as RuntimeError
@@ -76,6 +78,15 @@ def atomic_save(obj: Any, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename into `folder` durable."""
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_failure(path: Path, exc: BaseException) -> str:

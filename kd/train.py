@@ -846,6 +846,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                 writer.submit(
                     partial(write_epoch_files, row, files, mlrun, metrics, eta, log, line)
                 )
+                del files  # the writer's now: the next snapshot is made once it is written
                 if stop_requested is not None:
                     writer.wait()  # before the barrier: no process stops while this one writes
             accelerator.wait_for_everyone()
