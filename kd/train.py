@@ -731,6 +731,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         start_epoch, parts.global_step, best_acc1 = (
             state["epoch"] + 1,
             state["global_step"],
@@ -763,8 +765,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     sums[name] = sums.get(name, 0.0) + value
                 seen += images.shape[0]
                 if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
-                    _check_finite(sums, epoch, step)
-            _check_finite(sums, epoch, steps_per_epoch - 1)
+                    _check_finite(sums, epoch, step, accelerator)
+            _check_finite(sums, epoch, steps_per_epoch - 1, accelerator)
             scheduler.step(epoch + 1)
             train_time = time.time() - epoch_start
             img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
@@ -890,13 +892,24 @@ def _teacher_forward(teacher, images, renorm, accelerator):
     return out.logits.clone(), out.embedding.clone()
 
 
-def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+def _check_finite(
+    sums: dict[str, torch.Tensor], epoch: int, step: int, accelerator: Any = None
+) -> None:
+    """Raise NonFiniteLossError when a process's loss went non-finite, on every process at once:
+    a process failing alone would leave the others waiting for it in their next collective
+    until the job's time limit."""
     total = sums.get("loss")
-    if total is not None and not torch.isfinite(total).item():
+    here = total is not None and not torch.isfinite(total).item()
+    anywhere = here
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = torch.tensor([float(here)], device=accelerator.device)
+        anywhere = accelerator.reduce(flag, reduction="sum").item() > 0
+    if anywhere:
         terms = {k: float(v.item()) for k, v in sums.items()}
+        where = "" if here else " on another process (this one's running sums are finite)"
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch + 1}, by step {step + 1} (running sums: {terms}); "
-            "lower train.lr, set train.clip_grad, or check the data"
+            f"non-finite loss at epoch {epoch + 1}, by step {step + 1}{where} (running sums: "
+            f"{terms}); lower train.lr, set train.clip_grad, or check the data"
         )
 
 
@@ -978,6 +991,8 @@ def snapshot_epoch(
         "optimizer": snapshot(parts.optimizer.state_dict()),
         "scheduler": snapshot(parts.scheduler.state_dict()),
         "ema": snapshot(parts.ema.state_dict()) if parts.ema is not None else None,
+        # fp16's loss scale (None otherwise): a resume restarting it at 65536 would skip steps
+        "scaler": _scaler_state(parts.accelerator),
         "epoch": epoch,
         "global_step": parts.global_step,
         "best_acc1": best_acc1,
@@ -988,6 +1003,12 @@ def snapshot_epoch(
         "rng": _rng_state(),
     }
     return EpochFiles(epoch, row.config.train.epochs, model, state, improved)
+
+
+def _scaler_state(accelerator: Any) -> dict | None:
+    """The fp16 gradient scaler's state (scale, growth tracker), a small dict of numbers."""
+    scaler = getattr(accelerator, "scaler", None)
+    return dict(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None
 
 
 def _same_keys(module_state: dict, weights: dict, prefix: str) -> dict:

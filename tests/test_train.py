@@ -428,10 +428,13 @@ def test_two_processes_count_their_own_shard_for_schedule_and_loss(
     ]
 
 
-def _torchrun_row(grid: Grid, world: World, tmp_path: Path) -> subprocess.CompletedProcess:
-    """The grid's first row trained by 2 processes (torchrun, gloo on CPU)."""
+def _torchrun_row(
+    grid: Grid, world: World, tmp_path: Path, prelude: str = ""
+) -> subprocess.CompletedProcess:
+    """The grid's first row trained by 2 processes (torchrun, gloo on CPU); `prelude` runs first
+    in each."""
     script = tmp_path / "ddp_row.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(prelude + DDP_SCRIPT)
     repo = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
@@ -738,3 +741,38 @@ def test_evaluate_scores_a_distilled_deit_on_the_mean_of_its_heads(accelerator: 
     assert result["acc1"] == pytest.approx(100.0)  # the cls head alone would score 0
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert model.training
+
+
+def test_the_fp16_loss_scale_is_part_of_the_saved_state() -> None:
+    """Under fp16 (CUDA only) a resume restarting the loss scale at 65536 would skip updates
+    the uninterrupted run made: the scaler's state is saved with the epoch (and loaded on
+    resume); other precisions have no scaler and save None."""
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    saved = train._scaler_state(SimpleNamespace(scaler=scaler))
+    assert saved is not None and saved["scale"] == 1024.0 and saved["growth_interval"] == 7
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(saved)
+    assert restored.get_scale() == 1024.0
+    assert train._scaler_state(SimpleNamespace(scaler=None)) is None
+
+
+@pytest.mark.e2e
+def test_a_non_finite_loss_on_one_process_fails_the_row_on_every_process(
+    world: World, tmp_path: Path
+) -> None:
+    """The loss goes NaN on process 1 only: both processes stop at the same check and the row
+    FAILED with the advice, instead of process 0 waiting for process 1 until the time limit."""
+    grid = make_grid(world, "ddp_nan", [{"id": "nan", "label": "n", "student": {"model": DEIT}}])
+    prelude = (
+        "import os\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    os.environ['KDGRID_INJECT_NAN_AT_STEP'] = '0'\n"
+    )
+    done = _torchrun_row(grid, world, tmp_path, prelude)
+    assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "on another process (this one's running sums are finite)" in done.stderr
+    run = only_run(world, grid)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kdgrid.failure_reason"].startswith("NonFiniteLossError: non-finite loss")
