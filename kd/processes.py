@@ -3,8 +3,11 @@ pid alone can name an unrelated process once the recorded one has ended."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -42,3 +45,26 @@ def still_running(pid: int, identity: str | None) -> bool:
         return True
     now = process_identity(pid)
     return now is None or now == identity
+
+
+@contextlib.contextmanager
+def signals_handled(
+    handler: Callable[[int, object], None],
+    signums: Iterable[int],
+    *,
+    replaces: Callable[[object], bool],
+) -> Iterator[None]:
+    """`handler` for each of `signums` whose current handler `replaces` accepts, until the block
+    ends. Nothing changes where signals cannot be handled (not the main thread)."""
+    previous = {}
+    try:
+        for signum in signums:
+            if replaces(signal.getsignal(signum)):
+                previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -406,22 +406,15 @@ def _interrupts_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal or SSH session) raise KeyboardInterrupt, as Ctrl-C
     does, so that a submission cut short cleans up after itself. A signal the user chose to
     ignore (`nohup`) stays ignored."""
+    from kd.processes import signals_handled
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {}
-    try:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(signum) is signal.SIG_DFL:  # `nohup` ignores SIGHUP: keep that
-                previous[signum] = signal.signal(signum, interrupt)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        pass
-    try:
+    with signals_handled(
+        interrupt, (signal.SIGTERM, signal.SIGHUP), replaces=lambda h: h is signal.SIG_DFL
+    ):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def status_command(grid: Grid, tracking_uri: str | None = None) -> str:

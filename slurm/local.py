@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.grid import Row
-from kd.processes import process_identity, still_running
+from kd.processes import process_identity, signals_handled, still_running
 from kd.tracking import TAG, Tracker
 from kd.train import PROGRESS_FILE
 from slurm.job import write_row_file
@@ -159,19 +159,12 @@ def _interrupts_deferred() -> Iterator[None]:
     a row process forked in it is then known to the launcher, which stops it. (Not in the main
     thread, signals cannot be handled here, and nothing is deferred.)"""
     caught: list[int] = []
-    previous = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            handler = signal.getsignal(signum)
-            if handler not in (signal.SIG_IGN, None):  # `nohup`: SIGHUP stays ignored
-                previous[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
-    except ValueError:
-        pass
-    try:
+    with signals_handled(
+        lambda signum, frame: caught.append(signum),
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+        replaces=lambda current: current not in (signal.SIG_IGN, None),  # `nohup` stays
+    ):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if caught:
         raise KeyboardInterrupt(signal.Signals(caught[0]).name)
 

@@ -54,8 +54,15 @@ def launch(
     workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """`python launch/grid.py ARGS --executor slurm` in `workdir`."""
+    return script(workdir, "grid.py", *args, "--executor", "slurm", env=env, timeout=timeout)
+
+
+def script(
+    workdir: Path, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python launch/NAME ARGS` in `workdir`."""
     return subprocess.run(
-        [sys.executable, str(REPO / "launch" / "grid.py"), *args, "--executor", "slurm"],
+        [sys.executable, str(REPO / "launch" / name), *args],
         cwd=workdir,
         env=cli_env(env),
         capture_output=True,

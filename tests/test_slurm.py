@@ -56,6 +56,7 @@ from slurmtools import (
     row_runs,
     run,
     sacct,
+    script,
     seconds_per_epoch,
     status_json,
     steps,
@@ -602,15 +603,7 @@ def test_a_finished_teacher_is_not_rerun_under_its_queued_student(
     assert jobs_submitted_from(tmp_path) == jobs
     assert len(row_runs(tmp_path, "kd-test-reader")) == runs
     # launch/train.py, which trains a row in its own process, refuses the queued row too
-    inline = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "train.py"), grid.name, "--row", "student"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    inline = script(tmp_path, "train.py", grid.name, "--row", "student")
     assert inline.returncode == 2, inline.stdout + inline.stderr
     assert "would train it a second time beside it" in inline.stderr, inline.stderr
     assert "--cancel --rows student" in inline.stderr and "Traceback" not in inline.stderr
