@@ -7,6 +7,7 @@ what is scheduled, running, finished or failed. Rows are found again by their co
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -48,6 +49,19 @@ def store_exists(tracking_uri: str) -> bool:
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri.removeprefix("sqlite:///")).exists()
     return True
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left beside the database)."""
+    import fcntl
+
+    fd = os.open(folder if folder.is_dir() else Path("."), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @functools.cache
@@ -258,7 +272,15 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if not tracking_uri.startswith("sqlite:///"):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            return
+        # MLflow creates (or migrates) a database's tables when a process first opens it, and
+        # two processes doing so at once (a first launch, and a status read as the file
+        # appears) fail ("table ... already exists"): one at a time, under a lock on its folder.
+        with _folder_locked(Path(tracking_uri.removeprefix("sqlite:///")).parent):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client._tracking_client.store  # noqa: B018 (opens it: its tables are made here)
 
     def ensure_experiment(self, name: str) -> str:
         """Create the experiment once, here, before any job can race to create it."""

@@ -36,3 +36,37 @@ def test_simultaneous_launches_run_each_row_once(tmp_path):
     experiment = client.get_experiment_by_name("kd-table2a-smoke")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`kdgrid.key` != ''")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+OPEN_STORE = """
+import sys, time
+from kd.tracking import Tracker
+start = float(sys.argv[2])
+while time.time() < start:  # every process opens the new database at the same moment
+    time.sleep(0.001)
+Tracker(sys.argv[1]).client.search_experiments(max_results=1)
+"""
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """A first launch creates the SQLite store's tables while `launch/status.py --watch` opens
+    the file that just appeared: MLflow's table creation is not safe to run twice at once
+    ("table ... already exists"), so kdgrid runs it under a lock. Four processes, one new file."""
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = str(time.time() + 8)  # after every interpreter has imported MLflow
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, uri, start],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], "\n".join(outputs)
+    assert MlflowClient(tracking_uri=uri).search_experiments()  # the Default experiment
