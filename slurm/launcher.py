@@ -314,9 +314,17 @@ def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
     grid, to_run, run_ids = prepared.grid, prepared.rows, prepared.run_ids
     record_launch(grid, to_run, run_ids, "local")
     executor = LocalExecutor(prepared.tracker, max_parallel=options.max_parallel, live=options.live)
-    with _interrupts_raise():  # SIGTERM/SIGHUP stop the rows as Ctrl-C does
-        result = executor.run(to_run, run_ids)
     uri_args = ["--tracking-uri", options.tracking_uri] if options.tracking_uri else []
+    try:
+        with _interrupts_raise():  # SIGTERM/SIGHUP stop the rows as Ctrl-C does
+            result = executor.run(to_run, run_ids)
+    except KeyboardInterrupt as exc:  # the executor has stopped the rows and closed their runs
+        print(
+            f"launch/grid.py: interrupted ({exc or 'Ctrl-C'}): the running rows were stopped; "
+            f"rerun with: {grid.command('launch/grid.py', '--rerun-failed', *uri_args)}",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"done: {len(result.finished)} finished, {len(result.failed)} failed, {len(result.skipped)} not started"
         + (

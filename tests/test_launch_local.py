@@ -285,10 +285,14 @@ def test_a_sweep_variant_equal_to_its_grid_row_reads_that_rows_teacher(tmp_path)
     assert used == runs["convnext_b"].info.run_id
 
 
-def test_a_row_cancelled_while_it_waits_is_never_started(tmp_path):
-    """One row at a time: `--cancel` of the row still waiting marks its run KILLED, and the
-    launcher, when its turn comes, does not start it (it used to, and the row ran to the end)."""
+def test_cancel_and_sigterm_stop_a_local_launch_row_by_row(tmp_path):
+    """Two rows at a time, three rows: `--cancel` of the row still waiting marks its run KILLED
+    and the launcher never starts it (it used to, and the row trained to the end); `--cancel`
+    of a running row stops its process; SIGTERM to the launcher stops the last one, closes its
+    run and exits 130 with the command to rerun."""
     import os
+    import signal
+    import threading
     import time
 
     from slurmtools import generate_data, write_grid
@@ -299,44 +303,66 @@ def test_a_row_cancelled_while_it_waits_is_never_started(tmp_path):
         [
             {"id": "first", "label": "W-1"},
             {"id": "second", "label": "W-2", "train": {"seed": 1}},
+            {"id": "third", "label": "W-3", "train": {"seed": 2}},
         ],
         generate_data(tmp_path / "data", train_per_class=2),
-        epochs=5000,  # minutes: still running when cancelled
+        epochs=5000,  # minutes: still running when stopped
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    args = [str(grid), "--executor", "local", "--max-parallel", "1"]
     launcher = subprocess.Popen(
-        [sys.executable, str(REPO / "launch" / "grid.py"), *args],
+        [sys.executable, str(REPO / "launch" / "grid.py"), str(grid), "--executor", "local"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []  # the launcher's output, read as it comes
+
+    def read() -> None:
+        for line in launcher.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+    def runs() -> dict:
+        return {r.data.tags["kdgrid.id"]: r for r in row_runs(client, "kd-test-waiting")}
+
     try:
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-        deadline, states = time.monotonic() + 300, {}
-        while time.monotonic() < deadline and "RUNNING" not in states.values():
-            time.sleep(1)
-            assert launcher.poll() is None, launcher.communicate()[0]
-            if (tmp_path / "mlflow.db").exists() and client.get_experiment_by_name(
-                "kd-test-waiting"
-            ):
-                runs = row_runs(client, "kd-test-waiting")
-                states = {r.data.tags["kdgrid.id"]: r.info.status for r in runs}
-        assert states == {"first": "RUNNING", "second": "SCHEDULED"}, states
-        for row in ("second", "first"):
+        deadline = time.monotonic() + 300
+        # the launcher says when it started a row (the store is made by then: not read before)
+        while time.monotonic() < deadline and sum("] started (pid" in x for x in lines) < 2:
+            time.sleep(0.5)
+            assert launcher.poll() is None, "".join(lines)
+        started = sorted(x[1 : x.index("]")] for x in lines if "] started (pid" in x)
+        assert len(started) == 2, "".join(lines)
+        (waiting,) = {"first", "second", "third"} - set(started)
+        cancelled, interrupted = started  # the two running rows: one cancelled, one by SIGTERM
+        pids = {row: int(runs()[row].data.tags["kdgrid.pid"]) for row in started}
+        for row in (waiting, cancelled):
             cancel = launch(tmp_path, str(grid), "--cancel", "--rows", row)
             assert cancel.returncode == 0, cancel.stdout + cancel.stderr
-        out, _ = launcher.communicate(timeout=300)
+        time.sleep(3)  # the launcher notices the cancelled row's end; the waiting row's turn
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 1, out
-    assert "[second] not started: its run was cancelled" in out, out
-    second = next(
-        r for r in row_runs(client, "kd-test-waiting") if r.data.tags["kdgrid.id"] == "second"
-    )
-    assert second.info.status == "KILLED", second.info
-    assert second.data.tags["kdgrid.failure_reason"] == "cancelled with launch/grid.py --cancel"
-    assert "kdgrid.pid" not in second.data.tags  # no process was ever started for it
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert launcher.returncode == 130, out
+    assert f"[{waiting}] not started: its run was cancelled" in out, out
+    assert "launch/grid.py: interrupted (SIGTERM): the running rows were stopped" in out, out
+    assert "--rerun-failed" in out and "Traceback" not in out, out
+    final = runs()
+    assert final[waiting].info.status == "KILLED" and "kdgrid.pid" not in final[waiting].data.tags
+    for row in (waiting, cancelled):
+        reason = final[row].data.tags["kdgrid.failure_reason"]
+        assert reason == "cancelled with launch/grid.py --cancel", (row, reason)
+    assert final[interrupted].info.status == "KILLED"
+    assert final[interrupted].data.tags["kdgrid.failure_reason"] == "launcher interrupted (SIGTERM)"
+    for pid in pids.values():  # both row processes are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
