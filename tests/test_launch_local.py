@@ -325,9 +325,11 @@ def test_cancel_and_sigterm_stop_a_local_launch_row_by_row(tmp_path):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
     def runs() -> dict:
+        # opened only once the launcher has made the store (MlflowClient makes a new store's
+        # tables itself, and two processes doing so at once fail)
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
         return {r.data.tags["kdgrid.id"]: r for r in row_runs(client, "kd-test-waiting")}
 
     try:
