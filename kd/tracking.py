@@ -186,10 +186,17 @@ class RunRecord:
 
 def _launcher_identity() -> dict[str, str]:
     """`kdgrid.launcher_started`: tells this launcher from a later process with its pid."""
+    identity = _process_identity_once(os.getpid())
+    return {f"{TAG}.launcher_started": identity} if identity else {}
+
+
+@functools.cache
+def _process_identity_once(pid: int) -> str | None:
+    """This process's identity, read from /proc once, not once per row of a 1000-row grid
+    (keyed by pid: a forked child reads its own)."""
     from kd.processes import process_identity
 
-    identity = process_identity(os.getpid())
-    return {f"{TAG}.launcher_started": identity} if identity else {}
+    return process_identity(pid)
 
 
 SECRET_NAME = re.compile(
