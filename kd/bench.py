@@ -173,7 +173,7 @@ class PlainLoop:
         """`groups` are the project optimizer's parameter groups: the plain AdamW gets the same
         groups (weight decay off for norms and biases, layer-decayed learning rates) over the
         copies' parameters, so both optimizers do the same arithmetic."""
-        from kd.train import _mixed_precision
+        from kd.train import mixed_precision
 
         cfg = row.config
         tcfg = cfg.train
@@ -222,7 +222,7 @@ class PlainLoop:
         self.optimizer = torch.optim.AdamW(plain_groups, lr=tcfg.lr, **extra)
         self.params = params
         self.clip_grad = tcfg.clip_grad
-        precision = _mixed_precision(tcfg.precision, cuda)
+        precision = mixed_precision(tcfg.precision, cuda)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=dtype))
@@ -337,7 +337,7 @@ def prepared_step(
     torch.manual_seed(tcfg.seed)
     log(f"building {cfg.student.model} + {cfg.teacher.model if cfg.teacher else 'no teacher'}")
     models = T.build_models(row, num_classes, weights=False)
-    precision = T._mixed_precision(tcfg.precision, dev.type == "cuda")
+    precision = T.mixed_precision(tcfg.precision, dev.type == "cuda")
     accelerator = Accelerator(cpu=dev.type != "cuda", mixed_precision=precision)
     # uint8 images, as the loader hands them over; both loops normalise them on the device
     normalize, test_normalize = T.batch_normalizers(row.config, models.student_data)
@@ -409,7 +409,7 @@ def step_benchmark(
     tcfg = dataclasses.replace(tcfg, grad_accum_steps=1)
     row = dataclasses.replace(row, config=dataclasses.replace(cfg, train=tcfg))
     bs, size = tcfg.batch_size, cfg.data.img_size
-    precision = T._mixed_precision(tcfg.precision, cuda)
+    precision = T.mixed_precision(tcfg.precision, cuda)
 
     models, parts, normalize = prepared_step(row, dev, max(steps + warmup, 1), bs, log)
     accelerator, mixup = parts.accelerator, parts.mixup
@@ -436,13 +436,13 @@ def step_benchmark(
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value
         if (i + 1) % T.NAN_CHECK_EVERY == 0:
-            T._check_finite(sums, 0, i)
+            T.check_finite(sums, 0, i)
 
     def plain_step(i: int) -> None:
         plain_loop.step(*batches[i % len(batches)])
 
     def teacher_step(i: int) -> None:
-        T._teacher_forward(
+        T.teacher_forward(
             parts.teacher, teacher_inputs[i % len(teacher_inputs)], parts.renorm, accelerator
         )
 

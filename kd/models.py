@@ -368,7 +368,7 @@ def embedding_dim(model: nn.Module, *, feature_layer: str | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path, *, trusted: bool, mmap: bool = False) -> Any:
+def torch_load(path: Path, *, trusted: bool, mmap: bool = False) -> Any:
     """torch.load with weights_only=True; a trusted file with extra objects falls back to pickle.
 
     `mmap` maps the tensors instead of reading them (a check that only needs names and shapes);
@@ -440,7 +440,7 @@ def load_state_file(
         if path.suffix == ".safetensors":
             obj: Any = safetensors.torch.load_file(str(path), device="cpu")
         else:
-            obj = _torch_load(path, trusted=trusted, mmap=mmap)
+            obj = torch_load(path, trusted=trusted, mmap=mmap)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt/truncated files raise many types

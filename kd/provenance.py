@@ -29,10 +29,10 @@ def checkpoint_run_id(path: Path) -> str:
     """The MLflow run that wrote a checkpoint of this project (`UNKNOWN_RUN` for older files).
     Its tensors are mapped, not read: 25-80 ms for ConvNeXt-B's 352 MB best.pt (a full load:
     0.38 s)."""
-    from kd.models import _torch_load
+    from kd.models import torch_load
 
     try:
-        obj = _torch_load(path, trusted=True, mmap=True)  # a file this project wrote
+        obj = torch_load(path, trusted=True, mmap=True)  # a file this project wrote
     except Exception as exc:  # noqa: BLE001 - building the model reports an unreadable file
         print(f"kd.provenance: cannot read the run id of {path}: {exc}", file=sys.stderr)
         return UNKNOWN_RUN

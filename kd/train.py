@@ -134,7 +134,7 @@ def run(
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda,
-        mixed_precision=_mixed_precision(cfg.train.precision, cuda),
+        mixed_precision=mixed_precision(cfg.train.precision, cuda),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         step_scheduler_with_optimizer=False,
         # Pinned batches are copied to the GPU while the previous step still runs.
@@ -268,7 +268,7 @@ def failure_reason(exc: BaseException) -> str:
     return f"{kind}: {text}"
 
 
-def _mixed_precision(precision: str, cuda: bool) -> str:
+def mixed_precision(precision: str, cuda: bool) -> str:
     if precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no"}.get(precision, precision)
@@ -351,7 +351,7 @@ def build_models(row: Row, num_classes: int, *, weights: bool = True) -> Models:
             ),
         )
         M.freeze_teacher(teacher)
-        teacher.kdgrid_feature_layer = cfg.teacher.feature_layer  # read by _teacher_forward
+        teacher.kdgrid_feature_layer = cfg.teacher.feature_layer  # read by teacher_forward
     kd_loss = KDLoss(
         cfg.kd,
         KDOptions(
@@ -666,7 +666,7 @@ def train_step(parts: StepParts, images: torch.Tensor, targets: torch.Tensor) ->
         images, targets = parts.mixup(images, targets)
     teacher_logits = teacher_emb = None
     if parts.teacher is not None:
-        teacher_logits, teacher_emb = _teacher_forward(
+        teacher_logits, teacher_emb = teacher_forward(
             parts.teacher, images, parts.renorm, accelerator
         )
     with accelerator.accumulate(parts.step_module):
@@ -720,7 +720,7 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
     if accelerator.is_main_process:
         remove_stale_temp_files(row.output_dir, ROW_FILES)
     start_epoch, best_acc1, history = 0, -1.0, []
-    state = _load_state(state_path, run_id)
+    state = load_state(state_path, run_id)
     if state is not None:
         _check_same_dependencies(row, state, built.dependency_runs)
     if mlrun and built.dependency_runs:  # once a resume is known not to mix two teachers
@@ -765,8 +765,8 @@ def _train(row, accelerator, built: Built, mlrun, run_id, stop_requested, log) -
                     sums[name] = sums.get(name, 0.0) + value
                 seen += images.shape[0]
                 if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
-                    _check_finite(sums, epoch, step, accelerator)
-            _check_finite(sums, epoch, steps_per_epoch - 1, accelerator)
+                    check_finite(sums, epoch, step, accelerator)
+            check_finite(sums, epoch, steps_per_epoch - 1, accelerator)
             scheduler.step(epoch + 1)
             train_time = time.time() - epoch_start
             img_per_s = seen * accelerator.num_processes / max(train_time, 1e-9)
@@ -880,7 +880,7 @@ def process_started_at() -> float:
         return _IMPORTED_AT
 
 
-def _teacher_forward(teacher, images, renorm, accelerator):
+def teacher_forward(teacher, images, renorm, accelerator):
     """Teacher logits and embedding on the same augmented batch, frozen, in inference mode.
     The outputs are cloned so autograd may save them for the student's backward."""
     from kd.models import forward_with_embedding, unwrap_model
@@ -892,7 +892,7 @@ def _teacher_forward(teacher, images, renorm, accelerator):
     return out.logits.clone(), out.embedding.clone()
 
 
-def _check_finite(
+def check_finite(
     sums: dict[str, torch.Tensor], epoch: int, step: int, accelerator: Any = None
 ) -> None:
     """Raise NonFiniteLossError when a process's loss went non-finite, on every process at once:
@@ -992,7 +992,7 @@ def snapshot_epoch(
         "scheduler": snapshot(parts.scheduler.state_dict()),
         "ema": snapshot(parts.ema.state_dict()) if parts.ema is not None else None,
         # fp16's loss scale (None otherwise): a resume restarting it at 65536 would skip steps
-        "scaler": _scaler_state(parts.accelerator),
+        "scaler": scaler_state(parts.accelerator),
         "epoch": epoch,
         "global_step": parts.global_step,
         "best_acc1": best_acc1,
@@ -1005,7 +1005,7 @@ def snapshot_epoch(
     return EpochFiles(epoch, row.config.train.epochs, model, state, improved)
 
 
-def _scaler_state(accelerator: Any) -> dict | None:
+def scaler_state(accelerator: Any) -> dict | None:
     """The fp16 gradient scaler's state (scale, growth tracker), a small dict of numbers."""
     scaler = getattr(accelerator, "scaler", None)
     return dict(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None
@@ -1056,7 +1056,7 @@ def write_epoch_files(
         log(line)
 
 
-def _load_state(path: Path, run_id: str | None) -> dict | None:
+def load_state(path: Path, run_id: str | None) -> dict | None:
     """The saved state, if it belongs to this MLflow run (a --force rerun starts afresh)."""
     if not path.is_file():
         return None

@@ -374,10 +374,10 @@ def local_benchmark(
             result[f"{key}_repeats"] = startups
             result[f"{mode}_rows_wall_s"] = wall
         if hasattr(os, "fork"):
-            server = local.ForkServer(local._row_env(1))
+            server = local.ForkServer(local.row_env(1))
             start = time.perf_counter()
             try:  # `python -m slurm.job --help` from a fork: the imports, then nothing
-                code = server.start(["--help"], folder / "help.log", local._row_env(1)).wait(60)
+                code = server.start(["--help"], folder / "help.log", local.row_env(1)).wait(60)
             finally:
                 server.close()
             result["warmup_s"] = time.perf_counter() - start if code == 0 else math.nan

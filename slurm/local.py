@@ -292,7 +292,7 @@ class LocalExecutor:
         result = LocalResult()
         threads = max(1, (os.cpu_count() or 1) // min(self.max_parallel, max(len(rows), 1)))
         if rows and hasattr(os, "fork") and os.environ.get(FORKSERVER_ENV, "1") != "0":
-            self._fork_server = ForkServer(_row_env(threads))  # imports while we plan
+            self._fork_server = ForkServer(row_env(threads))  # imports while we plan
         try:
             while pending or running:
                 for row in list(pending):
@@ -348,7 +348,7 @@ class LocalExecutor:
     def _start(self, row: Row, run_id: str, threads: int) -> RowProcess:
         row_file = write_row_file(row)
         log_path = row.output_dir / "train.log"
-        env = _row_env(threads)
+        env = row_env(threads)
         args = [str(row_file), "--run-id", run_id, "--tracking-uri", self.tracker.uri]
         process: subprocess.Popen | ForkedRow
         if self._fork_server is not None:
@@ -420,7 +420,7 @@ class LocalExecutor:
         self._drawn_lines = 0 if final else len(lines)
 
 
-def _row_env(threads: int) -> dict[str, str]:
+def row_env(threads: int) -> dict[str, str]:
     """The environment of a row process: the project importable, CPU threads shared out."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

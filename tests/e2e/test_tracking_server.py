@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from kd.tracking import TAG, RowRun, Tracker, row_params, row_yaml
 from slurm import server
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WRITERS = 50
 EPOCHS = 10
 

@@ -73,7 +73,7 @@ require_slurm()
 
 pytestmark = pytest.mark.slurm
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 RECORDED_SBATCH = DATA / "sbatch_2b-7.txt"
 SMOKE = "kd-table2b-smoke"
 # The smoke grid's dependency edges (student label -> teacher / init labels).

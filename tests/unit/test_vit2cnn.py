@@ -27,7 +27,7 @@ from kd.grid import Row, load_grid
 from kd.losses import KDLoss
 from kd.models import build_model, embedding_dim, freeze_teacher, smoke_model_name
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRID = REPO / "grids" / "vit2cnn.yaml"
 VIT = smoke_model_name("vit_small_patch16_224.dino")  # vit_tiny_patch16_224: 192-d
 RESNET = smoke_model_name("resnet50")  # resnet18: 512-d, BatchNorm
@@ -159,7 +159,7 @@ def test_each_feature_term_trains_the_student_and_never_the_teacher(term: str, a
     step = step_module(student, teacher, {term: 1.0})
     step.train()
     images, targets = torch.randn(8, 3, IMG, IMG), torch.arange(8) % CLASSES
-    teacher_logits, teacher_emb = train._teacher_forward(teacher, images, None, accelerator)
+    teacher_logits, teacher_emb = train.teacher_forward(teacher, images, None, accelerator)
     assert teacher_emb.shape == (8, 192)
     losses = step(images, targets, teacher_logits, teacher_emb)
     assert set(losses) == {term, "loss"} and losses[term] > 0
@@ -260,7 +260,7 @@ def test_the_grid_names_the_layers_the_terms_tap(tmp_path: Path, data_root: str,
     projection = built.step_module.kd_loss.projection
     assert (projection.in_features, projection.out_features) == (256, 128)
     images = torch.randn(4, 3, IMG, IMG)
-    teacher_logits, teacher_emb = train._teacher_forward(built.teacher, images, None, accelerator)
+    teacher_logits, teacher_emb = train.teacher_forward(built.teacher, images, None, accelerator)
     assert teacher_logits.shape == (4, CLASSES) and teacher_emb.shape == (4, 128)
     with torch.no_grad():
         layer2 = built.teacher.layer2(

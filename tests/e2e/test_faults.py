@@ -38,7 +38,7 @@ from kd.grid import load_grid
 from kd.tracking import RowRun, Tracker, TrackingUnavailable
 from slurm.job import write_row_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 EPOCHS = 12  # the kill lands 0-2 epochs after epoch 2 is seen: room to spare
 
@@ -246,7 +246,7 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
     # file would be read); the half-written one is only the killed process's temporary file.
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(8.0))
-    assert train._load_state(path, None)["epoch"] == 1
+    assert train.load_state(path, None)["epoch"] == 1
     assert temp_files(tmp_path) == [temp.name]
     # The next start of the row removes what the killed process left, and saves again.
     assert checkpoint.remove_stale_temp_files(tmp_path, train.ROW_FILES) == [temp]
@@ -354,7 +354,7 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
     assert "CheckpointWriteError" in run.data.tags["kdgrid.failure_reason"]
     assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
     # Epoch 1's checkpoints are whole and loadable; nothing half-written is left.
-    assert train._load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
+    assert train.load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
     for name in (train.BEST_FILE, train.LAST_FILE):
         assert torch.load(row.output_dir / name, weights_only=False)["epoch"] in (0, 1)
     assert temp_files(folder) == []
@@ -397,7 +397,7 @@ def test_disk_full_under_the_background_writer_fails_the_row_and_keeps_the_last_
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
-    assert train._load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
+    assert train.load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc1")) == [1]
     assert temp_files(folder) == []
 

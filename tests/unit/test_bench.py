@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRID = str(REPO / "grids" / "table2b.yaml")
 HARD_ROW = "2b-6"  # tiny DeiT distilled student <- tiny ConvNeXt teacher, hard distillation
 IN_CI = os.environ.get("CI") == "true"

@@ -20,7 +20,7 @@ from kd.plan import plan_launch
 from kd.tracking import RunRecord
 from slurm.launcher import resumable_runs
 
-GRID = Path(__file__).resolve().parent.parent / "grids" / "table2b.yaml"
+GRID = Path(__file__).resolve().parents[2] / "grids" / "table2b.yaml"
 
 
 @pytest.fixture

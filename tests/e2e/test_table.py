@@ -19,7 +19,7 @@ from PIL import Image
 from kd.grid import load_grid
 from kd.results import cluster_columns
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 

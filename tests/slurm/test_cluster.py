@@ -18,7 +18,7 @@ require_slurm()
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "slurm" / "cluster.sh"
 NODES = {"n1", "n2"}
 PARTITIONS = ("gpu", "debug")

@@ -14,7 +14,7 @@ from kd.grid import Grid, GridError, load_grid
 from kd.plan import plan_launch, stale_after_launch
 from kd.tracking import RunRecord
 
-GRID = Path(__file__).resolve().parent.parent / "grids" / "table2b.yaml"
+GRID = Path(__file__).resolve().parents[2] / "grids" / "table2b.yaml"
 ALL = [
     "convnext_b",
     "deit_b_deit",

@@ -183,7 +183,7 @@ def test_a_requeue_signal_while_waiting_still_lets_the_write_land(tmp_path) -> N
     import sys
 
     out = tmp_path / "state.txt"
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", SIGNAL_DURING_WAIT, str(out)],
         cwd=repo, capture_output=True, text=True, timeout=60,

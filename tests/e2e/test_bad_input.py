@@ -32,7 +32,7 @@ from slurmtools import require_slurm
 
 from kd.data import generate_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 
 # A valid grid: a teacher row and a student distilled from it, on a generated ImageFolder copy.

@@ -19,7 +19,7 @@ from kd import config as C
 from kd.grid import Grid, GridError, load_grid, split_row_names
 from kd.plan import plan_launch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRIDS = REPO / "grids"
 
 
@@ -183,7 +183,9 @@ def test_keys_are_stable_and_ignore_placement_names_and_paper(tmp_path):
 # tests/data/grid_keys.json: a new version of kdgrid must recognise the rows an older one
 # finished (a schema key added with its default, a new placement field), or it would train
 # them all again. Update only for a change that really changes results.
-GRID_KEYS = json.loads((Path(__file__).parent / "data" / "grid_keys.json").read_text())
+GRID_KEYS = json.loads(
+    (Path(__file__).resolve().parents[1] / "data" / "grid_keys.json").read_text()
+)
 
 
 @pytest.mark.parametrize("name", sorted(GRID_KEYS))
@@ -892,7 +894,7 @@ def _whole_tree(tree):
 def test_paper_grids_resolve_as_omegaconf_does_on_the_whole_row(monkeypatch, smoke):
     import kd.grid as grid_module
 
-    grids = sorted((Path(__file__).resolve().parent.parent / "grids").glob("*.yaml"))
+    grids = sorted((Path(__file__).resolve().parents[2] / "grids").glob("*.yaml"))
     fast = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]
     monkeypatch.setattr(grid_module, "_interpolated", _whole_tree)
     slow = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]

@@ -435,7 +435,7 @@ def _torchrun_row(
     in each."""
     script = tmp_path / "ddp_row.py"
     script.write_text(prelude + DDP_SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
@@ -750,12 +750,12 @@ def test_the_fp16_loss_scale_is_part_of_the_saved_state() -> None:
     from types import SimpleNamespace
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
-    saved = train._scaler_state(SimpleNamespace(scaler=scaler))
+    saved = train.scaler_state(SimpleNamespace(scaler=scaler))
     assert saved is not None and saved["scale"] == 1024.0 and saved["growth_interval"] == 7
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(saved)
     assert restored.get_scale() == 1024.0
-    assert train._scaler_state(SimpleNamespace(scaler=None)) is None
+    assert train.scaler_state(SimpleNamespace(scaler=None)) is None
 
 
 @pytest.mark.e2e
