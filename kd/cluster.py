@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
+
+from kd import data as D
+from kd import rowfiles
+from kd.evaluate import eval_transform, extract_embeddings
+from kd.models import data_config
 
 if TYPE_CHECKING:
     from kd.grid import Row
-
-CLUSTER_DIR = "cluster"
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,9 +164,7 @@ def subset(count: int, limit: int | None, seed: int) -> np.ndarray:
 
 def clustered_weights(row: Row, student: torch.nn.Module) -> torch.nn.Module:
     """A copy of `student` holding the weights of the row's `evaluate.checkpoint` file."""
-    from kd.train import BEST_FILE, LAST_FILE
-
-    name = BEST_FILE if row.config.evaluate.checkpoint == "best" else LAST_FILE
+    name = rowfiles.BEST if row.config.evaluate.checkpoint == "best" else rowfiles.LAST
     path = row.output_dir / name
     if not path.is_file():
         raise FileNotFoundError(
@@ -183,17 +185,9 @@ def embed_test_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(embeddings [N, D], labels [N], class names) of a dataset's test split, at most
     `evaluate.max_samples` images, through the row's evaluation transform."""
-    from torch.utils.data import Subset
-
-    from kd import data as D
-    from kd.evaluate import extract_embeddings
-    from kd.models import data_config
-
     cfg = row.config
     spec = D.DatasetSpec(dataset, root)
     normal = data_config(model)
-    from kd.train import eval_transform
-
     transform = eval_transform(cfg, normal)
     split = D.load_split(spec, "test", transform=transform)
     chosen = subset(len(split), cfg.evaluate.max_samples, cfg.train.seed)
@@ -247,7 +241,7 @@ def evaluate_clustering(
                 plot_map(
                     points,
                     labels[shown],
-                    row.output_dir / CLUSTER_DIR / f"{dataset}.png",
+                    row.output_dir / rowfiles.CLUSTER_DIR / f"{dataset}.png",
                     title=title,
                     class_names=classes,
                 )
@@ -273,5 +267,5 @@ def log_clustering(
     if mlrun is not None:
         mlrun.log_metrics(metrics, step=row.config.train.epochs)
         for path in images:
-            mlrun.log_artifact(path, CLUSTER_DIR)
+            mlrun.log_artifact(path, rowfiles.CLUSTER_DIR)
     return metrics

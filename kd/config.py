@@ -20,6 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kd.data.registry import CLUSTER_DATASETS, DATASET_NAMES
+
+# `data.dataset`: one of the registry's names (kd.data.registry), in its order
+DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]
+
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -65,7 +70,7 @@ class KDOptionsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["cub", "dogs", "cub_dogs", "foodx", "cifar10", "imagefolder"] = "cub"
+    dataset: DatasetName = "cub"
     root: str = ""  # your copy of the dataset (for cub_dogs: the CUB-200-2011 folder)
     dogs_root: str | None = None  # cub_dogs only: the Stanford Dogs folder
     img_size: int = 384
@@ -77,10 +82,6 @@ class DataConfig:
     # shared memory map) when they take at most this many GiB; 0 turns it off. Same values,
     # so not hashed: it changes how fast a row evaluates, not what it measures.
     eval_cache_gb: float = 16.0
-
-
-# Datasets whose test split `evaluate.cluster` can cluster (cub_dogs needs two roots: use cub, dogs).
-CLUSTER_DATASETS = ("cub", "dogs", "foodx", "cifar10", "imagefolder")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kd import config as C
+from kd import data as D
+
 
 @torch.no_grad()
 def evaluate(
@@ -75,3 +78,19 @@ def extract_embeddings(
         embeddings.append(out.embedding.float().cpu())
         labels.append(targets.cpu())
     return torch.cat(embeddings), torch.cat(labels)
+
+
+def eval_transform(cfg: C.RowConfig, normal: dict[str, Any], *, uint8: bool = False) -> Any:
+    """The row's evaluation transform for a model with normalisation `normal` (kd.models.data_config):
+    resize and centre crop (or squash) as the recipe says. Used for test sets and clustering.
+    `uint8`: see `kd.data.build_transforms`."""
+    return D.build_transforms(
+        train=False,
+        img_size=cfg.data.img_size,
+        mean=normal["mean"],
+        std=normal["std"],
+        crop_pct=cfg.train.eval_crop_pct,
+        crop_mode=cfg.train.eval_crop_mode,
+        interpolation=normal.get("interpolation", "bicubic"),
+        uint8=uint8,
+    )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from kd.grid import Grid, GridError, Row
+from kd.rowfiles import best_checkpoint
 from kd.tracking import ACTIVE, FAILED, RunRecord
 
 Action = Literal["run", "skip_finished", "skip_active", "not_selected"]
@@ -243,7 +244,7 @@ def locate_checkpoints(
                 folder = Path(
                     record.tags.get("kdgrid.output_dir") or Path(dep.config.output_dir) / owner
                 )
-                path = folder / "best.pt"
+                path = best_checkpoint(folder)
                 if record.status == "FINISHED" and not path.is_file():
                     as_row = f" as row '{owner}'" if owner != dep_id else ""
                     problems.append(

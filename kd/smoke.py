@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from kd import config as C
+from kd.data.registry import DATASETS
 
 SMOKE_IMG_SIZE = 32
 SMOKE_EPOCHS = 2
@@ -31,11 +32,14 @@ def smoke_row(cfg: C.RowConfig, grid_name: str) -> C.RowConfig:
     from kd.models import smoke_model_name
 
     output_dir = str(Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-smoke"))
-    root = smoke_data_root(output_dir, cfg.data.dataset)
+    # where generate_dataset puts the copy's root (and dogs_root) in its folder
+    root, dogs_root = DATASETS[cfg.data.dataset].roots_in(
+        smoke_data_root(output_dir, cfg.data.dataset)
+    )
     data = dataclasses.replace(
         cfg.data,
-        root=str(root / ("cub" if cfg.data.dataset == "cub_dogs" else "")).rstrip("/"),
-        dogs_root=str(root / "dogs") if cfg.data.dataset == "cub_dogs" else None,
+        root=root,
+        dogs_root=dogs_root,
         img_size=SMOKE_IMG_SIZE,
         num_workers=0,
     )

@@ -142,44 +142,6 @@ def choose_executor(name: str) -> str:
     return name
 
 
-def check_launch(grid: Grid, args: argparse.Namespace, executor: str) -> str | None:
-    """The launch's own checks, made again under the grid's launch lock (which writes the output
-    folder), made here first so that bad input leaves nothing behind: a `--rows` selection
-    missing a dependency (exactly, while the tracking store does not exist yet: then nothing
-    has run), and, for SLURM, every row's SLURM fields against `sinfo`. Returns the message
-    for stderr, or None."""
-    from kd.plan import plan_launch
-    from kd.tracking import resolve_tracking_uri, store_exists
-    from slurm.launcher import absolute_uri
-
-    names = args.rows or None
-    try:
-        uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
-        if not store_exists(uri):
-            plan_launch(
-                grid,
-                {},
-                rows=names,
-                rerun_failed=args.rerun_failed,
-                force=args.force,
-                allow_active_dependencies=executor == "slurm",
-            )
-        if executor != "slurm":
-            return None
-        from slurm.submit import SlurmUnavailable, check_rows, read_partitions
-
-        try:
-            partitions = read_partitions()
-        except SlurmUnavailable as exc:
-            return f"launch/grid.py: {exc}; nothing was submitted"
-        problems = check_rows(grid.select(names) if names else list(grid.rows), partitions)
-        if problems:
-            raise GridError(problems)
-    except GridError as exc:
-        return str(exc)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -193,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print_rows(grid, args.rows or None, args.json)
         return 0
     if args.cancel:
-        from kd.tracking import resolve_tracking_uri
-        from slurm.launcher import absolute_uri
+        from kd.tracking import tracking_uri_for
         from slurm.status import cancel_rows
 
         rows = grid.select(args.rows) if args.rows else list(grid.rows)
-        uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+        uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
         cancelled = cancel_rows(grid, rows, uri)
         print(
             f"cancelled {len(cancelled)} row(s)"
@@ -206,10 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     executor = choose_executor(args.executor)
-    problem = check_launch(grid, args, executor)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
     from slurm.launcher import LaunchOptions, launch
 
     options = LaunchOptions(

@@ -43,11 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = grid_from_args(args)
     if grid is None:
         return 2
-    from kd.tracking import resolve_tracking_uri
-    from slurm.launcher import absolute_uri
+    from kd.tracking import tracking_uri_for
     from slurm.status import format_table, grid_status
 
-    uri = absolute_uri(resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+    uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
     while True:
         rows = grid_status(grid, uri)
         if args.json:

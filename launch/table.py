@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if grid is None:
         return 2
     from kd import results
-    from kd.tracking import latest_grid_runs, log_grid_artifacts, resolve_tracking_uri, store_exists
+    from kd.tracking import latest_grid_runs, log_grid_artifacts, store_exists, tracking_uri_for
 
-    uri = resolve_tracking_uri(args.tracking_uri, grid.tracking_uri)
+    uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
     extra = [m for m in args.metrics.split(",") if m] or results.cluster_columns(grid)
     table = results.build_table(grid, latest_grid_runs(uri, grid.experiment, grid.name), extra)
     text = {

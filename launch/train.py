@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as exc:
         print(exc, file=sys.stderr)
         return 2
-    from kd.tracking import resolve_tracking_uri
+    from kd.tracking import tracking_uri_for
     from kd.train import run
     from slurm.launcher import plan_inline
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_smoke_data([row])
     try:
-        metrics = run(row, tracking_uri=resolve_tracking_uri(args.tracking_uri, grid.tracking_uri))
+        metrics = run(row, tracking_uri=tracking_uri_for(args.tracking_uri, grid.tracking_uri))
     except Exception as exc:
         print(f"[{row.id}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

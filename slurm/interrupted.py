@@ -21,9 +21,9 @@ from pathlib import Path
 
 from kd.grid import Grid
 from kd.processes import still_running
+from kd.rowfiles import SLURM_DIR, SUBMISSIONS
 from kd.tracking import TAG, RunRecord, Tracker
 
-SUBMISSIONS_FILE = "submissions.jsonl"
 NEVER_QUEUED = "its launch was interrupted before the row was queued; launch the grid again"
 
 
@@ -56,7 +56,7 @@ def read_journal(roots: Iterable[Path]) -> dict[str, str]:
     jobs: dict[str, str] = {}
     for root in roots:
         try:
-            lines = (root / SUBMISSIONS_FILE).read_text().splitlines()
+            lines = (root / SUBMISSIONS).read_text().splitlines()
         except OSError:
             continue
         for line in lines:
@@ -80,7 +80,7 @@ def stray_jobs(
     roots = list(roots)
     journal = read_journal(roots) if journal is None else journal
     recorded = {job.split("_")[0] for job in [*journal.values(), *known]}
-    live = set().union(*(queued_jobs_logging_under(root / "slurm") for root in roots))
+    live = set().union(*(queued_jobs_logging_under(root / SLURM_DIR) for root in roots))
     return live - recorded
 
 
@@ -119,7 +119,7 @@ def recover(grid: Grid, latest: Mapping[str, RunRecord], tracker: Tracker) -> di
         )
     print(
         f"an earlier launch of grid '{grid.name}' was interrupted while submitting: "
-        f"{len(found)} of its rows were queued (job ids taken from {SUBMISSIONS_FILE}), "
+        f"{len(found)} of its rows were queued (job ids taken from {SUBMISSIONS}), "
         f"{len(lost)} never were"
         + (f"; cancelled {len(stray)} stray job(s): {', '.join(sorted(stray))}" if stray else "")
     )

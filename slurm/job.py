@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 from kd.grid import Row
-
-ROW_FILE = "row.json"
+from kd.rowfiles import ROW_JSON
 
 
 def write_row_file(row: Row) -> Path:
     """The row as its job will read it, in the row's own output folder."""
     row.output_dir.mkdir(parents=True, exist_ok=True)
-    path = row.output_dir / ROW_FILE
+    path = row.output_dir / ROW_JSON
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(row.to_dict(), indent=1, default=str))
     os.replace(tmp, path)

@@ -26,8 +26,10 @@ from kd.plan import (
     running_ids,
     stale_after_launch,
 )
-from kd.tracking import RunRecord, Tracker, resolve_tracking_uri, store_exists
-from slurm.interrupted import SUBMISSIONS_FILE, never_queued, recover, stray_jobs
+from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR, SUBMISSIONS
+from kd.tracking import RunRecord, Tracker, store_exists, tracking_uri_for
+from slurm.interrupted import never_queued, recover, stray_jobs
+from slurm.submit import SlurmUnavailable, check_rows, read_partitions
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,6 @@ def describe(decisions: list[Decision], resumes: dict[str, str]) -> None:
             print(f"  skipped  {d.row.id:<28} {d.row.label:<12} {d.reason}")
 
 
-def absolute_uri(uri: str) -> str:
-    """A relative SQLite path would point elsewhere from a job's working directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
 @contextlib.contextmanager
 def grid_lock(grid: Grid, timeout_s: float = 600.0) -> Iterator[None]:
     """One launch of a grid at a time, from planning until every row's run exists (and, on SLURM,
@@ -93,7 +88,7 @@ def grid_lock(grid: Grid, timeout_s: float = 600.0) -> Iterator[None]:
     scheduled and submits nothing twice. Status reads never take it."""
     root = Path(grid.rows[0].config.output_dir) if grid.rows else Path("outputs")
     root.mkdir(parents=True, exist_ok=True)
-    path = root / ".launch.lock"
+    path = root / LAUNCH_LOCK
     with open(path, "a+") as handle:
         deadline = time.time() + timeout_s
         told = False
@@ -133,6 +128,10 @@ class Prepared:
 
 def launch(grid: Grid, options: LaunchOptions) -> int:
     """Plan, record and run or submit a grid. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
+    problem = preflight(grid, options)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         with grid_lock(grid):
             prepared = _prepare(grid, options)
@@ -147,12 +146,44 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
     return _finish(prepared, _run_local(prepared, options))
 
 
+def preflight(grid: Grid, options: LaunchOptions) -> str | None:
+    """The checks made before the grid's launch lock is taken (the lock writes the output
+    folder), so that bad input leaves nothing behind: a `--rows` selection missing a dependency
+    (exactly, while the tracking store does not exist yet: then nothing has run; with a store
+    the plan under the lock makes this check against what has run), and, for SLURM, every
+    selected row's SLURM fields against `sinfo`. Returns the message for stderr, or None."""
+    try:
+        uri = tracking_uri_for(options.tracking_uri, grid.tracking_uri)
+        if not store_exists(uri):
+            plan_launch(
+                grid,
+                {},
+                rows=options.rows,
+                rerun_failed=options.rerun_failed,
+                force=options.force,
+                allow_active_dependencies=options.executor == "slurm",
+            )
+        if options.executor != "slurm":
+            return None
+        try:
+            partitions = read_partitions()
+        except SlurmUnavailable as exc:
+            return f"launch/grid.py: {exc}; nothing was submitted"
+        rows = grid.select(options.rows) if options.rows else list(grid.rows)
+        problems = check_rows(rows, partitions)
+        if problems:
+            raise GridError(problems)
+    except GridError as exc:
+        return str(exc)
+    return None
+
+
 def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tuple[Row, list[str]]:
     """launch/train.py's checks before it trains a row in its own process (a new run, as with
     `--force`): its dependencies have finished, and no row that reads its checkpoint is queued
     or running. Raises GridError; returns the row, told where its dependencies' checkpoints
     are, and the notes a launch would print."""
-    uri = absolute_uri(resolve_tracking_uri(tracking_uri, grid.tracking_uri))
+    uri = tracking_uri_for(tracking_uri, grid.tracking_uri)
     latest = _latest_runs(grid, uri)[1]
     liveness = Liveness(latest)
     decisions = plan_launch(
@@ -191,7 +222,7 @@ def _finish(prepared: Prepared, status: int) -> int:
 
 def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
     """Plan against MLflow and create the runs; an int is an exit status (nothing to run, bad input)."""
-    uri = absolute_uri(resolve_tracking_uri(options.tracking_uri, grid.tracking_uri))
+    uri = tracking_uri_for(options.tracking_uri, grid.tracking_uri)
     tracker, latest = _latest_runs(grid, uri)
     if tracker is not None and any(never_queued(r) for r in latest.values()):
         latest = recover(grid, latest, tracker)
@@ -212,17 +243,6 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         print(exc, file=sys.stderr)
         return 2
     to_run = [d.row for d in decisions if d.action == "run"]
-    if options.executor == "slurm" and to_run:
-        from slurm.submit import SlurmUnavailable, check_rows, read_partitions
-
-        try:
-            problems = check_rows(to_run, read_partitions())
-        except SlurmUnavailable as exc:
-            print(f"launch/grid.py: {exc}; nothing was submitted", file=sys.stderr)
-            return 2
-        if problems:
-            print(GridError(problems), file=sys.stderr)
-            return 2
     print(
         f"grid '{grid.name}' ({grid.file}): {len(to_run)} to run, "
         f"{sum(d.action.startswith('skip') for d in decisions)} skipped; tracking {uri}, "
@@ -292,7 +312,7 @@ def resumable_run(decision: Decision, running: set[str]) -> str | None:
     of a dependency than the checkpoint it would read now: one the dependency's folder holds
     (the trainer checks the same), or a new one, when the dependency is in `running`."""
     from kd.provenance import checkpoint_run_id
-    from kd.train import saved_state_info
+    from kd.rowfiles import saved_state_info
 
     previous = decision.previous
     if previous is None or previous.status == "FINISHED":
@@ -352,7 +372,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
         prepared.tracker,
     )
     by_id = {row.id: row for row in to_run}
-    folder = Path(to_run[0].config.output_dir).resolve() / "slurm"
+    folder = Path(to_run[0].config.output_dir).resolve() / SLURM_DIR
     # sbatch exports this environment to the job: make the project importable there even when
     # it is run from a checkout rather than installed.
     repo = str(Path(__file__).resolve().parent.parent)
@@ -439,7 +459,7 @@ def record_launch(
     """Append this launch (row id, key, run id, job id) to the grid's submission record."""
     root = Path(rows[0].config.output_dir) if rows else Path("outputs")
     root.mkdir(parents=True, exist_ok=True)
-    path = root / SUBMISSIONS_FILE
+    path = root / SUBMISSIONS
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with open(path, "a") as handle:
         for row in rows:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from kd.grid import Row
 from kd.processes import process_identity, signals_handled, still_running
+from kd.rowfiles import PROGRESS, TRAIN_LOG
 from kd.tracking import TAG, Tracker
-from kd.train import PROGRESS_FILE
 from slurm.job import write_row_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -347,7 +347,7 @@ class LocalExecutor:
 
     def _start(self, row: Row, run_id: str, threads: int) -> RowProcess:
         row_file = write_row_file(row)
-        log_path = row.output_dir / "train.log"
+        log_path = row.output_dir / TRAIN_LOG
         env = row_env(threads)
         args = [str(row_file), "--run-id", run_id, "--tracking-uri", self.tracker.uri]
         process: subprocess.Popen | ForkedRow
@@ -444,7 +444,7 @@ def _critical_first(rows: Sequence[Row]) -> list[Row]:
 
 
 def _progress_line(proc: RowProcess) -> str:
-    path = proc.row.output_dir / PROGRESS_FILE
+    path = proc.row.output_dir / PROGRESS
     elapsed = time.time() - proc.started
     try:
         progress = json.loads(path.read_text())

@@ -32,10 +32,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
-from kd import checkpoint, train
+from kd import checkpoint, rowfiles, train
 from kd.data import DatasetError, generate_dataset
 from kd.grid import load_grid
 from kd.tracking import RowRun, Tracker, TrackingUnavailable
+from kd.train import loop as train_loop
 from slurm.job import write_row_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,7 +230,7 @@ print("saved epoch 2", flush=True)
 
 
 def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, fault):
-    path = tmp_path / train.STATE_FILE
+    path = tmp_path / rowfiles.STATE
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_SAVE, str(path)], cwd=REPO, env=job_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -249,7 +250,7 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
     assert train.load_state(path, None)["epoch"] == 1
     assert temp_files(tmp_path) == [temp.name]
     # The next start of the row removes what the killed process left, and saves again.
-    assert checkpoint.remove_stale_temp_files(tmp_path, train.ROW_FILES) == [temp]
+    assert checkpoint.remove_stale_temp_files(tmp_path, rowfiles.CHECKPOINTS) == [temp]
     assert temp_files(tmp_path) == []
     checkpoint.atomic_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 2
@@ -258,7 +259,7 @@ def test_process_killed_mid_checkpoint_write_leaves_the_previous_one_loadable(tm
 
 
 def test_write_error_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / train.LAST_FILE
+    path = tmp_path / rowfiles.LAST
     checkpoint.atomic_save({"model": {"w": torch.ones(3)}}, path)
 
     def failing_save(obj, handle, *args, **kwargs):
@@ -338,7 +339,7 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
     epochs_done = []
 
     def after_epoch() -> bool:  # polled by the loop after each epoch is saved
-        epochs_done.append(json.loads((row.output_dir / train.STATE_INFO_FILE).read_text()))
+        epochs_done.append(json.loads((row.output_dir / rowfiles.STATE_INFO).read_text()))
         if len(epochs_done) == 1:
             fill()  # the disk fills up between epoch 1 and epoch 2's checkpoint
         return False
@@ -354,8 +355,8 @@ def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_epoch(
     assert "CheckpointWriteError" in run.data.tags["kdgrid.failure_reason"]
     assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
     # Epoch 1's checkpoints are whole and loadable; nothing half-written is left.
-    assert train.load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
-    for name in (train.BEST_FILE, train.LAST_FILE):
+    assert train.load_state(row.output_dir / rowfiles.STATE, run_id)["epoch"] == 0
+    for name in (rowfiles.BEST, rowfiles.LAST):
         assert torch.load(row.output_dir / name, weights_only=False)["epoch"] in (0, 1)
     assert temp_files(folder) == []
 
@@ -388,7 +389,7 @@ def test_disk_full_under_the_background_writer_fails_the_row_and_keeps_the_last_
         if files.epoch == 0:
             fill()  # the disk fills up right after epoch 1's files landed
 
-    monkeypatch.setattr(train, "write_epoch_files", write_then_fill)
+    monkeypatch.setattr(train_loop, "write_epoch_files", write_then_fill)
     with pytest.raises(checkpoint.CheckpointWriteError) as info:
         train.run(row, run_id=run_id, tracking_uri=uri, log=print)
     message = str(info.value)
@@ -397,7 +398,7 @@ def test_disk_full_under_the_background_writer_fails_the_row_and_keeps_the_last_
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert "the disk is full" in run.data.tags["kdgrid.failure_reason"]
-    assert train.load_state(row.output_dir / train.STATE_FILE, run_id)["epoch"] == 0
+    assert train.load_state(row.output_dir / rowfiles.STATE, run_id)["epoch"] == 0
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc1")) == [1]
     assert temp_files(folder) == []
 
@@ -439,7 +440,7 @@ def test_tracking_server_unreachable_at_start_fails_the_row_after_retries(tmp_pa
     assert "failed 4 times over" in failure and "Connection refused" in failure
     assert "launch/server.py status" in failure and "--rerun-failed" in failure
     assert took >= 0.5 + 1 + 2  # it waited: 0.5 s, then 1 s, then 2 s between the 4 attempts
-    assert not (row.output_dir / train.STATE_FILE).exists(), "nothing trained"
+    assert not (row.output_dir / rowfiles.STATE).exists(), "nothing trained"
     fault.lost = 0  # every check of the data above passed
     fault.detail = f"4 attempts over {took:.1f}s, then FAILED naming {uri}; nothing trained"
 
@@ -463,7 +464,7 @@ def test_tracking_server_restart_mid_run_loses_no_metric(tmp_path, fault):
         client = MlflowClient(tracking_uri=uri)
         run_id = new_run(uri, row)
         job = start_job(row, run_id, uri, KDGRID_TRACKING_BACKOFF_S="0.5")
-        state_info = row.output_dir / train.STATE_INFO_FILE
+        state_info = row.output_dir / rowfiles.STATE_INFO
 
         def saved_epoch() -> int:
             return json.loads(state_info.read_text())["epoch"] if state_info.exists() else 0
@@ -622,7 +623,7 @@ def test_a_finished_row_started_again_leaves_its_run_alone(tmp_path, one_thread,
     first = train.run(row, run_id=run_id, tracking_uri=uri, log=print)
     client = MlflowClient(tracking_uri=uri)
     before = client.get_run(run_id)
-    state_written = (row.output_dir / train.STATE_FILE).stat().st_mtime_ns
+    state_written = (row.output_dir / rowfiles.STATE).stat().st_mtime_ns
     capsys.readouterr()
 
     again = train.run(row, run_id=run_id, tracking_uri=uri, log=print)
@@ -630,7 +631,7 @@ def test_a_finished_row_started_again_leaves_its_run_alone(tmp_path, one_thread,
     after = client.get_run(run_id)
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
     assert after.data.tags["kdgrid.started_at_ms"] == before.data.tags["kdgrid.started_at_ms"]
-    assert (row.output_dir / train.STATE_FILE).stat().st_mtime_ns == state_written
+    assert (row.output_dir / rowfiles.STATE).stat().st_mtime_ns == state_written
     assert again["val/acc1"] == first["val/acc1"]
     steps = sorted(m.step for m in client.get_metric_history(run_id, "val/acc1"))
     assert steps == [1, 2]

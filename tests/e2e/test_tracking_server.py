@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd.tracking import TAG, RowRun, Tracker, row_params, row_yaml
+from kd.tracking import TAG, RowRun, Tracker, row_params, row_tags, row_yaml
 from slurm import server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
     job_tags = {f"{TAG}.job_id": "7_1", f"{TAG}.pid": "123", f"{TAG}.note": "a b"}
 
     # what the launcher sent before: MLflow's own calls, one set_tag per key
-    tags = Tracker._row_tags(row, "slurm", None)
+    tags = row_tags(row, "slurm", None)
     old = client.create_run(experiment, run_name=row.run_name, tags=tags).info.run_id
     client.log_batch(old, params=[Param(k, v) for k, v in row_params(row).items()])
     client.log_text(old, row_yaml(row), "row.yaml")

@@ -331,7 +331,7 @@ def test_randaugment_posterize_never_asks_pillow_for_zero_bits():
     import timm.data.auto_augment as auto_augment
     from PIL import Image
 
-    import kd.data  # noqa: F401  (patches timm's op table on import)
+    import kd.data.transforms  # noqa: F401  (patches timm's op table on import)
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         out = auto_augment.NAME_TO_OP[name](Image.new("RGB", (8, 8), (200, 100, 50)), 0)
@@ -390,7 +390,7 @@ def test_a_process_caches_only_its_shard_of_the_split(tmp_path):
 
 
 def test_cache_split_says_why_it_does_not_cache(tmp_path, monkeypatch, capsys):
-    from kd import data as D
+    from kd.data import cache as D
 
     spec = generate_dataset("imagefolder", tmp_path / "folder", **SMALL)
     data = load_split(spec, "test")

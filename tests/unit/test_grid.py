@@ -881,7 +881,7 @@ def test_missing_clustering_dataset_is_reported_before_training(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Interpolation resolved on the parts of a row that take part (kd.grid._interpolated)
+# Interpolation resolved on the parts of a row that take part (kd.grid.trees.interpolated)
 
 
 def _whole_tree(tree):
@@ -892,11 +892,11 @@ def _whole_tree(tree):
 
 @pytest.mark.parametrize("smoke", [False, True])
 def test_paper_grids_resolve_as_omegaconf_does_on_the_whole_row(monkeypatch, smoke):
-    import kd.grid as grid_module
+    import kd.grid.trees as grid_trees
 
     grids = sorted((Path(__file__).resolve().parents[2] / "grids").glob("*.yaml"))
     fast = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]
-    monkeypatch.setattr(grid_module, "_interpolated", _whole_tree)
+    monkeypatch.setattr(grid_trees, "interpolated", _whole_tree)
     slow = [load_grid(g, smoke=smoke, check_data=False, check_models=False) for g in grids]
     for a, b in zip(fast, slow, strict=True):
         assert [r.to_dict() for r in a.rows] == [r.to_dict() for r in b.rows]
@@ -906,7 +906,7 @@ def test_paper_grids_resolve_as_omegaconf_does_on_the_whole_row(monkeypatch, smo
 def test_interpolated_matches_omegaconf_on_references_lists_resolvers_and_errors(monkeypatch):
     from omegaconf.errors import OmegaConfBaseException
 
-    from kd.grid import _interpolated
+    from kd.grid.trees import interpolated
 
     monkeypatch.setenv("KDGRID_TEST_ROOT", "/data/cub")
     trees = [
@@ -923,14 +923,14 @@ def test_interpolated_matches_omegaconf_on_references_lists_resolvers_and_errors
         {"été": 2, "7x": 3, "a": "${été}-${7x}"},
     ]
     for tree in trees:
-        assert _interpolated(tree) == _whole_tree(tree), tree
+        assert interpolated(tree) == _whole_tree(tree), tree
     for bad in (
         {"a": "${missing.key}"},
         {"a": "${oc.env:KDGRID_NOPE}"},
         {"a": "${b}", "b": "${a}"},
     ):
         with pytest.raises(OmegaConfBaseException) as fast:
-            _interpolated(bad)
+            interpolated(bad)
         with pytest.raises(OmegaConfBaseException) as whole:
             _whole_tree(bad)
         assert type(fast.value) is type(whole.value)

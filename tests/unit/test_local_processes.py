@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
 from kd.processes import process_identity, still_running
-from kd.tracking import RunRecord, _transient
+from kd.tracking import RunRecord
+from kd.tracking.row_run import _transient
 from slurm.local import ForkedRow, ForkServer, _interrupts_deferred, local_run_alive
 from slurm.status import _local_process_here
 

@@ -255,7 +255,7 @@ def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
         ModelLoadError,
         match=r"shape mismatches \(126\): head.norm.bias: checkpoint \[320\] vs model \[384\]",
     ):
-        models._load_checkpoint(model, path, source="file", trusted=False, where="")
+        models.load_checkpoint(model, path, source="file", trusted=False, where="")
 
 
 @pytest.mark.parametrize("name", ["bad.pth", "bad.safetensors", "bad.pt"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from slurmtools import TINY_MODEL, write_grid
 
-from kd import provenance
+from kd import provenance, rowfiles
 from kd import train as T
 from kd.checkpoint import atomic_save
 from kd.grid import Grid, load_grid
@@ -39,7 +39,7 @@ def test_a_checkpoint_names_the_run_that_wrote_it(grid):
     path = row.output_dir / "best.pt"
     path.parent.mkdir(parents=True)
     model = {"weight": torch.ones(3)}
-    checkpoint = T._model_checkpoint(row, model, {}, 0, {"acc1": 1.0}, 10, "run-a")
+    checkpoint = T.model_checkpoint(row, model, {}, 0, {"acc1": 1.0}, 10, "run-a")
     atomic_save(checkpoint, path)  # the dict the loop writes, row config included
     assert provenance.checkpoint_run_id(path) == "run-a"
     student = grid.row("deit_b_dist_hard")
@@ -129,13 +129,13 @@ def write_state(row, run_id: str, dependency_runs: dict | None) -> None:
     if dependency_runs is not None:
         info["dependency_runs"] = dependency_runs
     row.output_dir.mkdir(parents=True, exist_ok=True)
-    (row.output_dir / T.STATE_INFO_FILE).write_text(json.dumps(info))
+    (row.output_dir / rowfiles.STATE_INFO).write_text(json.dumps(info))
 
 
 def write_best(row, run_id: str | None) -> None:
     """The row's best.pt as the loop writes it (no run id: as written before they were)."""
     row.output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = T._model_checkpoint(row, {"w": torch.ones(2)}, {}, 0, {"acc1": 1.0}, 10, run_id)
+    checkpoint = T.model_checkpoint(row, {"w": torch.ones(2)}, {}, 0, {"acc1": 1.0}, 10, run_id)
     if run_id is None:
         del checkpoint["run_id"]
     atomic_save(checkpoint, row.output_dir / "best.pt")
@@ -172,19 +172,19 @@ def test_a_crashed_row_resumes_only_from_the_teacher_checkpoint_it_trained_with(
     now = provenance.dependency_runs(student)
     state = {"epoch": 0, **({"dependency_runs": saved} if saved is not None else {})}
     if resumes or force_teacher:
-        T._check_same_dependencies(student, state, now)
+        T.check_same_dependencies(student, state, now)
     else:
         with pytest.raises(T.DependencyChanged):
-            T._check_same_dependencies(student, state, now)
+            T.check_same_dependencies(student, state, now)
 
 
 def test_the_trainer_refuses_to_resume_across_a_teacher_rerun(grid):
     row = grid.row("deit_b_dist_hard")
     state = {"epoch": 3, "dependency_runs": {"convnext_b": "run-1"}}
-    T._check_same_dependencies(row, state, {"convnext_b": "run-1"})
-    T._check_same_dependencies(row, {"epoch": 3}, {"convnext_b": "run-2"})  # an older state
+    T.check_same_dependencies(row, state, {"convnext_b": "run-1"})
+    T.check_same_dependencies(row, {"epoch": 3}, {"convnext_b": "run-2"})  # an older state
     with pytest.raises(T.DependencyChanged) as err:
-        T._check_same_dependencies(row, state, {"convnext_b": "run-2"})
+        T.check_same_dependencies(row, state, {"convnext_b": "run-2"})
     message = str(err.value)
     assert "row 'deit_b_dist_hard'" in message and "epoch 4" in message
     assert (

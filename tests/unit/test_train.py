@@ -25,11 +25,12 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd import config as C
-from kd import train
+from kd import rowfiles, train
 from kd.data import generate_dataset
 from kd.evaluate import evaluate
 from kd.grid import Grid, Row, load_grid
 from kd.models import build_model, smoke_model_name
+from kd.train import loop as train_loop
 
 DEIT_DIST = smoke_model_name("deit_base_distilled_patch16_384")  # deit_tiny_distilled_patch16_224
 DEIT = smoke_model_name("deit_base_patch16_384")  # deit_tiny_patch16_224
@@ -248,7 +249,7 @@ def resume_pair(request: pytest.FixtureRequest, world: World) -> ResumePair:
             log=log_b.append,
         )
     run_b = only_run(world, grid_b).info.run_id
-    stopped_state = load_pt(row_b.output_dir / train.STATE_FILE)
+    stopped_state = load_pt(row_b.output_dir / rowfiles.STATE)
     status_when_stopped = world.client.get_run(run_b).info.status
     steps_when_stopped = metric_steps(world, run_b, "train/loss")
 
@@ -285,7 +286,7 @@ def test_row_trains_and_logs_metrics_params_and_artifacts(
     for train_s, eval_s, checkpoint_s, epoch_s in parts:
         assert min(train_s, eval_s, checkpoint_s) > 0
         assert train_s + eval_s + checkpoint_s <= epoch_s + 1e-3
-    state = load_pt(resume_pair.row_a.output_dir / train.STATE_FILE)
+    state = load_pt(resume_pair.row_a.output_dir / rowfiles.STATE)
     assert all("time/checkpoint_s" in h["metrics"] for h in state["history"])
     loss, ce, hard = (
         metric_values(world, run.info.run_id, n)
@@ -310,7 +311,7 @@ def test_row_trains_and_logs_metrics_params_and_artifacts(
     checkpoints = {a.path for a in world.client.list_artifacts(run.info.run_id, "checkpoints")}
     assert checkpoints == {"checkpoints/best.pt", "checkpoints/last.pt"}
     local = world.client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
-    logged, written = load_pt(Path(local)), load_pt(resume_pair.row_a.output_dir / train.LAST_FILE)
+    logged, written = load_pt(Path(local)), load_pt(resume_pair.row_a.output_dir / rowfiles.LAST)
     assert logged["epoch"] == 1 and logged["arch"] == DEIT_DIST
     assert logged["model"]["head.weight"].shape == (CLASSES, 192)
     assert logged["model"]["head_dist.weight"].shape == (CLASSES, 192)
@@ -341,13 +342,13 @@ def test_resume_after_epoch_1_ends_with_the_same_weights_in_the_same_run(
         assert metric_steps(world, pair.run_b, name) == [1, 2], name
 
     # Bit-identical to the uninterrupted run: student, EMA, optimizer step count.
-    a = load_pt(pair.row_a.output_dir / train.LAST_FILE)["model"]
-    b = load_pt(pair.row_b.output_dir / train.LAST_FILE)["model"]
+    a = load_pt(pair.row_a.output_dir / rowfiles.LAST)["model"]
+    b = load_pt(pair.row_b.output_dir / rowfiles.LAST)["model"]
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert different == [], f"{len(different)}/{len(a)} tensors differ, e.g. {different[:5]}"
-    state_a = load_pt(pair.row_a.output_dir / train.STATE_FILE)
-    state_b = load_pt(pair.row_b.output_dir / train.STATE_FILE)
+    state_a = load_pt(pair.row_a.output_dir / rowfiles.STATE)
+    state_b = load_pt(pair.row_b.output_dir / rowfiles.STATE)
     assert state_a["global_step"] == state_b["global_step"] == 2  # one update per epoch
     assert all(torch.equal(v, state_b["ema"][k]) for k, v in state_a["ema"].items())
     for name in ("train/loss", "train/deit_hard", "val/loss"):
@@ -412,7 +413,7 @@ def test_two_processes_count_their_own_shard_for_schedule_and_loss(
     # run's, so no process may resume from it; every one must know the new run's id to tell.
     row = grid.rows[0]
     row.output_dir.mkdir(parents=True)
-    torch.save({"run_id": "an-earlier-run", "epoch": 0}, row.output_dir / train.STATE_FILE)
+    torch.save({"run_id": "an-earlier-run", "epoch": 0}, row.output_dir / rowfiles.STATE)
     done = _torchrun_row(grid, world, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
     run = only_run(world, grid)
@@ -515,8 +516,8 @@ def test_the_next_epoch_trains_while_an_epochs_files_are_written(
             )
         real_write(row_, files, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train, "write_epoch_files", write)
+    monkeypatch.setattr(train_loop, "train_step", step)
+    monkeypatch.setattr(train_loop, "write_epoch_files", write)
     train.run(row, run_id=None, tracking_uri=world.uri, log=lambda _: None)
 
     assert seen["trained_meanwhile"], "the loop waited for epoch 1's files before training on"
@@ -524,9 +525,9 @@ def test_the_next_epoch_trains_while_an_epochs_files_are_written(
     run = only_run(world, grid)
     assert run.info.status == "FINISHED"
     assert metric_steps(world, run.info.run_id, "val/acc1") == [1, 2]
-    state = load_pt(row.output_dir / train.STATE_FILE)
+    state = load_pt(row.output_dir / rowfiles.STATE)
     assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]
-    last = load_pt(row.output_dir / train.LAST_FILE)
+    last = load_pt(row.output_dir / rowfiles.LAST)
     student_keys = {k.removeprefix("student.") for k in state["model"] if k.startswith("student.")}
     assert set(last["model"]) == student_keys
     for key, value in last["model"].items():  # last.pt and state.pt: the same final weights
@@ -551,7 +552,7 @@ def test_nan_loss_fails_the_row_with_the_reason_in_mlflow(
     reason = run.data.tags["kdgrid.failure_reason"]
     assert "NonFiniteLossError" in reason and "non-finite loss" in reason
     # Nothing was checkpointed from the poisoned weights.
-    for name in (train.STATE_FILE, train.BEST_FILE, train.LAST_FILE):
+    for name in (rowfiles.STATE, rowfiles.BEST, rowfiles.LAST):
         assert not (row.output_dir / name).exists(), name
 
 
@@ -584,7 +585,7 @@ def test_init_from_local_timm_checkpoint_with_another_head(world: World) -> None
     train.run(row, run_id=None, tracking_uri=world.uri, log=lambda _: None)
     assert only_run(world, grid).info.status == "FINISHED"
 
-    trained = load_pt(row.output_dir / train.LAST_FILE)["model"]
+    trained = load_pt(row.output_dir / rowfiles.LAST)["model"]
     assert trained["head.weight"].shape == (CLASSES, 192)  # the head was replaced
     body = [k for k in expected if not k.startswith("head.")]
     assert body and set(body) <= trained.keys()
@@ -640,7 +641,7 @@ def test_teacher_and_init_rows_feed_a_student_row(world: World) -> None:
     built = train.build(student_row, None)
     for built_model, dep in ((built.student, "base"), (built.teacher, "teacher")):
         assert built_model is not None
-        saved = load_pt(out / dep / train.BEST_FILE)["model"]
+        saved = load_pt(out / dep / rowfiles.BEST)["model"]
         state = built_model.state_dict()
         assert state.keys() == saved.keys(), dep
         assert all(torch.equal(state[k], saved[k]) for k in saved), dep

@@ -1,0 +1,117 @@
+"""The row graph and content keys: teacher models taken from teacher rows, the dependency
+order (a cycle is reported with its path), and each row's content key, which hashes what changes
+its result with references replaced by the referenced rows' keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kd import config as C
+from kd.grid.rows import row_dependencies
+
+
+def resolve_teacher_model(cfg: C.RowConfig, configs: Sequence[C.RowConfig]) -> C.RowConfig:
+    """`teacher: {row: X}` takes X's student architecture as the teacher model."""
+    if cfg.teacher is None or cfg.teacher.row is None:
+        return cfg
+    source = next((c for c in configs if c.id == cfg.teacher.row), None)
+    if source is None:
+        return cfg
+    teacher = dataclasses.replace(cfg.teacher, model=source.student.model)
+    return dataclasses.replace(cfg, teacher=teacher)
+
+
+def topological_order(configs: Sequence[C.RowConfig], file: str, problems: list[str]) -> list[str]:
+    """Row ids, dependencies first; a cycle is reported with its path."""
+    ids = {c.id for c in configs}
+    deps = {c.id: [d for d in row_dependencies(c) if d in ids and d != c.id] for c in configs}
+    order: list[str] = []
+    state: dict[str, str] = {}
+    reported: set[frozenset[str]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "active":
+            cycle = path[path.index(node) :] + [node]
+            if frozenset(cycle) not in reported:
+                reported.add(frozenset(cycle))
+                problems.append(
+                    f"{file}: row '{node}': teacher.row/init.row: dependency cycle "
+                    f"{' -> '.join(cycle)}; a row cannot (indirectly) depend on itself"
+                )
+            return
+        state[node] = "active"
+        for dep in deps[node]:
+            visit(dep, [*path, node])
+        state[node] = "done"
+        order.append(node)
+
+    for cfg in configs:
+        visit(cfg.id, [])
+    return order
+
+
+def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | None = None) -> str:
+    """Hash of everything that changes the row's result (not placement, not names).
+
+    References to other rows are replaced by those rows' keys. `full_size` is the key of the
+    row a smoke row stands in for: a smoke key is then distinct per full-size row.
+    """
+    tree = C.to_dict(cfg)
+    for section in C.PLACEMENT_SECTIONS:
+        tree.pop(section, None)
+    for dotted in C.PLACEMENT_FIELDS:
+        section, name = dotted.split(".")
+        if dotted == "data.root" and cfg.data.dataset == "imagefolder" and full_size is None:
+            continue  # an ImageFolder's root *is* the dataset, not where a copy lives
+        tree[section].pop(name, None)
+    for section in ("teacher", "init"):
+        ref = tree.get(section)
+        if isinstance(ref, dict) and ref.get("row"):
+            ref["row"] = {"key": dep_keys[ref["row"]]}
+    tree["kd"] = {
+        term: weight for term, weight in tree["kd"].items() if weight != 0
+    }  # not computed
+    res = cfg.resources
+    world_size = res.nodes * (res.tasks_per_node or max(res.gpus_per_node, 1))
+    if world_size != 1:  # batch_size is per process: the global batch, and so the result, change
+        tree["world_size"] = world_size
+    if full_size is not None:
+        tree["smoke_of"] = full_size
+    text = json.dumps(_changed_from_defaults(tree), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed_from_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Only what differs from the schema's defaults, so adding a new key (with a default that
+    keeps the old behaviour) to kd/config.py leaves every existing key, and every finished row,
+    as it was."""
+    defaults = C.to_dict(C.RowConfig())
+    for section in C.PLACEMENT_SECTIONS:
+        defaults.pop(section, None)
+    flat, flat_defaults = C.flatten(tree), C.flatten(defaults)
+    for dotted in C.PLACEMENT_FIELDS_ADDED_LATER:
+        flat_defaults.pop(dotted, None)
+    changed = {k: v for k, v in flat.items() if k not in flat_defaults or flat_defaults[k] != v}
+    changed |= {k: "<absent>" for k in flat_defaults if k not in flat}
+    return changed
+
+
+def content_keys(
+    configs: Sequence[C.RowConfig],
+    order: Sequence[str],
+    full_size: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Row id -> content key, dependencies first (a row's key includes its dependencies')."""
+    by_id = {c.id: c for c in configs}
+    keys: dict[str, str] = {}
+    for row_id in order:
+        keys[row_id] = content_key(
+            by_id[row_id], keys, full_size[row_id] if full_size is not None else None
+        )
+    return keys

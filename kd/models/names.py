@@ -1,0 +1,114 @@
+"""Model names: timm architectures with optional pretrained tags, their checks, and the tiny
+same-family stand-ins used by --smoke. Reading names needs no torch; listing what timm knows
+imports timm, so only the checks that need it do (the light commands never call them)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+SOURCES = ("scratch", "pretrained", "file", "row")
+
+
+class ModelLoadError(ValueError):
+    """A model or its weights cannot be built/loaded; the message says which row, file and keys."""
+
+
+SMOKE_BIT = "resnetv2_18x1_bit_smoke"  # registered by kd.models.smoke_bit
+
+
+# Names
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _model_names() -> tuple[str, ...]:
+    """All architecture names timm knows (cached: listing takes ~10 ms, checks run per row)."""
+    import timm  # the one heavy import of this module: only name checks need it
+
+    return tuple(timm.list_models())
+
+
+@functools.cache
+def _model_name_set() -> frozenset[str]:
+    return frozenset(_model_names())
+
+
+@functools.cache
+def pretrained_tags() -> Mapping[str, tuple[str, ...]]:
+    """Architecture -> its pretrained tags, built once from ``timm.list_pretrained()``."""
+    import timm
+
+    tags: dict[str, list[str]] = defaultdict(list)
+    for full in timm.list_pretrained():
+        arch, _, tag = full.partition(".")
+        if tag:
+            tags[arch].append(tag)
+    return {arch: tuple(t) for arch, t in tags.items()}
+
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    arch, _, tag = name.partition(".")
+    return arch, (tag or None)
+
+
+def _quoted_list(names: Iterable[str]) -> str:
+    items = [f"'{n}'" for n in names]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def check_model_name(name: str) -> str | None:
+    """None when timm knows ``name`` (``arch`` or ``arch.tag``), else a message with suggestions."""
+    arch, tag = split_tag(name)
+    if arch not in _model_name_set():
+        close = difflib.get_close_matches(arch, _model_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {_quoted_list(close)}?" if close else ""
+        return f"unknown timm model '{arch}'{hint} (see timm.list_models())"
+    if tag is None:
+        return None
+    valid = pretrained_tags().get(arch, ())
+    if tag in valid:
+        return None
+    if not valid:
+        return f"unknown pretrained tag '{tag}' for '{arch}': timm has no pretrained weights for it"
+    close = difflib.get_close_matches(tag, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (
+        f"unknown pretrained tag '{tag}' for '{arch}'{hint} "
+        f"(valid tags: {', '.join(valid)}; see timm.list_pretrained('{arch}*'))"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Smoke stand-ins
+# --------------------------------------------------------------------------------------------
+
+#: Family pattern (fnmatch, checked in order, first match wins) -> tiny model of the same family,
+#: built from scratch, so a grid can be smoke-run on CPU with the real code paths: the distillation
+#: token of DeiT, ConvNeXt's LayerNorm head, BiT's GroupNorm/StdConv, ResNet's BatchNorm.
+SMOKE_MODELS: dict[str, str] = {
+    "deit*distilled*": "deit_tiny_distilled_patch16_224",
+    "deit*": "deit_tiny_patch16_224",
+    "vit_*": "vit_tiny_patch16_224",
+    "convnextv2*": "convnextv2_atto",
+    "convnext*": "convnext_atto",
+    "resnetv2*": SMOKE_BIT,
+    "resnet*": "resnet18",
+}
+
+
+def smoke_model_name(name: str) -> str:
+    """The tiny same-family stand-in for ``name`` (pretrained tag stripped); other names unchanged."""
+    arch, _ = split_tag(name)
+    for pattern, tiny in SMOKE_MODELS.items():
+        if fnmatch.fnmatchcase(arch, pattern):
+            return tiny
+    return arch
+
+
+# --------------------------------------------------------------------------------------------
+# Model introspection
+# --------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""A whole grid at once: the latest run of every row with its metrics (what status and the
+table read, in one query), and the grid-level run the table and plot are logged to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kd.tracking.metadata import project_commit
+from kd.tracking.records import TAG, RunRecord, run_record
+from kd.tracking.tracker import Tracker
+from kd.tracking.uri import store_exists
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A row's latest run with its latest metric values and params (from one search)."""
+
+    record: RunRecord
+    metrics: Mapping[str, float]
+    params: Mapping[str, str]
+    start_time: int
+    end_time: int | None
+
+
+def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict[str, RunSummary]:
+    """Content key -> the latest run of that key in the grid, with metrics: one query for the
+    whole grid (status and tables call this; no per-row requests)."""
+    if not store_exists(tracking_uri):
+        return {}
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.experiment_id(experiment)
+    if experiment_id is None:
+        return {}
+    latest: dict[str, RunSummary] = {}
+    for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name):
+        record = run_record(run)
+        if record.key and record.key not in latest:
+            latest[record.key] = RunSummary(
+                record=record,
+                metrics=dict(run.data.metrics),
+                params=dict(run.data.params),
+                start_time=run.info.start_time or 0,
+                end_time=run.info.end_time,
+            )
+    return latest
+
+
+def log_grid_artifacts(
+    tracking_uri: str, experiment: str, grid_name: str, files: Iterable[str | Path]
+) -> str:
+    """Log the grid's table and plot to its grid-level run (one per grid, updated in place)."""
+    tracker = Tracker(tracking_uri)
+    experiment_id = tracker.ensure_experiment(experiment)
+    found = tracker.client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG}.table_of` = '{grid_name}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {f"{TAG}.table_of": grid_name, f"{TAG}.commit": project_commit()}
+        run_id = tracker.client.create_run(
+            experiment_id, run_name=f"table {grid_name}", tags=tags
+        ).info.run_id
+    for path in files:
+        tracker.client.log_artifact(run_id, str(path), "table")
+    tracker.client.set_terminated(run_id, status="FINISHED")
+    return run_id

@@ -1,0 +1,46 @@
+"""The names a row's run is found by, and the launcher's view of a run (`RunRecord`).
+
+Rows are found again by their content key tag (`kdgrid.key`); the launcher, the planner and
+status read an MLflow run as a `RunRecord`. No mlflow here: the planner imports these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+TAG = "kdgrid"  # tag namespace
+# A row run's tags about its process or job (`kdgrid.<name>`), dropped when the run is reopened
+JOB_TAGS = ("pid", "pid_started", "job_id", "slurm_job_name", "slurm_cluster", "slurm_user")
+ACTIVE = ("SCHEDULED", "RUNNING")
+FAILED = ("FAILED", "KILLED")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a launch needs to know about an existing run."""
+
+    run_id: str
+    key: str
+    row_id: str
+    status: str  # MLflow status: SCHEDULED, RUNNING, FINISHED, FAILED, KILLED
+    start_time: int
+    tags: Mapping[str, str]
+
+    @property
+    def job_id(self) -> str | None:
+        return self.tags.get(f"{TAG}.job_id")
+
+
+def run_record(run: Any) -> RunRecord:
+    """An MLflow run as the launcher sees it."""
+    tags = run.data.tags
+    return RunRecord(
+        run_id=run.info.run_id,
+        key=tags.get(f"{TAG}.key", ""),
+        row_id=tags.get(f"{TAG}.id", ""),
+        status=run.info.status,
+        start_time=run.info.start_time or 0,
+        tags=dict(tags),
+    )
