@@ -58,7 +58,7 @@ def _emit(args: argparse.Namespace, result: dict, text: str) -> None:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from kd.bench import format_step, step_benchmark
+    from bench.step import format_step, step_benchmark
 
     result = step_benchmark(
         _row(args),
@@ -75,7 +75,8 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from kd.bench import data_benchmark, format_data, step_benchmark
+    from bench.data import data_benchmark, format_data
+    from bench.step import step_benchmark
 
     row = _row(args)
     demand = args.demand
@@ -99,7 +100,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from kd.bench import checkpoint_benchmark, format_checkpoint
+    from bench.checkpoint import checkpoint_benchmark, format_checkpoint
 
     result = checkpoint_benchmark(
         _row(args),
@@ -114,7 +115,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from slurm.bench import format_launch, launch_benchmark
+    from bench.launch import format_launch, launch_benchmark
 
     result = launch_benchmark(
         args.rows,
@@ -129,7 +130,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from slurm.bench import format_local, local_benchmark
+    from bench.local import format_local, local_benchmark
 
     grid = load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
     row = grid.select_one(args.row)

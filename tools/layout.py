@@ -135,7 +135,9 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def library_files() -> list[Path]:
-    return sorted(p for pkg in LIBRARY for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    return sorted(
+        p for pkg in LIBRARY for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts
+    )
 
 
 def load() -> dict[str, Module]:
@@ -193,19 +195,45 @@ def import_cycles(modules: dict[str, Module]) -> list[list[str]]:
     return cycles
 
 
+# Imports go one way, launch -> bench -> slurm -> kd: a package may import those to its right.
+LAYERS = ("bench", "slurm", "kd")
+
+
+def upward_imports(modules: dict[str, Module]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs against the direction of LAYERS, lazy imports included."""
+    rank = {pkg: i for i, pkg in enumerate(LAYERS)}
+    found = []
+    for m in modules.values():
+        own = rank.get(m.name.split(".")[0])
+        for target in sorted(m.imports | {t for t, _ in m.lazy_imports}):
+            other = rank.get(target.split(".")[0])
+            if own is not None and other is not None and other < own:
+                found.append((m.name, target))
+    return found
+
+
 def report(modules: dict[str, Module]) -> dict:
     functions = sorted(
-        ((f"{m.name}.{f}", n, f"{m.path.relative_to(REPO)}:{line}") for m in modules.values() for f, n, line in m.functions),
+        (
+            (f"{m.name}.{f}", n, f"{m.path.relative_to(REPO)}:{line}")
+            for m in modules.values()
+            for f, n, line in m.functions
+        ),
         key=lambda t: -t[1],
     )
     return {
         "library_lines": sum(m.lines for m in modules.values()),
         "modules": len(modules),
-        "largest_modules": sorted(((m.name, m.lines) for m in modules.values()), key=lambda t: -t[1])[:10],
+        "largest_modules": sorted(
+            ((m.name, m.lines) for m in modules.values()), key=lambda t: -t[1]
+        )[:10],
         "longest_functions": functions[:10],
-        "modules_over_limit": [(m.name, m.lines) for m in modules.values() if m.lines > MAX_MODULE_LINES],
+        "modules_over_limit": [
+            (m.name, m.lines) for m in modules.values() if m.lines > MAX_MODULE_LINES
+        ],
         "functions_over_limit": [f for f in functions if f[1] > MAX_FUNCTION_LINES],
         "import_cycles": import_cycles(modules),
+        "upward_imports": upward_imports(modules),
         "private_uses": [
             (m.name, f"{t}.{n}", line) for m in modules.values() for t, n, line in m.private_uses
         ],
@@ -231,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"modules over {MAX_MODULE_LINES} lines: {len(figures['modules_over_limit'])}")
     print(f"functions over {MAX_FUNCTION_LINES} lines: {len(figures['functions_over_limit'])}")
     print(f"import cycles: {figures['import_cycles'] or 'none'}")
+    print(f"imports against launch -> bench -> slurm -> kd: {figures['upward_imports'] or 'none'}")
     print(f"private names used across modules: {len(figures['private_uses'])}")
     for user, name, line in figures["private_uses"]:
         print(f"  {user}:{line} uses {name}")

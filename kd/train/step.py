@@ -91,7 +91,7 @@ def seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator) -> 
 @dataclass
 class StepParts:
     """What one training step uses, prepared once by `prepare_step` (the loop and
-    `kd.bench` both step through `train_step` with it)."""
+    `bench` both step through `train_step` with it)."""
 
     accelerator: Any
     step_module: torch.nn.Module  # prepared by Accelerate (and compiled when asked)

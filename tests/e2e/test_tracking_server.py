@@ -163,8 +163,8 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
 ):
     from mlflow.entities import Param
 
+    from bench.launch import write_launch_grid
     from kd.grid import load_grid
-    from slurm.bench import write_launch_grid
 
     folder, uri = tracking_server
     grid = load_grid(write_launch_grid(tmp_path, 2, None, "server_path"))

@@ -195,7 +195,7 @@ def test_checkpoint_reports_what_an_epoch_end_keeps_training_waiting(
 
 
 def test_peak_flops_table_knows_the_gpus_mfu_is_computed_for() -> None:
-    from kd.bench import peak_tflops
+    from bench.step import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("NVIDIA H200") == 989.0
@@ -238,8 +238,8 @@ def test_bf16_teacher_computes_what_autocast_computed() -> None:
 
 @pytest.fixture(scope="module")
 def launch_grid(tmp_path_factory):
+    from bench.launch import write_launch_grid
     from kd.grid import load_grid
-    from slurm.bench import write_launch_grid
 
     folder = tmp_path_factory.mktemp("bulk")
     return folder, load_grid(write_launch_grid(folder, 6, None, "bulk_test"))
@@ -353,7 +353,7 @@ def _queued(job_ids: list[str]) -> list[str]:
 
 
 class _Clock:
-    """A clock that moves only when told (`perf_counter` for slurm.bench's `time`)."""
+    """A clock that moves only when told (`perf_counter` for bench.launch's `time`)."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -382,12 +382,12 @@ class _Timed:
 
 
 def test_launch_timing_counts_a_nested_call_once_in_its_own_bucket(monkeypatch) -> None:
-    import slurm.bench
+    import bench.launch
 
-    monkeypatch.setattr(slurm.bench, "time", CLOCK)
+    monkeypatch.setattr(bench.launch, "time", CLOCK)
     buckets: dict[str, float] = {}
     targets = [(_Timed, "tags", "mlflow"), (_Timed, "tag", "mlflow"), (_Timed, "submit", "sbatch")]
-    with slurm.bench._timed(buckets, targets):
+    with bench.launch._timed(buckets, targets):
         _Timed().submit()
     # sbatch: its own 0.3 s only; mlflow: the tags (0.2 s) and, counted once, the two tag calls
     assert buckets == {"sbatch": pytest.approx(0.3), "mlflow": pytest.approx(0.4)}

@@ -28,6 +28,10 @@ def test_no_import_cycles() -> None:
     assert FIGURES["import_cycles"] == []
 
 
+def test_imports_go_one_way_launch_bench_slurm_kd() -> None:
+    assert FIGURES["upward_imports"] == []
+
+
 def test_no_private_name_is_used_outside_its_module() -> None:
     assert FIGURES["private_uses"] == []
 
@@ -38,7 +42,7 @@ def test_the_measure_sees_what_it_should(tmp_path: Path) -> None:
     (tmp_path / "kd").mkdir()
     a, b = tmp_path / "kd" / "a.py", tmp_path / "kd" / "b.py"
     a.write_text("from kd.b import _hidden\n\ndef f():\n" + "    x = 1\n" * 90)
-    b.write_text("def g():\n    from kd import a\n")
+    b.write_text("def g():\n    from kd import a\n    import slurm.job\n")
     old = layout.REPO
     layout.REPO = tmp_path
     try:
@@ -49,6 +53,7 @@ def test_the_measure_sees_what_it_should(tmp_path: Path) -> None:
     assert figures["import_cycles"] == [["kd.a", "kd.b"]]
     assert figures["private_uses"] == [("kd.a", "kd.b._hidden", 1)]
     assert [f[0] for f in figures["functions_over_limit"]] == ["kd.a.f"]
+    assert figures["upward_imports"] == [("kd.b", "slurm.job")]
 
 
 def test_a_row_job_pickled_before_the_layout_change_still_loads() -> None:

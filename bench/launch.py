@@ -1,4 +1,4 @@
-"""Launcher benchmarks: submitting and reading the status of a big grid; a local row's start-up.
+"""Launching a grid on SLURM: validating, submitting and reading the status of an N-row grid.
 
 `launch_benchmark(n)` writes an n-row grid (one teacher row and n - 1 students that wait on it,
 tiny rows that never run: every job is held back with `--begin=now+1hour`), then times
@@ -12,9 +12,6 @@ tiny rows that never run: every job is held back with `--begin=now+1hour`), then
   one sacct call, one squeue call);
 
 and then cancels every job it submitted, by job id, and checks that none is left.
-
-`local_benchmark` runs one row through the local executor (`slurm.local`) and reads, from the
-row's MLflow run, how long its process took from its start to its first training step.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import functools
 import inspect
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,13 +33,17 @@ from typing import Any
 
 import yaml
 
-from kd.grid import Grid, Row, load_grid
+import slurm.status as status_module
+import slurm.submit as submit
+from bench.common import log_nothing, machine
+from kd.data import generate_dataset
+from kd.grid import Grid, load_grid
+from kd.rowfiles import SUBMISSIONS
+from kd.tracking import Tracker
+from slurm.launcher import LaunchOptions, launch
+from slurm.state import cancel
 
 HOLD = "now+1hour"  # sbatch --begin: the jobs stay pending (reason BeginTime) until cancelled
-
-
-def _log_nothing(_message: str) -> None:
-    pass
 
 
 @contextlib.contextmanager
@@ -100,16 +100,12 @@ def _timed(buckets: dict[str, float], targets: list[tuple[Any, str, str]]) -> It
 
 
 def _tracker_methods() -> list[str]:
-    from kd.tracking import Tracker
-
     # plain methods only: every one of them talks to the store (static helpers do not)
     return [n for n, v in vars(Tracker).items() if inspect.isfunction(v) and not n.startswith("__")]
 
 
 def write_launch_grid(folder: Path, rows: int, partition: str | None, name: str) -> Path:
     """An n-row grid of tiny rows on a tiny generated dataset; every job is held back."""
-    from kd.data import generate_dataset
-
     spec = generate_dataset(
         "imagefolder", folder / "data", num_classes=2, train_per_class=2, test_per_class=1
     )
@@ -169,7 +165,7 @@ def _jobs_named(name: str) -> list[str]:
 
 def _submitted_jobs(grid: Grid) -> list[str]:
     """Job ids the launch recorded for this grid (array tasks reduced to their array)."""
-    path = Path(grid.rows[0].config.output_dir) / "submissions.jsonl"
+    path = Path(grid.rows[0].config.output_dir) / SUBMISSIONS
     ids: set[str] = set()
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -179,6 +175,65 @@ def _submitted_jobs(grid: Grid) -> list[str]:
     return sorted(ids)
 
 
+def _submit(grid: Grid, uri: str) -> dict[str, Any]:
+    """`launch --executor slurm` of the grid, its time split into MLflow, sbatch and sinfo."""
+    buckets: dict[str, float] = {}
+    targets = [(Tracker, n, "mlflow") for n in _tracker_methods()]
+    targets += [(submit, "submit_rows", "sbatch"), (submit, "read_partitions", "sinfo")]
+    out = io.StringIO()
+    start = time.perf_counter()
+    with _timed(buckets, targets), contextlib.redirect_stdout(out):
+        code = launch(grid, LaunchOptions(executor="slurm", tracking_uri=uri, live=False))
+    result: dict[str, Any] = {"submit_s": time.perf_counter() - start}
+    if code != 0:
+        raise RuntimeError(f"the launch failed (exit {code}):\n{out.getvalue()[-2000:]}")
+    result["mlflow_s"] = buckets.get("mlflow", 0.0)
+    result["sbatch_s"] = buckets.get("sbatch", 0.0)
+    result["sinfo_s"] = buckets.get("sinfo", 0.0)
+    result["other_s"] = result["submit_s"] - sum(
+        result[k] for k in ("mlflow_s", "sbatch_s", "sinfo_s")
+    )
+    result["sbatch_calls"] = len(_submitted_jobs(grid))
+    return result
+
+
+def _read_status(grid: Grid, uri: str) -> dict[str, Any]:
+    """`grid_status` of every row, its time split into MLflow and SLURM, and the states."""
+    parts: dict[str, float] = {}
+    targets = [
+        (status_module, "latest_grid_runs", "mlflow"),
+        (status_module, "slurm_jobs", "slurm"),
+    ]
+    start = time.perf_counter()
+    with _timed(parts, targets):
+        statuses = status_module.grid_status(grid, uri)
+    result: dict[str, Any] = {"status_s": time.perf_counter() - start}
+    result["status_mlflow_s"] = parts.get("mlflow", 0.0)
+    result["status_slurm_s"] = parts.get("slurm", 0.0)
+    states: dict[str, int] = {}
+    for status in statuses:
+        states[status.state] = states.get(status.state, 0) + 1
+    result["states"] = states
+    return result
+
+
+def _cancel_all(grid: Grid | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Cancel every job the launch submitted (and any left with the grid's job name); wait
+    until none is queued, for at most ten seconds."""
+    if grid is None:
+        return {"cancelled_jobs": [], "cancelled_ok": True}
+    jobs = sorted(set(_submitted_jobs(grid)) | set(_jobs_named(f"kd-{grid.name}")))
+    log(f"cancelling {len(jobs)} job(s): {' '.join(jobs)}")
+    cancel(jobs)
+    left = jobs
+    for _ in range(20):
+        left = [j for j in _jobs_named(f"kd-{grid.name}") if j in jobs]
+        if not left:
+            break
+        time.sleep(0.5)
+    return {"cancelled_jobs": jobs, "cancelled_ok": not left}
+
+
 def launch_benchmark(
     rows: int = 1000,
     *,
@@ -186,16 +241,9 @@ def launch_benchmark(
     tracking_uri: str | None = None,
     workdir: str | Path | None = None,
     keep: bool = False,
-    log: Callable[[str], None] = _log_nothing,
+    log: Callable[[str], None] = log_nothing,
 ) -> dict[str, Any]:
     """Seconds to validate, submit and read the status of an n-row grid; cancels its jobs."""
-    import kd.tracking as tracking
-    import slurm.status as status_module
-    import slurm.submit as submit
-    from kd.bench import machine
-    from slurm.launcher import LaunchOptions, launch
-    from slurm.state import cancel
-
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     if not submit.slurm_available():
@@ -210,7 +258,7 @@ def launch_benchmark(
     try:
         path = write_launch_grid(folder, rows, partition, name)
         start = time.perf_counter()
-        tracking.Tracker(uri).client.search_experiments(max_results=1)  # schema, once per store
+        Tracker(uri).client.search_experiments(max_results=1)  # schema, once per store
         result["store_init_s"] = time.perf_counter() - start
 
         log(f"validating a {rows}-row grid ({path})")
@@ -219,56 +267,11 @@ def launch_benchmark(
         result["validate_s"] = time.perf_counter() - start
 
         log("submitting (launch/grid.py --executor slurm)")
-        buckets: dict[str, float] = {}
-        targets = [(tracking.Tracker, n, "mlflow") for n in _tracker_methods()]
-        targets += [(submit, "submit_rows", "sbatch"), (submit, "read_partitions", "sinfo")]
-        out = io.StringIO()
-        start = time.perf_counter()
-        with _timed(buckets, targets), contextlib.redirect_stdout(out):
-            code = launch(grid, LaunchOptions(executor="slurm", tracking_uri=uri, live=False))
-        result["submit_s"] = time.perf_counter() - start
-        if code != 0:
-            raise RuntimeError(f"the launch failed (exit {code}):\n{out.getvalue()[-2000:]}")
-        result["mlflow_s"] = buckets.get("mlflow", 0.0)
-        result["sbatch_s"] = buckets.get("sbatch", 0.0)
-        result["sinfo_s"] = buckets.get("sinfo", 0.0)
-        result["other_s"] = result["submit_s"] - sum(
-            result[k] for k in ("mlflow_s", "sbatch_s", "sinfo_s")
-        )
-        jobs = _submitted_jobs(grid)
-        result["sbatch_calls"] = len(jobs)
-
+        result |= _submit(grid, uri)
         log("reading the status of every row")
-        parts: dict[str, float] = {}
-        targets = [
-            (status_module, "latest_grid_runs", "mlflow"),
-            (status_module, "slurm_jobs", "slurm"),
-        ]
-        start = time.perf_counter()
-        with _timed(parts, targets):
-            statuses = status_module.grid_status(grid, uri)
-        result["status_s"] = time.perf_counter() - start
-        result["status_mlflow_s"] = parts.get("mlflow", 0.0)
-        result["status_slurm_s"] = parts.get("slurm", 0.0)
-        states: dict[str, int] = {}
-        for status in statuses:
-            states[status.state] = states.get(status.state, 0) + 1
-        result["states"] = states
+        result |= _read_status(grid, uri)
     finally:
-        if grid is not None:
-            jobs = sorted(set(_submitted_jobs(grid)) | set(_jobs_named(f"kd-{grid.name}")))
-            log(f"cancelling {len(jobs)} job(s): {' '.join(jobs)}")
-            cancel(jobs)
-            left = jobs
-            for _ in range(20):
-                left = [j for j in _jobs_named(f"kd-{grid.name}") if j in jobs]
-                if not left:
-                    break
-                time.sleep(0.5)
-            result["cancelled_jobs"] = jobs
-            result["cancelled_ok"] = not left
-        else:
-            result["cancelled_jobs"], result["cancelled_ok"] = [], True
+        result |= _cancel_all(grid, log)
         if not keep and workdir is None:
             shutil.rmtree(folder, ignore_errors=True)
     result |= machine()
@@ -291,114 +294,4 @@ def format_launch(r: dict[str, Any]) -> str:
         f"  cancelled     {len(r['cancelled_jobs'])} job(s): "
         + ("none left" if r["cancelled_ok"] else "SOME ARE STILL QUEUED"),
     ]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# The local executor: process start to first step
-# --------------------------------------------------------------------------------------------
-
-
-def local_benchmark(
-    grid: Grid,
-    row: Row,
-    *,
-    repeats: int = 2,
-    tracking_uri: str | None = None,
-    log: Callable[[str], None] = _log_nothing,
-) -> dict[str, Any]:
-    """Run `repeats` copies of `row` (one epoch of at most 2 batches each, one at a time)
-    through the local executor, with row processes forked from its fork server and, for
-    comparison, started as fresh interpreters; read each run's `time/startup_s` (process start
-    to first training step). Also times the fork server's one-off imports (`warmup_s`)."""
-    import dataclasses
-    import statistics
-
-    from kd.bench import machine
-    from kd.tracking import Tracker
-    from slurm import local
-    from slurm.launcher import absolute_uri
-
-    if row.depends_on:
-        raise ValueError(
-            f"row '{row.id}' waits on {', '.join(row.depends_on)}: pick a row without "
-            "dependencies for the local benchmark"
-        )
-    if grid.smoke:  # the generated data stays where the grid puts it
-        from kd.smoke import prepare_smoke_data
-
-        prepare_smoke_data([row])
-    folder = Path(tempfile.mkdtemp(prefix="kdgrid-bench-local-"))
-    uri = absolute_uri(tracking_uri or f"sqlite:///{folder}/mlflow.db")
-    tcfg = dataclasses.replace(
-        row.config.train, epochs=1, limit_train_batches=2, limit_eval_batches=1
-    )
-    tracker = Tracker(uri)
-    experiment = tracker.ensure_experiment(f"{grid.experiment}-bench")
-    result: dict[str, Any] = {
-        "row": row.id,
-        "label": row.label,
-        "student": row.config.student.model,
-        "teacher": row.config.teacher.model if row.config.teacher else None,
-        "repeats": repeats,
-    }
-    saved = os.environ.get(local.FORKSERVER_ENV)
-    try:
-        for mode, switch in (("fork_server", "1"), ("fresh", "0")):
-            os.environ[local.FORKSERVER_ENV] = switch
-            copies = []
-            for i in range(repeats):
-                cfg = dataclasses.replace(
-                    row.config,
-                    id=f"{row.id}-{mode}-{i}",
-                    train=tcfg,
-                    output_dir=str(folder / "outputs"),
-                )
-                copies.append(dataclasses.replace(row, config=cfg))
-            run_ids = tracker.create_row_runs(experiment, copies, executor="local")
-            executor = local.LocalExecutor(tracker, max_parallel=1, out=log, live=False)
-            start = time.perf_counter()
-            done = executor.run(copies, run_ids)
-            wall = time.perf_counter() - start
-            if not done.ok:
-                log_path = copies[0].output_dir / "train.log"
-                tail = log_path.read_text()[-3000:] if log_path.is_file() else "(no log)"
-                raise RuntimeError(f"a row failed; the end of a log:\n{tail}")
-            startups = [
-                tracker.client.get_run(run_ids[c.id]).data.metrics.get("time/startup_s", math.nan)
-                for c in copies
-            ]
-            log(f"{mode}: first step {', '.join(f'{t:.2f}' for t in startups)} s after start")
-            key = "startup_s" if mode == "fork_server" else "startup_fresh_s"
-            result[key] = statistics.median(startups)
-            result[f"{key}_repeats"] = startups
-            result[f"{mode}_rows_wall_s"] = wall
-        if hasattr(os, "fork"):
-            server = local.ForkServer(local.row_env(1))
-            start = time.perf_counter()
-            try:  # `python -m slurm.job --help` from a fork: the imports, then nothing
-                code = server.start(["--help"], folder / "help.log", local.row_env(1)).wait(60)
-            finally:
-                server.close()
-            result["warmup_s"] = time.perf_counter() - start if code == 0 else math.nan
-    finally:
-        if saved is None:
-            os.environ.pop(local.FORKSERVER_ENV, None)
-        else:
-            os.environ[local.FORKSERVER_ENV] = saved
-        shutil.rmtree(folder, ignore_errors=True)
-    return result | machine()
-
-
-def format_local(r: dict[str, Any]) -> str:
-    lines = [
-        f"row {r['row']} ({r['label']}): {r['student']} <- {r['teacher'] or 'no teacher'}, "
-        f"local executor, {r['repeats']} rows per mode, load {r['load_avg_1m']}",
-        f"  process start -> first step, forked from the fork server  {r['startup_s']:6.2f} s",
-        f"  process start -> first step, fresh interpreter             {r['startup_fresh_s']:6.2f} s",
-    ]
-    if "warmup_s" in r:
-        lines.append(
-            f"  fork server imports, once per launch                       {r['warmup_s']:6.2f} s"
-        )
     return "\n".join(lines)
