@@ -57,8 +57,8 @@ DATABASE_SCHEMES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 CONNECT_TIMEOUT_S = 5.0  # a store that does not answer in this time is reported, not waited on
 SQLITE_MAGIC = b"SQLite format 3\x00"
 STORE_FORMS = (
-    "use sqlite:///PATH.db, http(s)://HOST:PORT of an MLflow server (launch/server.py), "
-    "postgresql|mysql|mssql://..., or a folder path"
+    "use sqlite:///PATH.db or http(s)://HOST:PORT of an MLflow server (launch/server.py) "
+    "(or postgresql|mysql|mssql://...)"
 )
 
 
@@ -112,11 +112,15 @@ def store_problem(uri: str, writes: bool) -> str | None:
         if not parts.hostname:
             return f"no host in the URI; {STORE_FORMS}"
         return connect_problem(parts.hostname, port)
-    if scheme == "file":
-        return store_folder_problem(Path(url2pathname(parts.path)), writes)
-    if scheme:
+    if scheme and scheme != "file":
         return f"unknown scheme '{parts.scheme}'; {STORE_FORMS}"
-    return store_folder_problem(Path(uri), writes)
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        return (
+            "a folder (MLflow file store), which MLflow refuses unless "
+            f"MLFLOW_ALLOW_FILE_STORE=true; {STORE_FORMS}"
+        )
+    folder = Path(url2pathname(parts.path)) if scheme == "file" else Path(uri)
+    return store_folder_problem(folder, writes)
 
 
 def connect_problem(host: str, port: int) -> str | None:
