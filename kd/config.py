@@ -378,6 +378,7 @@ def _check_value(
                 problems.append(
                     Problem(f"{dotted}.{k}", f"must be {_type_name(value_type)}, got {v!r}")
                 )
+                continue  # reported: later checks must not meet the bad value
             out[str(k)] = coerced
         return True, out
     ok, coerced = _check_scalar(value, inner)

@@ -32,6 +32,9 @@ def evaluate(
         if isinstance(logits, tuple):  # a distilled model left in training mode
             logits = (logits[0] + logits[1]) / 2
         logits = logits.float()
+        # A negative label stands in for a corrupt test image (data.skip_corrupt): not scored.
+        scored = (targets >= 0).float()
+        targets = targets.clamp(min=0)
         per_sample = torch.stack(
             [
                 F.cross_entropy(logits, targets, reduction="none"),
@@ -39,9 +42,9 @@ def evaluate(
             ],
             dim=1,
         )
+        per_sample = torch.cat([per_sample * scored[:, None], scored[:, None]], dim=1)
         per_sample = accelerator.gather_for_metrics(per_sample)  # drops padding duplicates
-        totals[:3] += per_sample.sum(dim=0).double()
-        totals[3] += per_sample.shape[0]
+        totals += per_sample.sum(dim=0).double()
     model.train(was_training)
     count = max(totals[3].item(), 1.0)
     return {
@@ -75,8 +78,9 @@ def extract_embeddings(
     embeddings, labels = [], []
     for images, targets in loader:
         out = forward_with_embedding(model, images.to(device), feature_layer=feature_layer)
-        embeddings.append(out.embedding.float().cpu())
-        labels.append(targets.cpu())
+        scored = targets.cpu() >= 0  # not a stand-in for a corrupt image (data.skip_corrupt)
+        embeddings.append(out.embedding.float().cpu()[scored])
+        labels.append(targets.cpu()[scored])
     return torch.cat(embeddings), torch.cat(labels)
 
 

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.grid import Grid, GridError, load_grid, split_row_names  # noqa: E402
+from kd import cli  # noqa: E402
+from kd.grid import Grid, GridError  # noqa: E402
+
+MAX_TIME_MIN = 366 * 24 * 60
+ENV_URI = "MLFLOW_TRACKING_URI"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,10 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partition", help="SLURM partition for every row")
     parser.add_argument("--account", help="SLURM account")
     parser.add_argument("--qos", help="SLURM QOS")
-    parser.add_argument("--time", type=int, dest="time_min", help="SLURM time limit in minutes")
+    parser.add_argument("--time", dest="time_min", help="SLURM time limit in minutes")
     parser.add_argument(
         "--rows",
-        type=split_row_names,
         help="comma-separated row ids or labels (default: all); after a sweep override, a row's "
         "id or label selects all its variants",
     )
@@ -71,10 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="cancel the pending/running jobs of the grid (or of --rows) and mark their runs KILLED",
     )
-    parser.add_argument("--max-parallel", type=int, default=2, help="local executor: rows at once")
+    parser.add_argument("--max-parallel", default=2, help="local executor: rows at once")
     parser.add_argument(
         "--array-parallelism",
-        type=int,
         default=256,
         help="SLURM: tasks of one job array running at once",
     )
@@ -142,14 +145,43 @@ def choose_executor(name: str) -> str:
     return name
 
 
+OPTION_CHECKS: dict[str, cli.Check] = {
+    "partition": cli.text,
+    "account": cli.text,
+    "qos": cli.text,
+    "time_min": cli.int_between(1, MAX_TIME_MIN),
+    "rows": cli.row_names,
+    "max_parallel": cli.int_between(1, cli.MAX_PARALLEL),
+    "array_parallelism": cli.int_between(1, cli.MAX_ARRAY_PARALLELISM),
+    "tracking_uri": cli.text,
+}
+
+
+def checked_grid(args: argparse.Namespace) -> Grid | None:
+    """The grid and every option checked before anything happens: all problems are printed
+    at once (options, grid file, rows, tracking store) and None returned."""
+    problems = cli.check_options(args, OPTION_CHECKS, {"time_min": "--time"})
+    if args.json and not args.dry_run:
+        problems.append("--json: only with --dry-run (a launch prints its progress)")
+    overrides = [*args.overrides, *placement_overrides(args)]  # the valid ones
+    grid = cli.load_checked_grid(args, problems, overrides, smoke=args.smoke)
+    if grid is not None and args.rows:
+        try:
+            grid.select(args.rows)  # report unknown names before anything else
+        except GridError as exc:
+            problems.extend(exc.problems)
+    if not args.dry_run and (grid is not None or args.tracking_uri or os.environ.get(ENV_URI)):
+        problems.extend(cli.store_problems(args, grid, writes=not args.cancel))
+    if problems:
+        cli.report(problems)
+        return None
+    return grid
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        grid = load_grid(args.grid, [*args.overrides, *placement_overrides(args)], smoke=args.smoke)
-        if args.rows:
-            grid.select(args.rows)  # report unknown names before anything else
-    except GridError as exc:
-        print(exc, file=sys.stderr)
+    grid = checked_grid(args)
+    if grid is None:
         return 2
     if args.dry_run:
         print_rows(grid, args.rows or None, args.json)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.cli import add_grid_arguments, grid_from_args  # noqa: E402
+from kd.cli import add_grid_arguments, grid_from_args, seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--watch",
         nargs="?",
-        type=float,
         const=10.0,
         metavar="SECONDS",
         help="refresh until every row is done (default every 10 s)",
     )
     # intermixed: `status.py GRID --smoke train.epochs=3` (overrides after options) works too
     args = parser.parse_intermixed_args(argv)
-    grid = grid_from_args(args)
+    grid = grid_from_args(args, {"watch": seconds})
     if grid is None:
         return 2
     from kd.tracking import tracking_uri_for

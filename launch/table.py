@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.cli import add_grid_arguments, grid_from_args  # noqa: E402
+from kd.cli import add_grid_arguments, grid_from_args, plot_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-log", action="store_true", help="do not log the table to MLflow")
     args = parser.parse_intermixed_args(argv)
-    grid = grid_from_args(args)
+    grid = grid_from_args(args, {"plot": plot_file})
     if grid is None:
         return 2
     from kd import results

@@ -11,12 +11,14 @@ Exit status: 0 finished, 1 the row failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd.grid import GridError, load_grid  # noqa: E402
+from kd import cli  # noqa: E402
+from kd.grid import GridError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row", required=True, help="row id or label")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--tracking-uri")
-    args = parser.parse_args(argv)
-    try:
-        grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
-        row = grid.select_one(args.row)
-    except GridError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    args = parser.parse_intermixed_args(argv)
+    problems = cli.check_options(args, {"row": cli.text, "tracking_uri": cli.text})
+    grid = cli.load_checked_grid(args, problems, smoke=args.smoke)
+    if grid is not None and args.row is not None:
+        try:
+            row = grid.select_one(args.row)
+        except GridError as exc:
+            problems.extend(exc.problems)
+    if grid is not None or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        problems.extend(cli.store_problems(args, grid, writes=True))
+    if problems:
+        return cli.report(problems)
     from kd.tracking import tracking_uri_for
     from kd.train import run
     from slurm.launcher import plan_inline

@@ -153,6 +153,9 @@ def preflight(grid: Grid, options: LaunchOptions) -> str | None:
     the plan under the lock makes this check against what has run), and, for SLURM, every
     selected row's SLURM fields against `sinfo`. Returns the message for stderr, or None."""
     try:
+        folders = output_folder_problems(grid)
+        if folders:
+            raise GridError(folders)
         uri = tracking_uri_for(options.tracking_uri, grid.tracking_uri)
         if not store_exists(uri):
             plan_launch(
@@ -176,6 +179,22 @@ def preflight(grid: Grid, options: LaunchOptions) -> str | None:
     except GridError as exc:
         return str(exc)
     return None
+
+
+def output_folder_problems(grid: Grid) -> list[str]:
+    """Each `output_dir` the launch would write (its lock, journal and row folders) is, or can
+    be made in, a writable folder: found before anything is created."""
+    problems = []
+    for output_dir in dict.fromkeys(row.config.output_dir for row in grid.rows):
+        folder = Path(output_dir).resolve()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(
+                f"{grid.file}: output_dir '{output_dir}': {folder} is not a writable folder; "
+                "fix output_dir or the folder's permissions"
+            )
+    return problems
 
 
 def plan_inline(grid: Grid, row_id: str, tracking_uri: str | None = None) -> tuple[Row, list[str]]:

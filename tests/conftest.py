@@ -55,6 +55,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    fuzz_summary(terminalreporter)
     if not FAULT_OUTCOMES:
         return
     write = terminalreporter.write_line
@@ -72,4 +73,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
     write(
         f"fault injection: {tried} cases tried, {survived} survived, data lost: {lost}"
         + (f" ({unaudited} not audited: the test failed before its audit)" if unaudited else "")
+    )
+
+
+def fuzz_summary(terminalreporter) -> None:
+    """How many cases the fuzz tests (tests/fuzzing.py) tried, whatever pytest's -s/-q."""
+    from fuzzing import FUZZ_COUNTS, FUZZ_FAILURES
+
+    if not FUZZ_COUNTS:
+        return
+    terminalreporter.section("fuzzing")
+    parts = ", ".join(f"{n} {what}" for what, n in sorted(FUZZ_COUNTS.items()))
+    terminalreporter.write_line(
+        f"fuzz: {sum(FUZZ_COUNTS.values())} cases tried ({parts}); "
+        f"{sum(FUZZ_FAILURES.values())} failed the property (tracebacks, other exit statuses, "
+        "silent exit 2, files created by bad input)"
     )

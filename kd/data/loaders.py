@@ -25,13 +25,17 @@ from kd.data.images import open_rgb
 from kd.data.layouts import checked_layout
 from kd.data.spec import SPLITS, DatasetError, DatasetSpec, Split
 
+LEFT_OUT = -1  # the label of an image that stands in for a corrupt test image: not scored
+
 
 class LabeledImages(Dataset):
     """(image, label) pairs; images are RGB PIL images, passed through `transform` when given.
 
     A corrupt image raises `DatasetError` naming the file, unless `skip_corrupt`: then it is
     left out, the next image of the split takes its place (so batches keep their size, and
-    mixup its even batches), and it is flagged in `corrupt`, a tensor in shared memory, so that
+    mixup its even batches) with its label, or, on a split that is scored (`substitute=False`:
+    the test split), with label `LEFT_OUT` (-1), so that `kd.evaluate` leaves it out instead
+    of scoring the next image twice; it is flagged in `corrupt`, a tensor in shared memory, so that
     what loader worker processes skipped is seen by the training process (`skipped`).
 
     With a `cache` (`TransformCache`, for a deterministic transform: the test split) an image
@@ -50,8 +54,10 @@ class LabeledImages(Dataset):
         loader: Callable[[Any], Image.Image] = open_rgb,
         transform: Callable[[Image.Image], Any] | None = None,
         skip_corrupt: bool = False,
+        substitute: bool = True,
     ) -> None:
         self.samples = samples
+        self.substitute = substitute
         self.classes = classes
         self.num_classes = len(classes)
         self.loader = loader
@@ -133,6 +139,8 @@ class LabeledImages(Dataset):
                 self.corrupt[position] = 1
                 print(f"kd.data: skipped (data.skip_corrupt): {err}", file=sys.stderr, flush=True)
                 continue
+            if position != index and not self.substitute:
+                label = LEFT_OUT  # the image takes the place, not the score, of the corrupt one
             return (self.transform(image) if self.transform is not None else image), label
         raise DatasetError(
             f"all {len(self.samples)} images of the split are corrupt (first: "
@@ -160,11 +168,19 @@ def load_split(
     skip_corrupt: bool = False,
 ) -> LabeledImages:
     """One split as a Dataset of (image, 0-based label); index files are validated here.
-    `skip_corrupt`: see `LabeledImages` (the grid's `data.skip_corrupt`)."""
+    `skip_corrupt`: see `LabeledImages` (the grid's `data.skip_corrupt`); on the test split a
+    corrupt image is left out of the scores, not replaced in them."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     index = checked_layout(spec).index(spec, split)
-    return LabeledImages(index.samples, index.classes, index.loader, transform, skip_corrupt)
+    return LabeledImages(
+        index.samples,
+        index.classes,
+        index.loader,
+        transform,
+        skip_corrupt,
+        substitute=split == "train",
+    )
 
 
 def seed_worker(worker_id: int) -> None:

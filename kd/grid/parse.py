@@ -60,18 +60,142 @@ GridLoader.yaml_implicit_resolvers = {
 }
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a grid file safely; a syntax error names the line, and so does a duplicate key."""
+# Bounds on what a grid file may be: grids are short hand-written files, and these keep a
+# wrong path (a dataset archive, /dev/zero), a deeply nested or an alias-bomb YAML from
+# exhausting memory or Python's stack before any problem could be reported.
+MAX_GRID_BYTES = 4 * 2**20
+MAX_DEPTH = 50
+MAX_NODES = 200_000  # values in the file once YAML aliases (`*name`) are expanded
+PLAIN_TAGS = {
+    f"tag:yaml.org,2002:{name}"
+    for name in ("str", "int", "float", "bool", "null", "seq", "map", "merge")
+}
+MAX_REPORTED = 10
+
+
+def read_grid_text(path: Path) -> str:
+    """The grid file's text: at most MAX_GRID_BYTES, UTF-8, or a GridError that says which."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_GRID_BYTES + 1)
     except OSError as exc:
         raise GridError(
-            [f"{path}: cannot read the grid file: {exc.strerror}; check the path"]
+            [f"{path}: cannot read the grid file: {exc.strerror or exc}; check the path"]
         ) from None
-    loader = GridLoader(text)
+    except ValueError as exc:  # e.g. an embedded NUL in the path
+        raise GridError([f"{path!r}: not a usable file name ({exc}); check the path"]) from None
+    if len(data) > MAX_GRID_BYTES:
+        raise GridError(
+            [
+                f"{path}: larger than {MAX_GRID_BYTES // 2**20} MiB, so not a grid file (a grid "
+                "is a short YAML file); check the path"
+            ]
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise GridError(
+            [
+                f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                f"{exc.start}): is it a grid file? If so, save it as UTF-8"
+            ]
+        ) from None
+
+
+class BoundedLoader(GridLoader):
+    """`GridLoader` that refuses documents nested deeper than MAX_DEPTH while composing them
+    (PyYAML composes recursively: a deeper file would end in a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def node_problems(root: yaml.Node) -> list[str]:
+    """What a composed grid file holds that a grid cannot: keys that are not names, values of
+    other types than text, numbers, booleans, null, lists and mappings (`!!binary`, `!!set`,
+    ...), an alias that contains itself, more than MAX_NODES values once aliases are
+    expanded (a "billion laughs" file). Each as 'LINE:COLUMN: problem'."""
+    problems: list[str] = []
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def where(node: yaml.Node) -> str:
+        return f"{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            problems.append(f"{where(node)}: an alias (*name) refers to a value that contains it")
+            return MAX_NODES + 1
+        open_nodes.add(id(node))
+        total = 1
+        if node.tag not in PLAIN_TAGS:
+            problems.append(
+                f"{where(node)}: a value tagged '{node.tag}'; a grid holds only text, numbers, "
+                "booleans, null, lists and mappings"
+            )
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag not in (
+                    "tag:yaml.org,2002:str",
+                    "tag:yaml.org,2002:merge",
+                ):
+                    shown = key.value if isinstance(key, yaml.ScalarNode) else "a list or mapping"
+                    problems.append(
+                        f"{where(key)}: key {shown!r} is not a name; write keys as plain text "
+                        "(quote a number: '1': ...)"
+                    )
+                total += size(key) + size(value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = min(total, MAX_NODES + 1)
+        return sizes[id(node)]
+
+    if size(root) > MAX_NODES and not problems:
+        problems.append(
+            f"1:1: more than {MAX_NODES} values once its aliases (*name) are expanded; a grid "
+            "is a short file: write rows out or use `recipes`/`axes`"
+        )
+    return problems
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a grid file safely; a syntax error names the line, and so does a duplicate key.
+    Any bytes give either the file's mapping or a GridError (never another exception)."""
+    text = read_grid_text(path)
+    try:
+        loader = BoundedLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character where YAML allows none
+        line = text[: exc.position].count("\n") + 1
+        raise GridError(
+            [
+                f"{path}:{line}: character #x{exc.character:04x} is not allowed in YAML "
+                "(is it a grid file?); remove it"
+            ]
+        ) from None
     loader.duplicates = []
     try:
-        data = loader.get_single_data()  # safe: no Python objects from YAML
+        node = loader.get_single_node()  # safe: no Python objects from YAML
+        problems = node_problems(node) if node is not None else []
+        if problems:
+            raise GridError([f"{path}:{p}" for p in problems[:MAX_REPORTED]])
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -81,6 +205,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         loader.dispose()
     if loader.duplicates:
         raise GridError([f"{path}:{message}" for _, message in sorted(loader.duplicates)])
+    if data is None:
+        raise GridError([f"{path}: the grid file is empty; write `name`, `defaults`, `rows`"])
     if not isinstance(data, dict):
         raise GridError(
             [f"{path}: a grid file must be a YAML mapping with `name`, `defaults`, `rows`"]

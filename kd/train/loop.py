@@ -32,6 +32,7 @@ from kd.train.state import (
     check_same_dependencies,
     load_state,
     log_missing_epochs,
+    repair_epoch_files,
     restore_state,
     snapshot_epoch,
     write_epoch_files,
@@ -160,6 +161,9 @@ def resume(t: RowTraining) -> Resumed:
         )
     resumed = restore_state(t.parts, state)
     if state is not None:
+        if accelerator.is_main_process:
+            for name in repair_epoch_files(row, state):
+                t.log(f"[{row.id}] {name} rewritten from {state_path}: the last save was cut short")
         epochs = row.config.train.epochs
         t.log(f"[{row.id}] resuming after epoch {state['epoch'] + 1}/{epochs} from {state_path}")
         if t.mlrun and resumed.history:

@@ -131,31 +131,68 @@ def write_epoch_files(
     log: Callable[[str], None] | None = None,
     line: str | None = None,
 ) -> None:
-    """best.pt (if improved), last.pt, state.pt, state.json, then the epoch's metrics,
+    """state.pt, best.pt (if improved), last.pt, state.json, then the epoch's metrics,
     progress.json and its log `line`: metrics reach MLflow only once the state that holds them
     is on disk, so a resumed run never logs an epoch twice, and the log says an epoch is done
-    only once a resume would start after it."""
+    only once a resume would start after it.
+
+    state.pt is the epoch's commit point, written first: it holds the epoch's checkpoint and
+    whether it improved, so a kill before best.pt and last.pt are written leaves files that
+    `repair_epoch_files` completes on resume. (Written the other way round, a kill between
+    best.pt and state.pt left a best.pt from an epoch the resume then trained again.)"""
     out = row.output_dir
+    atomic_save(
+        {**files.state, "checkpoint": files.model, "improved": files.improved}, out / rowfiles.STATE
+    )  # the checkpoint's tensors are the state's own: torch.save stores them once
     if files.improved:
         atomic_save(files.model, out / rowfiles.BEST)
     atomic_save(files.model, out / rowfiles.LAST)
-    atomic_save(files.state, out / rowfiles.STATE)
-    # What the launcher reads (without torch) to resume a crashed row into its run.
-    write_json(
-        out / rowfiles.STATE_INFO,
-        {
-            "run_id": files.state["run_id"],
-            "key": row.key,
-            "epoch": files.epoch + 1,
-            "epochs": files.epochs,
-            "dependency_runs": files.state.get("dependency_runs", {}),
-        },
-    )
+    write_state_info(row, files.state, files.epochs)
     if mlrun and metrics is not None:
         mlrun.log_metrics(metrics, step=files.epoch + 1)
     write_progress(row, files.epoch + 1, files.epochs, files.model["acc1"], eta_s)
     if log is not None and line is not None:
         log(line)
+
+
+def write_state_info(row: Row, state: dict, epochs: int) -> None:
+    """state.json: what the launcher reads (without torch) to resume a crashed row into its run."""
+    write_json(
+        row.output_dir / rowfiles.STATE_INFO,
+        {
+            "run_id": state["run_id"],
+            "key": row.key,
+            "epoch": state["epoch"] + 1,
+            "epochs": epochs,
+            "dependency_runs": state.get("dependency_runs", {}),
+        },
+    )
+
+
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a best.pt or last.pt was saved at (None: missing or unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("epoch")
+    except Exception:  # a missing, truncated or foreign file is rewritten from the state
+        return None
+
+
+def repair_epoch_files(row: Row, state: dict) -> list[str]:
+    """After a kill inside `write_epoch_files`: rewrite from state.pt the best.pt, last.pt and
+    state.json of its epoch that were not written yet, so that the files agree with the
+    state a resume starts from. Returns the names rewritten."""
+    checkpoint = state.get("checkpoint")
+    if checkpoint is None:  # a state.pt of an older version: nothing to repair from
+        return []
+    out, epoch, fixed = row.output_dir, state["epoch"], []
+    if state.get("improved") and saved_epoch(out / rowfiles.BEST) != epoch:
+        atomic_save(checkpoint, out / rowfiles.BEST)
+        fixed.append(rowfiles.BEST)
+    if saved_epoch(out / rowfiles.LAST) != epoch:
+        atomic_save(checkpoint, out / rowfiles.LAST)
+        fixed.append(rowfiles.LAST)
+    write_state_info(row, state, row.config.train.epochs)
+    return fixed
 
 
 def load_state(path: Path, run_id: str | None) -> dict | None:

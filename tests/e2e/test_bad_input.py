@@ -28,12 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fuzzing import closed_port
 from slurmtools import require_slurm
 
 from kd.data import generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
+CLOSED_PORT = closed_port()  # a real localhost port nothing listens on
 
 # A valid grid: a teacher row and a student distilled from it, on a generated ImageFolder copy.
 # Each case breaks one thing in it. `{name}` (unique per case: SLURM job names derive from it),
@@ -87,6 +89,9 @@ class Case:
     slurm: bool = False
     grid_name: str = "grid.yaml"  # the file passed on the command line
     create_grid: bool = True
+    data: bytes | None = None  # the grid file's bytes, for files that are not text
+    tracking_uri: str | None = None  # instead of the case folder's SQLite store
+    names_file: bool = True  # the problem is the grid file's (else an option's: no file named)
 
 
 @dataclass
@@ -112,9 +117,19 @@ CASES = [
     Case("yaml-syntax", text="name: x\nrows: [\n  {id: a, label: A}\n", fragments=("YAML syntax error", FIX_YAML)),
     Case("yaml-bad-indent", replace=D("  init: scratch", "    init: scratch"), fragments=("YAML syntax error", FIX_YAML)),
     Case("yaml-duplicate-key", replace=D("  init: scratch", "  init: scratch\n  init: pretrained"), fragments=("duplicate key 'init'", "keep one")),
-    Case("yaml-python-tag", text="name: !!python/object/apply:os.system ['touch pwned']\nrows: []\n", fragments=("YAML syntax error", "python/object/apply", FIX_YAML)),
+    Case("yaml-python-tag", text="name: !!python/object/apply:os.system ['touch pwned']\nrows: []\n", fragments=("a value tagged", "python/object/apply", "a grid holds only text")),
     Case("grid-file-missing", create_grid=False, fragments=("cannot read the grid file", "check the path")),
     Case("grid-not-a-mapping", text="- 1\n- 2\n", fragments=("must be a YAML mapping",)),
+    Case("grid-not-utf8", data=b"name: x\nrows: [\xff\xfe]\n", fragments=(":2: not UTF-8 text", "save it as UTF-8")),
+    Case("grid-binary", data=bytes(range(256)) * 4, fragments=("not UTF-8 text",)),
+    Case("grid-control-character", text="name: x\x07\n", fragments=("character #x0007 is not allowed",)),
+    Case("grid-empty", text="", fragments=("the grid file is empty",)),
+    Case("grid-deeply-nested", text="name: " + "[" * 5000 + "]" * 5000 + "\n", fragments=("nested deeper than 50 levels", FIX_YAML)),
+    Case("grid-alias-bomb", text="".join(f"{k}: &{k} [{', '.join([f'*{p}' if p else 'lol'] * 9)}]\n" for p, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True)), fragments=("once its aliases (*name) are expanded",)),
+    Case("grid-self-alias", text="name: x\nrows: &r [*r]\n", fragments=("refers to a value that contains it",)),
+    Case("grid-binary-tag", replace=D("name: {name}", "name: !!binary aGk="), fragments=("tagged 'tag:yaml.org,2002:binary'",)),
+    Case("grid-number-key", replace=D("  init: scratch", "  init: scratch\n  1: 2"), fragments=("key '1' is not a name",)),
+    Case("grid-is-a-folder", create_grid=False, grid_name="", fragments=("cannot read the grid file", "Is a directory")),
     # ---- unknown or misspelt keys
     Case("unknown-top-level-key", replace=D("recipes:", "recipies:"), key="top-level key 'recipies'", fragments=("unknown key", "did you mean 'recipes'?")),
     Case("unknown-row-key", replace=D(T_ROW, T_ROW[:-1] + ", trian: {epochs: 2}}"), row="teacher", key="trian", fragments=("unknown key", "did you mean 'train'?")),
@@ -160,7 +175,19 @@ CASES = [
     Case("override-malformed", args=("train.epochs=[1,2",), key="override 'train.epochs=[1,2'", fragments=("no viable alternative", "write key=value")),
     Case("override-without-key", args=("=3",), key="override '=3'", fragments=("no key before '='", "write key=value")),
     Case("override-wrong-type", args=("train.epochs=abc",), row="teacher", key="train.epochs", fragments=("must be int, got 'abc'",)),
-    Case("cli-time-zero", args=("--time", "0"), row="teacher", key="resources.time_min", fragments=("must be >= 1, got 0",)),
+    Case("cli-time-zero", args=("--time", "0"), names_file=False, key="--time '0'", fragments=("must be between 1 and",)),
+    Case("cli-rows-empty", args=("--rows", ""), names_file=False, key="--rows ''", fragments=("empty", "give a value")),
+    Case("cli-rows-only-commas", args=("--rows", ",,"), names_file=False, key="--rows ',,'", fragments=("no row name",)),
+    Case("cli-max-parallel-negative", args=("--max-parallel", "-3"), names_file=False, key="--max-parallel '-3'", fragments=("must be between 1 and",)),
+    Case("cli-array-parallelism-not-a-number", args=("--array-parallelism", "lots"), names_file=False, key="--array-parallelism 'lots'", fragments=("whole number",)),
+    Case("cli-json-without-dry-run", args=("--json",), names_file=False, key="--json", fragments=("only with --dry-run",)),
+    # ---- tracking stores: checked before anything is created (no outputs/ folder, no database)
+    Case("tracking-uri-unknown-scheme", tracking_uri="foo://bar", names_file=False, key="--tracking-uri 'foo://bar'", fragments=("unknown scheme 'foo'", "sqlite:///")),
+    Case("tracking-uri-closed-port", tracking_uri=f"http://127.0.0.1:{CLOSED_PORT}", names_file=False, key="--tracking-uri", fragments=("cannot reach 127.0.0.1", "launch/server.py start")),
+    Case("tracking-uri-missing-folder", tracking_uri="sqlite:////proc/no-such-folder/mlflow.db", names_file=False, key="--tracking-uri", fragments=("folder /proc/no-such-folder does not exist",)),
+    Case("tracking-uri-not-sqlite", tracking_uri="sqlite:///{corrupt}", names_file=False, key="--tracking-uri", fragments=("is not a SQLite database",)),
+    Case("tracking-uri-in-grid", replace=D("experiment: kd-{name}", "experiment: kd-{name}\ntracking_uri: 'htp://host:5000'"), tracking_uri="", names_file=False, key="tracking_uri 'htp://host:5000'", fragments=("unknown scheme 'htp'",)),
+    Case("output-dir-under-a-file", replace=D("output_dir: outputs", "output_dir: {corrupt}/outputs"), key="output_dir", fragments=("is not a writable folder",)),
     Case("rows-unknown", args=("--rows", "teachr"), key="--rows", fragments=("no row with id or label 'teachr'", "did you mean 'teacher'?")),
     Case("rows-unfinished-dependency", args=("--rows", "student"), row="student", key="depends on row 'teacher'", fragments=("has never run", "add it with --rows student,teacher")),
     # ---- SLURM fields (against the dev cluster's sinfo)
@@ -349,11 +376,15 @@ def run_case(case: Case, inputs: Inputs, workdir: Path, server: ForkServer | Non
     """`launch/grid.py` on the case's grid in `workdir`, through `server` or as `python ...`."""
     name = f"bad-{case.id}-{secrets.token_hex(3)}"
     grid = workdir / case.grid_name
-    if case.create_grid:
+    if case.data is not None:
+        grid.write_bytes(case.data)
+    elif case.create_grid:
         grid.write_text(grid_text(case, inputs, name))
     executor = "slurm" if case.slurm else "local"
+    uri = f"sqlite:///{workdir}/mlflow.db" if case.tracking_uri is None else case.tracking_uri
+    uri = uri.replace("{corrupt}", str(inputs.corrupt))
     argv = [str(REPO / "launch" / "grid.py"), str(grid), *case.args, "--executor", executor,
-            "--tracking-uri", f"sqlite:///{workdir}/mlflow.db"]  # fmt: skip
+            *(["--tracking-uri", uri] if uri else [])]  # fmt: skip
     before = tree(workdir)
     if server is not None:
         status, stdout, stderr = server.run(argv, workdir, case.id)
@@ -387,7 +418,7 @@ def check(case: Case, outcome: Outcome) -> None:
         assert fragment not in outcome.stderr, outcome.stderr
     # The line of the problem: the file, then the row and the key, then what is wrong and what
     # to do. Other problems may be listed beside it (all are reported at once).
-    wanted = [str(outcome.grid)]
+    wanted = [str(outcome.grid)] if case.names_file else []
     if case.row is not None:
         wanted.append(f"'{case.row}'")
     if case.key is not None:
@@ -396,8 +427,8 @@ def check(case: Case, outcome: Outcome) -> None:
     lines = [line for line in outcome.stderr.splitlines() if all(w in line for w in wanted)]
     assert lines, f"{case.id}: no line of stderr holds all of {wanted}:\n{outcome.stderr}"
     line = lines[0]
-    at = line.index(str(outcome.grid))
-    for part in wanted[1:3]:  # the row after the file, the key after the row
+    at = 0
+    for part in wanted[:3] if case.names_file else ():  # file, then row, then key
         at = line.index(part, at)
     # Nothing was created or touched: no MLflow store (so no run), no output folder, no lock.
     assert outcome.after == outcome.before, (
@@ -429,7 +460,16 @@ def test_bad_slurm_fields_exit_2_and_submit_nothing(
 
 # A few cases once more as plain `python launch/grid.py ...` processes: the catalogue's way of
 # running the script must not be what makes it pass.
-PLAIN = ["yaml-syntax", "init-file-other-architecture", "rows-unfinished-dependency"]
+PLAIN = [
+    "yaml-syntax",
+    "init-file-other-architecture",
+    "rows-unfinished-dependency",
+    "grid-not-utf8",
+    "grid-deeply-nested",
+    "cli-rows-empty",
+    "tracking-uri-unknown-scheme",
+    "tracking-uri-closed-port",
+]
 
 
 @pytest.mark.parametrize("case_id", PLAIN)
