@@ -135,7 +135,9 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def library_files() -> list[Path]:
-    return sorted(p for pkg in LIBRARY for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    return sorted(
+        p for pkg in LIBRARY for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts
+    )
 
 
 def load() -> dict[str, Module]:
@@ -195,15 +197,23 @@ def import_cycles(modules: dict[str, Module]) -> list[list[str]]:
 
 def report(modules: dict[str, Module]) -> dict:
     functions = sorted(
-        ((f"{m.name}.{f}", n, f"{m.path.relative_to(REPO)}:{line}") for m in modules.values() for f, n, line in m.functions),
+        (
+            (f"{m.name}.{f}", n, f"{m.path.relative_to(REPO)}:{line}")
+            for m in modules.values()
+            for f, n, line in m.functions
+        ),
         key=lambda t: -t[1],
     )
     return {
         "library_lines": sum(m.lines for m in modules.values()),
         "modules": len(modules),
-        "largest_modules": sorted(((m.name, m.lines) for m in modules.values()), key=lambda t: -t[1])[:10],
+        "largest_modules": sorted(
+            ((m.name, m.lines) for m in modules.values()), key=lambda t: -t[1]
+        )[:10],
         "longest_functions": functions[:10],
-        "modules_over_limit": [(m.name, m.lines) for m in modules.values() if m.lines > MAX_MODULE_LINES],
+        "modules_over_limit": [
+            (m.name, m.lines) for m in modules.values() if m.lines > MAX_MODULE_LINES
+        ],
         "functions_over_limit": [f for f in functions if f[1] > MAX_FUNCTION_LINES],
         "import_cycles": import_cycles(modules),
         "private_uses": [
