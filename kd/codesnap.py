@@ -186,8 +186,5 @@ def code_note(tags: dict[str, str] | None, current: CodeInfo, tag_prefix: str) -
     if not trained or trained == current.hash:
         return None
     commit = tags.get(f"{tag_prefix}.commit", "unknown")[:12]
-    dirty = " with uncommitted changes" if tags.get(f"{tag_prefix}.code_dirty") == "true" else ""
-    return (
-        f"trained by other code than this checkout: code {trained} (commit {commit}{dirty}); "
-        f"the checkout is {current.describe()}"
-    )
+    dirty = ", uncommitted changes" if tags.get(f"{tag_prefix}.code_dirty") == "true" else ""
+    return f"trained by code {trained} (commit {commit}{dirty}), not this checkout's {current.hash}"

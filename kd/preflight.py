@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kd.grid import Row
-from kd.models.names import split_tag
 
 TIMEOUT_ENV = "KDGRID_HUB_TIMEOUT_S"  # seconds a "can it be downloaded" request may take
 DEFAULT_TIMEOUT_S = 5.0
@@ -50,7 +49,7 @@ def pretrained_needs(rows: Iterable[Row]) -> list[Need]:
     for row in rows:
         cfg = row.config
         if cfg.init.source == "pretrained":
-            arch, tag = split_tag(cfg.student.model)
+            arch, _, tag = cfg.student.model.partition(".")  # as kd.models.split_tag
             tag = tag or cfg.init.tag
             needs.append(Need(row, "init", f"{arch}.{tag}" if tag else arch))
         teacher = cfg.teacher
