@@ -56,6 +56,11 @@ def check_launch_weights(
         return str(GridError(check.problems))
     for note in check.notes:
         print(f"note: {note}")
+    if check.names and check.all_cached:
+        print(
+            f"pretrained weights in the Hugging Face cache: {', '.join(check.names)}; "
+            "jobs run with HF_HUB_OFFLINE=1"
+        )
     return check
 
 
