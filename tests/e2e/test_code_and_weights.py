@@ -1,6 +1,6 @@
 """The local executor runs the code that was launched, and the weights it was promised.
 
-- A launch from a throwaway copy of the checkout, which is then edited so that any process
+- A launch from inside a throwaway copy of the checkout, which is then edited so that any process
   importing the trainer from it fails at once: every row still finishes (imported from the
   launch's snapshot under outputs/<grid>/code/<hash>/), its run names that code, and
   status/table say the rows were trained by other code than the checkout now holds.
@@ -69,8 +69,8 @@ def test_rows_run_the_launched_code_after_the_checkout_is_edited(
     tmp_path: Path, data: Path
 ) -> None:
     checkout = copy_checkout(tmp_path / "checkout")
-    workdir = tmp_path / "work"
-    grid = _grid(workdir, "snap", data)
+    workdir = checkout  # launched from inside the checkout, as the README does
+    grid = _grid(workdir / "testgrids", "snap", data)
     # every row a fresh interpreter (no fork server importing the code up front), one at a
     # time: the student starts after the edit, from whatever PYTHONPATH leads it to
     env = _env(KDGRID_LOCAL_FORKSERVER="0")
