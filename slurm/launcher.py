@@ -152,7 +152,7 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
                 return prepared
             # the code every job of this launch imports, and their requeues too
             env, _ = job_environment(
-                Path(prepared.rows[0].config.output_dir), hub_offline=weights.all_cached
+                Path(grid.rows[0].config.output_dir), hub_offline=weights.all_cached
             )
             if options.executor == "slurm":
                 return _finish(prepared, _submit(prepared, options, env))
