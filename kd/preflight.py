@@ -109,12 +109,17 @@ def check_weights(rows: Sequence[Row], *, prefetch: bool = False) -> WeightsChec
 
 
 def _missing_message(need: Need, source, reason: str) -> str:
-    from huggingface_hub import constants
+    if source.hf_repo:
+        from huggingface_hub import constants
 
+        cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    else:  # weights timm only knows by URL: torch hub's cache
+        import torch.hub
+
+        cache = f"torch hub's cache ({torch.hub.get_dir()}/checkpoints)"
     return (
-        f"{need.where()}: pretrained weights '{need.name}' ({source.describe()}) are not in the "
-        f"Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be downloaded from here "
-        f"({reason}); run launch/grid.py with --prefetch where there is network, or copy a "
-        f"Hugging Face cache that has them into HF_HOME, or point {need.role}.file at a local "
-        "copy of the weights"
+        f"{need.where()}: pretrained weights '{need.name}' ({source.describe()}) are not in "
+        f"{cache} and cannot be downloaded from here ({reason}); run launch/grid.py with "
+        "--prefetch where there is network, or copy a Hugging Face cache that has them into "
+        f"HF_HOME, or point {need.role}.file at a local copy of the weights"
     )
