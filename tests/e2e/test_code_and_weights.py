@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from codecopy import TINY_PRETRAINED, break_training, copy_checkout, make_hf_cache
+from codecopy import REPO, TINY_PRETRAINED, break_training, copy_checkout, make_hf_cache
 from slurmtools import generate_data, mlflow_client, row_runs, write_grid
 
 # A hub endpoint that refuses at once: "can it be downloaded" fails fast and surely.
@@ -146,3 +146,28 @@ def test_cached_pretrained_weights_run_offline(tmp_path: Path, data: Path) -> No
     assert Path(snapshot).parent == workdir / "outputs" / "cached" / "code"  # via the fork server
     client = mlflow_client(workdir)
     assert client.get_run(runs["student"].info.run_id).data.params["init.source"] == "pretrained"
+
+
+def test_a_model_built_offline_reads_the_cached_weights(tmp_path: Path) -> None:
+    """What a job does: `build_model(..., source="pretrained")` -> timm.create_model(
+    pretrained=True) -> the hub cache, with HF_HUB_OFFLINE=1 and no network."""
+    home = tmp_path / "hf"
+    state = make_hf_cache(home, seed=3)
+    code = f"""
+import json, torch
+from kd.models import build_model
+model = build_model({TINY_PRETRAINED!r}, num_classes=1000, source="pretrained")
+got = model.state_dict()
+print(json.dumps({{k: bool(torch.equal(got[k], v)) for k, v in torch.load({str(tmp_path / "sd.pt")!r}).items()}}))
+"""
+    import torch
+
+    torch.save(state, tmp_path / "sd.pt")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    equal = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert equal and all(equal.values()), [k for k, v in equal.items() if not v]
