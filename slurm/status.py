@@ -146,7 +146,7 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
         other_code = None
         if state == "finished":
             other_code = code_note(record.tags, checkout, TAG)
-            reason = stale.get(row.id) or other_code
+            reason = stale.get(row.id)
         info = metrics.get(record.run_id, {}) if record else {}
         values = info.get("metrics", {})
         known = job is not None and job.state != GONE
@@ -195,7 +195,7 @@ def format_table(rows: Iterable[RowStatus]) -> str:
                 _hms(s.elapsed_s),
                 f"{s.epoch}/{s.epochs}" if s.epoch is not None else f"-/{s.epochs}",
                 f"{s.acc1:.2f}" if s.acc1 is not None else "-",
-                (s.reason or "")[:60],
+                (s.reason or s.other_code or "")[:60],
             ]
         )
     widths = [max(len(str(r[i])) for r in [headers, *lines]) for i in range(len(headers))]
