@@ -26,7 +26,6 @@ from kd.plan import (
     running_ids,
     stale_after_launch,
 )
-from kd.preflight import WeightsCheck
 from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR, SUBMISSIONS
 from kd.tracking import RunRecord, Tracker, store_exists, tracking_uri_for
 from slurm.interrupted import never_queued, recover, stray_jobs
@@ -131,19 +130,16 @@ class Prepared:
 
 def launch(grid: Grid, options: LaunchOptions) -> int:
     """Plan, record and run or submit a grid. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
-    problem = preflight(grid, options)
-    weights = None
-    if not problem:
-        weights = check_launch_weights(
-            grid,
-            options.rows,
-            force=options.force,
-            prefetch=options.prefetch,
-            tracking_uri=options.tracking_uri,
-        )
-        problem = weights if isinstance(weights, str) else None
-    if problem or not isinstance(weights, WeightsCheck):
-        print(problem, file=sys.stderr)
+    # bad input (rows, SLURM fields, pretrained weights) is found before the lock writes anything
+    weights = preflight(grid, options) or check_launch_weights(
+        grid,
+        options.rows,
+        force=options.force,
+        prefetch=options.prefetch,
+        tracking_uri=options.tracking_uri,
+    )
+    if isinstance(weights, str):
+        print(weights, file=sys.stderr)
         return 2
     try:
         with grid_lock(grid):
