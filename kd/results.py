@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kd.codesnap import code_note, read_code
 from kd.grid import Grid, Row
 from kd.provenance import stale_rows
-from kd.tracking import RunSummary
+from kd.tracking import TAG, RunSummary
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TableRow:
     paper_params: str | None
     extra: Mapping[str, float]  # e.g. clustering NMI/ARI
     stale: str | None = None  # why a finished row no longer matches its dependencies' runs
+    other_code: str | None = None  # a finished row trained by other code than the checkout
 
     @property
     def diff_acc1(self) -> float | None:
@@ -73,6 +75,7 @@ def build_table(
 ) -> list[TableRow]:
     table = []
     stale_reasons = stale_rows(grid, {key: summary.record for key, summary in runs.items()})
+    checkout = read_code()
     for row in grid.rows:
         summary = runs.get(row.key)
         state = "not run" if summary is None else summary.record.status.lower()
@@ -102,6 +105,7 @@ def build_table(
                 paper_params=paper.params,
                 extra={name: metrics[name] for name in extra_metrics if name in metrics},
                 stale=stale,
+                other_code=code_note(summary.record.tags, checkout, TAG) if finished else None,
             )
         )
     return table

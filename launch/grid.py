@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="rerun rows that already finished")
     parser.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="download the pretrained weights the rows need into the Hugging Face cache first "
+        "(run where there is network); jobs then run with the hub offline",
+    )
+    parser.add_argument(
         "--cancel",
         action="store_true",
         help="cancel the pending/running jobs of the grid (or of --rows) and mark their runs KILLED",
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         max_parallel=args.max_parallel,
         tracking_uri=args.tracking_uri,
+        prefetch=args.prefetch,
     )
     return launch(grid, options)
 

@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = ", ".join(f"{n} {state}" for state, n in counts.items())
             print(f"grid '{grid.name}' ({grid.file}), experiment '{grid.experiment}': {summary}")
             print(format_table(rows), flush=True)
+            other = [r.id for r in rows if r.other_code]
+            if other:
+                print(
+                    f"note: {len(other)} finished row(s) were trained by other code than this "
+                    f"checkout: {', '.join(other)} (`--json` says which code)",
+                    flush=True,
+                )
         active = any(r.state in ("pending", "running", "preempted") for r in rows)
         if not args.watch or not active:
             return 0

@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         if row.stale:
             print(f"warning: row '{row.id}' ({row.label}): {row.stale}", file=sys.stderr)
+        if row.other_code:
+            print(f"note: row '{row.id}' ({row.label}): {row.other_code}", file=sys.stderr)
+    other = sum(1 for row in table if row.other_code)
+    if other:
+        print(
+            f"note: {other} finished row(s) were trained by other code than this checkout "
+            "(each run's commit, code hash and uncommitted diff are in MLflow: tags "
+            "kdgrid.commit, kdgrid.code_hash, artifact code/uncommitted.diff)",
+            file=sys.stderr,
+        )
     files = []
     if args.plot:
         files.append(results.plot(table, args.plot, f"{grid.name}: measured vs paper acc@1"))

@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in notes:
         print(f"note: {line}")
+    from kd.preflight import check_weights
+
+    weights = check_weights([row])  # missing pretrained weights: exit 2, as a launch says
+    if weights.problems:
+        print(GridError(weights.problems), file=sys.stderr)
+        return 2
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 

@@ -29,6 +29,7 @@ from kd.plan import (
 from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR, SUBMISSIONS
 from kd.tracking import RunRecord, Tracker, store_exists, tracking_uri_for
 from slurm.interrupted import never_queued, recover, stray_jobs
+from slurm.jobenv import check_launch_weights, exported, job_environment
 from slurm.submit import SlurmUnavailable, check_rows, read_partitions
 
 
@@ -42,6 +43,7 @@ class LaunchOptions:
     array_parallelism: int = 256  # SLURM: tasks of one array running at once
     tracking_uri: str | None = None
     live: bool | None = None  # redraw progress in place (default: when stdout is a terminal)
+    prefetch: bool = False  # download missing pretrained weights into the cache first
 
 
 class Liveness:
@@ -128,22 +130,33 @@ class Prepared:
 
 def launch(grid: Grid, options: LaunchOptions) -> int:
     """Plan, record and run or submit a grid. Returns the exit status (0 ok, 1 a row failed, 2 bad input)."""
-    problem = preflight(grid, options)
-    if problem:
-        print(problem, file=sys.stderr)
+    # bad input (rows, SLURM fields, pretrained weights) is found before the lock writes anything
+    weights = preflight(grid, options) or check_launch_weights(
+        grid,
+        options.rows,
+        force=options.force,
+        prefetch=options.prefetch,
+        tracking_uri=options.tracking_uri,
+    )
+    if isinstance(weights, str):
+        print(weights, file=sys.stderr)
         return 2
     try:
         with grid_lock(grid):
             prepared = _prepare(grid, options)
             if isinstance(prepared, int):
                 return prepared
+            # the code every job of this launch imports, and their requeues too
+            env, _ = job_environment(
+                Path(grid.rows[0].config.output_dir), hub_offline=weights.all_cached
+            )
             if options.executor == "slurm":
-                return _finish(prepared, _submit(prepared, options))
+                return _finish(prepared, _submit(prepared, options, env))
     except TimeoutError as exc:
         print(f"launch/grid.py: {exc}", file=sys.stderr)
         return 2
     # Local rows run outside the lock: their runs exist, so another launch sees them as active.
-    return _finish(prepared, _run_local(prepared, options))
+    return _finish(prepared, _run_local(prepared, options, env))
 
 
 def preflight(grid: Grid, options: LaunchOptions) -> str | None:
@@ -347,12 +360,14 @@ def resumable_run(decision: Decision, running: set[str]) -> str | None:
     return previous.run_id
 
 
-def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
+def _run_local(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> int:
     from slurm.local import LocalExecutor
 
     grid, to_run, run_ids = prepared.grid, prepared.rows, prepared.run_ids
     record_launch(grid, to_run, run_ids, "local")
-    executor = LocalExecutor(prepared.tracker, max_parallel=options.max_parallel, live=options.live)
+    executor = LocalExecutor(
+        prepared.tracker, max_parallel=options.max_parallel, live=options.live, env=env
+    )
     uri_args = ["--tracking-uri", options.tracking_uri] if options.tracking_uri else []
     try:
         with _interrupts_raise():  # SIGTERM/SIGHUP stop the rows as Ctrl-C does
@@ -375,7 +390,7 @@ def _run_local(prepared: Prepared, options: LaunchOptions) -> int:
     return 0 if result.ok else 1
 
 
-def _submit(prepared: Prepared, options: LaunchOptions) -> int:
+def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> int:
     """Submit every row and return at once. Each sbatch call's job ids are recorded as soon as
     it returns; on an error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is
     cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
@@ -392,10 +407,6 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     )
     by_id = {row.id: row for row in to_run}
     folder = Path(to_run[0].config.output_dir).resolve() / SLURM_DIR
-    # sbatch exports this environment to the job: make the project importable there even when
-    # it is run from a checkout rather than installed.
-    repo = str(Path(__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
 
     def record_queued(queued: dict[str, str]) -> None:
         record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
@@ -411,7 +422,8 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
 
     submitted: dict[str, str] = {}
     try:
-        with _interrupts_raise():
+        # sbatch copies this environment into each job: the snapshot on PYTHONPATH
+        with _interrupts_raise(), exported(env):
             submit_rows(
                 to_run,
                 run_ids,

@@ -276,8 +276,11 @@ class LocalExecutor:
         max_parallel: int = 2,
         out: Callable[[str], None] | None = None,
         live: bool | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         self.tracker = tracker
+        # the launch's job environment: its code snapshot on PYTHONPATH (slurm.jobenv)
+        self.env = dict(env or {})
         self.max_parallel = max(1, max_parallel)
         self.out = out or (lambda text: print(text, flush=True))
         self.live = sys.stdout.isatty() if live is None else live
@@ -292,7 +295,8 @@ class LocalExecutor:
         result = LocalResult()
         threads = max(1, (os.cpu_count() or 1) // min(self.max_parallel, max(len(rows), 1)))
         if rows and hasattr(os, "fork") and os.environ.get(FORKSERVER_ENV, "1") != "0":
-            self._fork_server = ForkServer(row_env(threads))  # imports while we plan
+            # imports while we plan, from the launch's code snapshot
+            self._fork_server = ForkServer(row_env(threads, self.env))
         try:
             while pending or running:
                 for row in list(pending):
@@ -348,7 +352,7 @@ class LocalExecutor:
     def _start(self, row: Row, run_id: str, threads: int) -> RowProcess:
         row_file = write_row_file(row)
         log_path = row.output_dir / TRAIN_LOG
-        env = row_env(threads)
+        env = row_env(threads, self.env)
         args = [str(row_file), "--run-id", run_id, "--tracking-uri", self.tracker.uri]
         process: subprocess.Popen | ForkedRow
         if self._fork_server is not None:
@@ -420,10 +424,12 @@ class LocalExecutor:
         self._drawn_lines = 0 if final else len(lines)
 
 
-def row_env(threads: int) -> dict[str, str]:
-    """The environment of a row process: the project importable, CPU threads shared out."""
+def row_env(threads: int, launch_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a row process: the project importable (from the launch's code
+    snapshot when `launch_env` names one, else from this checkout), CPU threads shared out."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(launch_env or {})
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env["PYTHONUNBUFFERED"] = "1"
     return env

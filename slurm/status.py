@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from kd.codesnap import code_note, read_code
 from kd.grid import Grid, Row
 from kd.provenance import stale_rows
 from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
@@ -64,6 +65,8 @@ class RowStatus:
     acc1: float | None
     run_id: str | None
     reason: str | None
+    code_hash: str | None = None  # the code the latest run was trained by (kd.codesnap)
+    other_code: str | None = None  # finished, by other code than this checkout: how so
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +130,7 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
     }
     jobs = slurm_jobs(latest.values())
     stale = stale_rows(grid, latest)
+    checkout = read_code()  # rows trained by other code than this checkout are noted
     out = []
     for row in grid.rows:
         record = latest.get(row.key)
@@ -139,7 +143,9 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
                 local_run_alive(record.tags) if record.status in ("SCHEDULED", "RUNNING") else True
             )
         state, reason = row_state(record, job, local_alive)
+        other_code = None
         if state == "finished":
+            other_code = code_note(record.tags, checkout, TAG)
             reason = stale.get(row.id)
         info = metrics.get(record.run_id, {}) if record else {}
         values = info.get("metrics", {})
@@ -158,6 +164,8 @@ def grid_status(grid: Grid, tracking_uri: str) -> list[RowStatus]:
                 acc1=values.get("val/acc1"),
                 run_id=record.run_id if record else None,
                 reason=reason,
+                code_hash=record.tags.get(f"{TAG}.code_hash") if record else None,
+                other_code=other_code,
             )
         )
     return out
@@ -187,7 +195,7 @@ def format_table(rows: Iterable[RowStatus]) -> str:
                 _hms(s.elapsed_s),
                 f"{s.epoch}/{s.epochs}" if s.epoch is not None else f"-/{s.epochs}",
                 f"{s.acc1:.2f}" if s.acc1 is not None else "-",
-                (s.reason or "")[:60],
+                (s.reason or s.other_code or "")[:60],
             ]
         )
     widths = [max(len(str(r[i])) for r in [headers, *lines]) for i in range(len(headers))]

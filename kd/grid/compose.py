@@ -17,6 +17,7 @@ GRID_LEVEL_OVERRIDES = {
     "experiment",
     "tracking_uri",
     "description",
+    "code_version",
     "recipes",
     "defaults",
     "axes",
@@ -30,6 +31,13 @@ def check_structure(raw: dict[str, Any], file: str, problems: list[str]) -> dict
         if raw.get(key) is not None and not isinstance(raw[key], str):
             problems.append(f"{file}: {key}: must be a string, got {raw[key]!r}")
             raw[key] = None
+    version = raw.get("code_version")
+    if version is not None:  # a version the user bumps: `2`, `2b` and `"2"` alike
+        if isinstance(version, (str, int, float)) and not isinstance(version, bool):
+            raw["code_version"] = str(version)
+        else:
+            problems.append(f"{file}: code_version: must be a string, got {version!r}")
+            raw["code_version"] = None
     if not isinstance(raw.get("defaults") or {}, Mapping):
         problems.append(
             f"{file}: defaults: must be a mapping (the base row), got {raw['defaults']!r}"

@@ -56,11 +56,19 @@ def topological_order(configs: Sequence[C.RowConfig], file: str, problems: list[
     return order
 
 
-def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | None = None) -> str:
+def content_key(
+    cfg: C.RowConfig,
+    dep_keys: Mapping[str, str],
+    full_size: str | None = None,
+    code_version: str | None = None,
+) -> str:
     """Hash of everything that changes the row's result (not placement, not names).
 
     References to other rows are replaced by those rows' keys. `full_size` is the key of the
     row a smoke row stands in for: a smoke key is then distinct per full-size row.
+    `code_version` (the grid's, bumped by the user when a code change changes results) joins
+    the key when set; the code's hash does not: an edit that changes nothing trained (a
+    comment, a log line) must not make every finished row stale.
     """
     tree = C.to_dict(cfg)
     for section in C.PLACEMENT_SECTIONS:
@@ -83,6 +91,8 @@ def content_key(cfg: C.RowConfig, dep_keys: Mapping[str, str], full_size: str | 
         tree["world_size"] = world_size
     if full_size is not None:
         tree["smoke_of"] = full_size
+    if code_version is not None:
+        tree["code_version"] = code_version
     text = json.dumps(_changed_from_defaults(tree), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -106,12 +116,16 @@ def content_keys(
     configs: Sequence[C.RowConfig],
     order: Sequence[str],
     full_size: Mapping[str, str] | None = None,
+    code_version: str | None = None,
 ) -> dict[str, str]:
     """Row id -> content key, dependencies first (a row's key includes its dependencies')."""
     by_id = {c.id: c for c in configs}
     keys: dict[str, str] = {}
     for row_id in order:
         keys[row_id] = content_key(
-            by_id[row_id], keys, full_size[row_id] if full_size is not None else None
+            by_id[row_id],
+            keys,
+            full_size[row_id] if full_size is not None else None,
+            code_version,
         )
     return keys

@@ -29,6 +29,7 @@ GRID_KEYS = {
     "experiment",
     "tracking_uri",
     "description",
+    "code_version",
     "defaults",
     "recipes",
     "axes",
@@ -83,7 +84,7 @@ def load_grid(
     configs = [resolve_teacher_model(cfg, configs) for cfg in configs]
     order = topological_order(configs, file, problems)
     if not problems:
-        keys = content_keys(configs, order)
+        keys = content_keys(configs, order, code_version=grid_raw.get("code_version"))
         problems.extend(check_distinct(configs, keys, file))
     if problems:
         raise GridError(list(dict.fromkeys(problems)))  # a sweep can repeat a grid-level problem

@@ -17,6 +17,7 @@ grid fails before the cluster spends hours on it.
     inspect.py    unwrapping, heads, data config, forward with the pooled embedding
     weights.py    reading checkpoint files and fitting them to a model
     build.py      build_model
+    hub.py        where timm reads a pretrained tag from, in the hub cache or not, prefetching
 """
 
 from kd.models.build import build_model

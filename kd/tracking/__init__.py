@@ -14,6 +14,7 @@ importing it stays light).
 from kd.tracking.grid_runs import RunSummary, latest_grid_runs, log_grid_artifacts
 from kd.tracking.metadata import (
     PARAM_MAX_CHARS,
+    code_tags,
     launcher_identity,
     project_commit,
     row_params,
@@ -65,6 +66,7 @@ __all__ = [
     "Tracker",
     "TrackingUnavailable",
     "absolute_uri",
+    "code_tags",
     "is_server_uri",
     "latest_grid_runs",
     "launcher_identity",

@@ -40,6 +40,23 @@ def project_commit() -> str:
         return "unknown"
 
 
+def code_tags() -> dict[str, str]:
+    """What code this process runs (its launch's snapshot, or the checkout): the commit, the
+    content hash `status`/`table` compare with the checkout, and whether it had uncommitted
+    changes (the diff itself is an artifact, `RowRun.log_code_diff`)."""
+    from kd.codesnap import running_code
+
+    code = running_code()
+    dirty = "unknown" if code.dirty is None else str(code.dirty).lower()
+    return {
+        f"{TAG}.commit": code.commit,
+        f"{TAG}.code_hash": code.hash,
+        f"{TAG}.code_dirty": dirty,
+        f"{TAG}.code_dir": str(code.root),  # where it was imported from: a snapshot, a checkout
+        "mlflow.source.git.commit": code.commit,
+    }
+
+
 def launcher_identity() -> dict[str, str]:
     """`kdgrid.launcher_started`: tells this launcher from a later process with its pid."""
     identity = _process_identity_once(os.getpid())
@@ -62,7 +79,7 @@ def row_tags(row: Row, executor: str, parent_run_id: str | None) -> dict[str, st
         f"{TAG}.id": row.id,
         f"{TAG}.label": row.label,
         f"{TAG}.key": row.key,
-        f"{TAG}.commit": project_commit(),
+        **code_tags(),
         f"{TAG}.executor": executor,
         f"{TAG}.launch_host": socket.gethostname(),
         f"{TAG}.launcher_pid": str(os.getpid()),
@@ -70,7 +87,6 @@ def row_tags(row: Row, executor: str, parent_run_id: str | None) -> dict[str, st
         f"{TAG}.smoke": str(row.smoke).lower(),
         # where the row writes: rows that read its checkpoint find it here (kd.plan)
         f"{TAG}.output_dir": str(row.output_dir.resolve()),
-        "mlflow.source.git.commit": project_commit(),
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

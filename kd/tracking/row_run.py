@@ -239,6 +239,15 @@ class RowRun:
     def set_tag(self, key: str, value: str) -> None:
         self._retry(self.client.set_tag, self.run_id, key, value)
 
+    def log_code_diff(self) -> None:
+        """The uncommitted changes of the code this job runs, as `code/uncommitted.diff`
+        (nothing for clean code); its commit and hash are tags (`code_tags`)."""
+        from kd.codesnap import DIFF, running_code
+
+        diff = running_code().diff
+        if diff:
+            self._retry(self.client.log_text, self.run_id, diff, f"code/{DIFF}")
+
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Send the queued metrics (waiting for the store), then the reason and the status."""
         monitor, self._monitor = self._monitor, None

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from kd.rowfiles import ROW_YAML
 from kd.tracking import bulk
-from kd.tracking.metadata import launcher_identity, project_commit, row_params, row_tags, row_yaml
+from kd.tracking.metadata import (
+    code_tags,
+    launcher_identity,
+    row_params,
+    row_tags,
+    row_yaml,
+)
 from kd.tracking.records import JOB_TAGS, TAG, RunRecord, run_record
 from kd.tracking.uri import is_server_uri, sqlite_path
 
@@ -286,9 +292,8 @@ class Tracker:
             f"{TAG}.launch_of": grid_name,
             f"{TAG}.grid_file": grid_file,
             f"{TAG}.executor": executor,
-            f"{TAG}.commit": project_commit(),
+            **code_tags(),
             f"{TAG}.launch_host": socket.gethostname(),
-            "mlflow.source.git.commit": project_commit(),
         }
         run = self.client.create_run(
             experiment_id, run_name=f"launch {grid_name} {stamp}", tags=tags

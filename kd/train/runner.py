@@ -58,9 +58,11 @@ def run(
                     "kdgrid.started_at_ms": str(int(time.time() * 1000)),  # start_time: launch
                     "kdgrid.world_size": str(accelerator.num_processes),
                     "kdgrid.device": str(accelerator.device),
+                    **tracking.code_tags(),  # the code this job imports: its launch's snapshot
                 },
                 system_metrics=True,
             )
+            mlrun.log_code_diff()
         set_seed(row.config.train.seed)
         built = build(row, accelerator)
         if mlrun:
