@@ -382,7 +382,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     caught: the next launch settles it, see slurm/interrupted.py.)"""
     from kd.tracking import TAG
     from slurm.state import cancel, submission_tags
-    from slurm.submit import submit_rows
+    from slurm.submit import RECORD_PAUSE, inject_pause, submit_rows
 
     grid, to_run, run_ids, tracker = (
         prepared.grid,
@@ -399,6 +399,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
 
     def record_queued(queued: dict[str, str]) -> None:
         record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
+        inject_pause(RECORD_PAUSE)
         tracker.set_tags_many(
             {
                 run_ids[r]: {

@@ -226,16 +226,22 @@ def submit_rows(
             queued = {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
             job_ids |= queued
             submitted |= queued
-            _inject_pause()
+            inject_pause(SUBMIT_PAUSE)
             if on_queued is not None:
                 on_queued(queued)
     return submitted
 
 
-def _inject_pause() -> None:
-    """Fault injection for tests: KDGRID_INJECT_SUBMIT_PAUSE_S=S waits S seconds after each
-    sbatch call, before its job ids are recorded: the window a killed launcher leaves behind."""
-    value = os.environ.get("KDGRID_INJECT_SUBMIT_PAUSE_S")
+# Fault injection for tests: the windows a killed launcher leaves behind. SUBMIT_PAUSE=S waits
+# S seconds after each sbatch call, before its job ids are recorded anywhere; RECORD_PAUSE=S
+# after they are in the journal (submissions.jsonl), before the runs are tagged with them.
+SUBMIT_PAUSE = "KDGRID_INJECT_SUBMIT_PAUSE_S"
+RECORD_PAUSE = "KDGRID_INJECT_RECORD_PAUSE_S"
+
+
+def inject_pause(variable: str) -> None:
+    """Wait the seconds the environment variable `variable` says (fault injection, tests only)."""
+    value = os.environ.get(variable)
     if value:
         time.sleep(float(value))
 
