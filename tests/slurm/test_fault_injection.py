@@ -13,6 +13,9 @@ ends with a summary (tests/conftest.py): cases tried, survived, data lost (must 
      resumes into the same run from the last epoch saved;
   3. the launcher SIGKILLed right after an sbatch call, before it recorded the job: the next
      launch cancels that stray job and submits the unqueued rows, each row trains once;
+  3b. the launcher SIGKILLed after journaling a job, before tagging its run: the next launch
+     tags the run from the journal as a submitted run is tagged, and status finds the job GONE
+     once SLURM no longer holds it;
   4. the launcher sent SIGTERM (a closed terminal) half-way through submitting: it cancels what
      it queued and exits 130; the next launch runs every row once;
   5. slurmctld SIGKILLed while a teacher runs and its student waits, then restarted: both
@@ -371,9 +374,7 @@ def test_launcher_sigkilled_between_its_journal_and_the_run_tags(
         epochs=2,
         resources={"sbatch_extra": {"begin": "now+600"}},  # pending until cancelled
     )
-    launcher = start_launch(
-        tmp_path, "journalkill.yaml", KDGRID_INJECT_RECORD_PAUSE_S=str(PAUSE_S)
-    )
+    launcher = start_launch(tmp_path, "journalkill.yaml", KDGRID_INJECT_RECORD_PAUSE_S=str(PAUSE_S))
     journal = tmp_path / "outputs" / "journalkill" / "submissions.jsonl"
     deadline = time.monotonic() + 120
     while not journal.exists() or '"job_id": "' not in journal.read_text():
