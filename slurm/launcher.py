@@ -380,9 +380,10 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
     it returns; on an error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is
     cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
     caught: the next launch settles it, see slurm/interrupted.py.)"""
+    from kd.inject import RECORD_PAUSE, pause
     from kd.tracking import TAG
     from slurm.state import cancel, submission_tags
-    from slurm.submit import RECORD_PAUSE, inject_pause, submit_rows
+    from slurm.submit import submit_rows
 
     grid, to_run, run_ids, tracker = (
         prepared.grid,
@@ -405,7 +406,7 @@ def _submit(prepared: Prepared, options: LaunchOptions) -> int:
             for r in queued
         }
         record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued, where)
-        inject_pause(RECORD_PAUSE)
+        pause(RECORD_PAUSE)  # fault injection (tests): the launcher killed here
         tracker.set_tags_many(
             {run_ids[r]: {f"{TAG}.job_id": job, **where[r]} for r, job in queued.items()}
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.grid import Row
+from kd.inject import LOCAL_START_PAUSE, pause
 from kd.processes import process_identity, signals_handled, still_running
 from kd.rowfiles import PROGRESS, TRAIN_LOG
 from kd.tracking import TAG, Tracker
@@ -313,6 +314,7 @@ class LocalExecutor:
                             result.skipped.append(row.id)
                             self._event(f"[{row.id}] not started: its run was cancelled")
                             continue
+                        self._inject_start_pause(row, run_ids[row.id])
                         # an interrupt waits until the row's process is known, to be stopped
                         with _interrupts_deferred():
                             running[row.id] = self._start(row, run_ids[row.id], threads)
@@ -344,6 +346,14 @@ class LocalExecutor:
                 self._fork_server = None
         self._draw(rows, pending, running, result, final=True)
         return result
+
+    def _inject_start_pause(self, row: Row, run_id: str) -> None:
+        """Fault injection (tests): the window between the check above and the row's start."""
+        pause(
+            LOCAL_START_PAUSE,
+            until=lambda: self.tracker.run_status(run_id) != "SCHEDULED",
+            log=lambda text: self._event(f"[{row.id}] {text}"),
+        )
 
     def _start(self, row: Row, run_id: str, threads: int) -> RowProcess:
         row_file = write_row_file(row)

@@ -20,6 +20,7 @@ from accelerate.utils import (
 from kd import config as C
 from kd import tracking
 from kd.grid import Row
+from kd.inject import RUN_START_PAUSE, pause
 from kd.models import count_params
 from kd.rowfiles import saved_state_info
 from kd.train.build import Built, build, loss_reads_class_head, mixed_precision
@@ -53,6 +54,11 @@ def run(
         return done
     try:
         if mlrun:
+            pause(  # fault injection (tests): a --cancel while the job starts
+                RUN_START_PAUSE,
+                until=lambda: mlrun.status() != "SCHEDULED",
+                log=lambda text: log(f"[{row.id}] {text}"),
+            )
             mlrun.start(
                 {
                     "kdgrid.started_at_ms": str(int(time.time() * 1000)),  # start_time: launch
