@@ -377,6 +377,12 @@ class LocalExecutor:
             tags[f"{TAG}.pid_started"] = identity  # tells this process from a later one
         self.tracker.set_tags(run_id, tags)
         self._event(f"[{row.id}] started (pid {process.pid}, log {log_path})")
+        if self.tracker.cancelled(run_id):
+            # `--cancel` since the check before the start, and it may have read the run before
+            # its pid was there: stopped here (a process not yet in its own group checks the
+            # cancel itself when it opens its run)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
         return RowProcess(row, run_id, process, log_path)
 
     def _final_status(self, proc: RowProcess, code: int) -> str:

@@ -53,7 +53,42 @@ def run(
         accelerator.end_training()
         return done
     try:
+        start_row_run(row, accelerator, mlrun, log)
+        set_seed(row.config.train.seed)
+        built = build(row, accelerator)
         if mlrun:
+            mlrun.log_metrics(model_sizes(built), step=0)
+        result = train(row, accelerator, built, mlrun, run_id, stop_requested, log)
+    except (StopRequested, SystemExit, RunCancelled):
+        # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
+        # the run stays open, and the requeued job resumes into it from the saved state. A
+        # cancelled run stays as `--cancel` left it.
+        raise
+    except BaseException as exc:
+        record_failure(row, mlrun, exc)
+        raise
+    if mlrun:
+        mlrun.finish("FINISHED")
+    accelerator.end_training()
+    return result
+
+
+class RunCancelled(Exception):
+    """`launch/grid.py --cancel` closed the row's run before its job opened it: not trained."""
+
+
+def start_row_run(
+    row: Row, accelerator: Accelerator, mlrun: tracking.RowRun | None, log: Callable[[str], None]
+) -> None:
+    """Mark the run RUNNING, unless `--cancel` closed it: then raise RunCancelled on every
+    process. A cancel marks (tag, then KILLED) before it stops the job, and the job checks
+    before and after its RUNNING: a cancel before that check keeps the run from being reopened
+    or reopens it only for the job to close it again; a cancel after it finds a RUNNING run
+    and stops its job. Either way the run ends KILLED and no job trains into it."""
+    cancelled = False
+    if mlrun:
+        cancelled = mlrun.cancelled()
+        if not cancelled:
             pause(  # fault injection (tests): a --cancel while the job starts
                 RUN_START_PAUSE,
                 until=lambda: mlrun.status() != "SCHEDULED",
@@ -67,22 +102,16 @@ def run(
                 },
                 system_metrics=True,
             )
-        set_seed(row.config.train.seed)
-        built = build(row, accelerator)
-        if mlrun:
-            mlrun.log_metrics(model_sizes(built), step=0)
-        result = train(row, accelerator, built, mlrun, run_id, stop_requested, log)
-    except (StopRequested, SystemExit):
-        # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
-        # the run stays open, and the requeued job resumes into it from the saved state.
-        raise
-    except BaseException as exc:
-        record_failure(row, mlrun, exc)
-        raise
-    if mlrun:
-        mlrun.finish("FINISHED")
-    accelerator.end_training()
-    return result
+            cancelled = mlrun.cancelled()
+        if cancelled:
+            mlrun.finish("KILLED")  # as the cancel left it (a RUNNING just written undone)
+    if accelerator.num_processes > 1:
+        cancelled = broadcast_object_list([cancelled], from_process=0)[0]
+    if cancelled:
+        accelerator.end_training()
+        raise RunCancelled(
+            f"[{row.id}] not trained: its run was cancelled (launch/grid.py --cancel)"
+        )
 
 
 def make_accelerator(cfg: C.RowConfig) -> Accelerator:
