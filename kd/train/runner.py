@@ -81,10 +81,11 @@ def start_row_run(
     row: Row, accelerator: Accelerator, mlrun: tracking.RowRun | None, log: Callable[[str], None]
 ) -> None:
     """Mark the run RUNNING, unless `--cancel` closed it: then raise RunCancelled on every
-    process. A cancel marks (tag, then KILLED) before it stops the job, and the job checks
-    before and after its RUNNING: a cancel before that check keeps the run from being reopened
-    or reopens it only for the job to close it again; a cancel after it finds a RUNNING run
-    and stops its job. Either way the run ends KILLED and no job trains into it."""
+    process. `--cancel` tags the run, closes it, then stops its job; the job checks the tag
+    before it marks the run RUNNING and again after. A cancel that came before the second
+    check is seen there (a RUNNING just written is closed again); one that came after it finds
+    the run RUNNING, with its job there to stop. A cancelled run never stays RUNNING, and no
+    job trains into it."""
     cancelled = False
     if mlrun:
         cancelled = mlrun.cancelled()
