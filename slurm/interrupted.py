@@ -7,7 +7,9 @@ group in flight), the rest never were. Left alone, those runs would read as "sch
 and the next launch would skip their rows.
 
 The next launch of the grid, under the grid's lock (so no other launch is submitting), calls
-`recover`: a run whose job id is in the journal gets its tag; a stray job (logging under the
+`recover`: a run whose job id is in the journal gets it, with the tags that say where the job
+went (job name, cluster, user: as a run submitted without a fault, so that a job SLURM no
+longer holds is found GONE for it too); a stray job (logging under the
 grid's `slurm/` folder but recorded nowhere) is cancelled; the remaining runs are closed as
 KILLED, so their rows run again. Nothing then runs twice and no row is left behind.
 """
@@ -51,9 +53,14 @@ def launcher_gone(record: RunRecord) -> bool:
     return _launcher_here(record) is False
 
 
-def read_journal(roots: Iterable[Path]) -> dict[str, str]:
-    """run id -> job id, from every launch recorded in the grid's submission files."""
-    jobs: dict[str, str] = {}
+def read_journal(roots: Iterable[Path]) -> dict[str, dict[str, str]]:
+    """run id -> the tags its launcher gave (or would have given) the run with its job: the
+    job id and where the job went (`slurm.state.submission_tags`, which GONE detection reads),
+    from every launch recorded in the grid's submission files. A line of an older kdgrid has
+    no such tags: the job name is then the one its grid's jobs were submitted under."""
+    from slurm.state import job_name
+
+    jobs: dict[str, dict[str, str]] = {}
     for root in roots:
         try:
             lines = (root / SUBMISSIONS).read_text().splitlines()
@@ -64,13 +71,28 @@ def read_journal(roots: Iterable[Path]) -> dict[str, str]:
                 entry = json.loads(line)
             except ValueError:  # a line cut short by the crash itself
                 continue
-            if entry.get("run_id") and entry.get("job_id"):
-                jobs[entry["run_id"]] = str(entry["job_id"])
+            if not (isinstance(entry, dict) and entry.get("run_id") and entry.get("job_id")):
+                continue
+            where = entry.get("job_tags")
+            if not isinstance(where, dict):
+                grid = entry.get("grid")
+                where = {f"{TAG}.slurm_job_name": job_name(grid)} if grid else {}
+            jobs[entry["run_id"]] = {
+                **{str(k): str(v) for k, v in where.items()},
+                f"{TAG}.job_id": str(entry["job_id"]),
+            }
     return jobs
 
 
+def journal_job_ids(journal: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """run id -> job id, from `read_journal`'s tags."""
+    return {run_id: tags[f"{TAG}.job_id"] for run_id, tags in journal.items()}
+
+
 def stray_jobs(
-    roots: Iterable[Path], known: Iterable[str], journal: Mapping[str, str] | None = None
+    roots: Iterable[Path],
+    known: Iterable[str],
+    journal: Mapping[str, Mapping[str, str]] | None = None,
 ) -> set[str]:
     """Live jobs logging under the grid's `slurm/` folders that neither the journal (read
     from `roots` unless given) nor `known` (job ids, array tasks or whole arrays) accounts
@@ -79,7 +101,7 @@ def stray_jobs(
 
     roots = list(roots)
     journal = read_journal(roots) if journal is None else journal
-    recorded = {job.split("_")[0] for job in [*journal.values(), *known]}
+    recorded = {job.split("_")[0] for job in [*journal_job_ids(journal).values(), *known]}
     live = set().union(*(queued_jobs_logging_under(root / SLURM_DIR) for root in roots))
     return live - recorded
 
@@ -102,12 +124,10 @@ def recover(grid: Grid, latest: Mapping[str, RunRecord], tracker: Tracker) -> di
     journal = read_journal(roots)
     settled = dict(latest)
     found = {key: r for key, r in unqueued.items() if r.run_id in journal}
-    if found:
-        tracker.set_tags_many(
-            {r.run_id: {f"{TAG}.job_id": journal[r.run_id]} for r in found.values()}
-        )
+    if found:  # the tags a run submitted without a fault has: its job id, and where it went
+        tracker.set_tags_many({r.run_id: dict(journal[r.run_id]) for r in found.values()})
         for key, r in found.items():
-            settled[key] = replace(r, tags={**r.tags, f"{TAG}.job_id": journal[r.run_id]})
+            settled[key] = replace(r, tags={**r.tags, **journal[r.run_id]})
     known = {r.job_id for r in settled.values() if r.job_id}
     stray = stray_jobs(roots, known, journal)
     cancel(stray)

@@ -59,7 +59,7 @@ class RowJob:
         import submitit
 
         from kd.tracking import TAG, RowRun
-        from kd.train import run
+        from kd.train import RunCancelled, run
 
         env = submitit.JobEnvironment()
         _threads_from_allocation()
@@ -68,7 +68,11 @@ class RowJob:
         row = read_row_file(row_file)
         if env.global_rank == 0:
             RowRun(tracking_uri, run_id).set_tag(f"{TAG}.job_id", str(env.job_id))
-        result = run(row, run_id=run_id, tracking_uri=tracking_uri)
+        try:
+            result = run(row, run_id=run_id, tracking_uri=tracking_uri)
+        except RunCancelled as exc:  # the job ends quietly; its run stays KILLED
+            print(exc, flush=True)
+            return {}
         # The row is finished. A USR2 from now on (the time limit coming while the process
         # winds down) must not kill it: at exit Python puts back the default action of the
         # signals it handles, and USR2's default terminates the process, so SLURM recorded
@@ -88,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--tracking-uri", required=True)
     args = parser.parse_args(argv)
-    from kd.train import run
+    from kd.train import RunCancelled, run
 
     row = read_row_file(args.row_file)
     try:
         run(row, run_id=args.run_id, tracking_uri=args.tracking_uri)
+    except RunCancelled as exc:  # its run stays KILLED, as the cancel left it
+        print(exc, flush=True)
+        return 0
     except Exception as exc:
         print(f"[{row.id}] FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1

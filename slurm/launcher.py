@@ -395,6 +395,7 @@ def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> 
     it returns; on an error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is
     cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
     caught: the next launch settles it, see slurm/interrupted.py.)"""
+    from kd.inject import RECORD_PAUSE, pause
     from kd.tracking import TAG
     from slurm.state import cancel, submission_tags
     from slurm.submit import submit_rows
@@ -409,15 +410,16 @@ def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> 
     folder = Path(to_run[0].config.output_dir).resolve() / SLURM_DIR
 
     def record_queued(queued: dict[str, str]) -> None:
-        record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued)
+        # the job id and where it went (slurm.state.job_states reads them): in the journal
+        # first, which a launch killed before tagging the runs is recovered from
+        where = {
+            r: submission_tags(by_id[r].grid, by_id[r].config.resources.sbatch_extra)
+            for r in queued
+        }
+        record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued, where)
+        pause(RECORD_PAUSE)  # fault injection (tests): the launcher killed here
         tracker.set_tags_many(
-            {
-                run_ids[r]: {
-                    f"{TAG}.job_id": job,  # and where it went: slurm.state.job_states reads them
-                    **submission_tags(by_id[r].grid, by_id[r].config.resources.sbatch_extra),
-                }
-                for r, job in queued.items()
-            }
+            {run_ids[r]: {f"{TAG}.job_id": job, **where[r]} for r, job in queued.items()}
         )
 
     submitted: dict[str, str] = {}
@@ -485,9 +487,15 @@ def status_command(grid: Grid, tracking_uri: str | None = None) -> str:
 
 
 def record_launch(
-    grid: Grid, rows, run_ids: dict[str, str], executor: str, job_ids: dict[str, str] | None = None
+    grid: Grid,
+    rows,
+    run_ids: dict[str, str],
+    executor: str,
+    job_ids: dict[str, str] | None = None,
+    job_tags: dict[str, dict[str, str]] | None = None,
 ) -> Path:
-    """Append this launch (row id, key, run id, job id) to the grid's submission record."""
+    """Append this launch (row id, key, run id, job id, and the tags that say where each job
+    went: `slurm.state.submission_tags`) to the grid's submission record."""
     root = Path(rows[0].config.output_dir) if rows else Path("outputs")
     root.mkdir(parents=True, exist_ok=True)
     path = root / SUBMISSIONS
@@ -503,6 +511,7 @@ def record_launch(
                 "run_id": run_ids[row.id],
                 "executor": executor,
                 "job_id": (job_ids or {}).get(row.id),
+                **({"job_tags": job_tags[row.id]} if job_tags and row.id in job_tags else {}),
                 "launcher_pid": os.getpid(),
             }
             handle.write(json.dumps(entry) + "\n")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.grid import Row
+from kd.inject import LOCAL_START_PAUSE, pause
 from kd.processes import process_identity, signals_handled, still_running
 from kd.rowfiles import PROGRESS, TRAIN_LOG
 from kd.tracking import TAG, Tracker
@@ -317,6 +318,7 @@ class LocalExecutor:
                             result.skipped.append(row.id)
                             self._event(f"[{row.id}] not started: its run was cancelled")
                             continue
+                        self._inject_start_pause(row, run_ids[row.id])
                         # an interrupt waits until the row's process is known, to be stopped
                         with _interrupts_deferred():
                             running[row.id] = self._start(row, run_ids[row.id], threads)
@@ -349,6 +351,14 @@ class LocalExecutor:
         self._draw(rows, pending, running, result, final=True)
         return result
 
+    def _inject_start_pause(self, row: Row, run_id: str) -> None:
+        """Fault injection (tests): the window between the check above and the row's start."""
+        pause(
+            LOCAL_START_PAUSE,
+            until=lambda: self.tracker.run_status(run_id) != "SCHEDULED",
+            log=lambda text: self._event(f"[{row.id}] {text}"),
+        )
+
     def _start(self, row: Row, run_id: str, threads: int) -> RowProcess:
         row_file = write_row_file(row)
         log_path = row.output_dir / TRAIN_LOG
@@ -371,6 +381,12 @@ class LocalExecutor:
             tags[f"{TAG}.pid_started"] = identity  # tells this process from a later one
         self.tracker.set_tags(run_id, tags)
         self._event(f"[{row.id}] started (pid {process.pid}, log {log_path})")
+        if self.tracker.cancelled(run_id):
+            # `--cancel` since the check before the start, and it may have read the run before
+            # its pid was there: stopped here (a process not yet in its own group checks the
+            # cancel itself when it opens its run)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
         return RowProcess(row, run_id, process, log_path)
 
     def _final_status(self, proc: RowProcess, code: int) -> str:

@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass
 from kd.codesnap import code_note, read_code
 from kd.grid import Grid, Row
 from kd.provenance import stale_rows
-from kd.tracking import TAG, RunRecord, Tracker, latest_grid_runs, store_exists
+from kd.tracking import (
+    CANCEL_REASON,
+    TAG,
+    RunRecord,
+    Tracker,
+    latest_grid_runs,
+    store_exists,
+)
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
 from slurm.state import GONE, JobState, cancel, held_after_failure, slurm_jobs
 
@@ -212,8 +219,13 @@ def _hms(seconds: int | None) -> str:
 
 
 def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
-    """Cancel the jobs (or local processes) of rows that are pending or running; mark their runs
-    KILLED. Returns the ids of the rows cancelled."""
+    """Cancel the rows that are pending or running: mark their runs KILLED, then cancel their
+    jobs (or stop their local processes). Returns the ids of the rows cancelled.
+
+    Marking comes first, with the cancel tag (`Tracker.cancel_run`): a row's job that starts
+    meanwhile sees it and does not train (`kd.train.start_row_run`), and one that started
+    before is found by the tags as they are once the runs are marked (a local process the
+    executor started meanwhile has its pid there by then)."""
     if not store_exists(tracking_uri):
         return []
     tracker = Tracker(tracking_uri)
@@ -224,27 +236,31 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
     # a FAILED/KILLED run whose job SLURM still holds (requeued, or held) is cancelled too; a
     # job id that is GONE (another job's now, or ended) is not cancelled
     jobs = slurm_jobs(r for r in latest.values() if r.status != "FINISHED")
-    cancelled, job_ids = [], []
+    cancelled: list[tuple[Row, RunRecord]] = []
     for row in rows:
         record = latest.get(row.key)
-        if record is None:
-            continue
-        job = jobs.get(record.job_id or "")
-        if record.status not in ("SCHEDULED", "RUNNING") and not held_after_failure(
-            record.status, job
+        if record is not None and (
+            record.status in ("SCHEDULED", "RUNNING")
+            or held_after_failure(record.status, jobs.get(record.job_id or ""))
         ):
-            continue
-        if record.tags.get(f"{TAG}.executor") == "slurm" and record.job_id:
-            if job is None or job.state != GONE:
-                job_ids.append(record.job_id)
-        elif record.tags.get(f"{TAG}.pid") and _local_process_here(record):
-            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-                os.killpg(int(record.tags[f"{TAG}.pid"]), signal.SIGTERM)
-        cancelled.append((row, record))
+            cancelled.append((row, record))
+    marked = [r for _, r in cancelled if tracker.run_status(r.run_id) != "FINISHED"]
+    for record in marked:  # (a run may have finished meanwhile: it is left so)
+        tracker.cancel_run(record.run_id, CANCEL_REASON)
+    now = {r.run_id: r for r in tracker.latest_by_key(experiment_id).values()} if marked else {}
+    job_ids, pids = set(), set()
+    for record in marked:
+        for seen in (record, now.get(record.run_id, record)):
+            job = jobs.get(seen.job_id or "")
+            if seen.tags.get(f"{TAG}.executor") == "slurm" and seen.job_id:
+                if job is None or job.state != GONE:
+                    job_ids.add(seen.job_id)
+            elif seen.tags.get(f"{TAG}.pid") and _local_process_here(seen):
+                pids.add(int(seen.tags[f"{TAG}.pid"]))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
     cancel(job_ids)
-    for _, record in cancelled:
-        if tracker.run_status(record.run_id) != "FINISHED":  # it may have finished meanwhile
-            tracker.mark(record.run_id, "KILLED", "cancelled with launch/grid.py --cancel")
     return [row.id for row, _ in cancelled]
 
 

@@ -11,11 +11,9 @@ shell.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 from kd.config import closest
 from kd.grid import Row
+from kd.inject import SUBMIT_PAUSE, pause
 from slurm.state import job_name
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
@@ -226,18 +225,10 @@ def submit_rows(
             queued = {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
             job_ids |= queued
             submitted |= queued
-            _inject_pause()
+            pause(SUBMIT_PAUSE)  # fault injection (tests): the launcher killed here
             if on_queued is not None:
                 on_queued(queued)
     return submitted
-
-
-def _inject_pause() -> None:
-    """Fault injection for tests: KDGRID_INJECT_SUBMIT_PAUSE_S=S waits S seconds after each
-    sbatch call, before its job ids are recorded: the window a killed launcher leaves behind."""
-    value = os.environ.get("KDGRID_INJECT_SUBMIT_PAUSE_S")
-    if value:
-        time.sleep(float(value))
 
 
 def slurm_available() -> bool:

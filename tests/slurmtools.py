@@ -46,7 +46,7 @@ def run(*cmd: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[s
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This environment (sbatch exports it to the jobs), MLflow in workdir/mlflow.db, no fault
     injection unless asked for."""
-    unset = ("MLFLOW_TRACKING_URI", "KDGRID_INJECT_NAN_AT_STEP")
+    unset = ("MLFLOW_TRACKING_URI", "KDGRID_INJECT_NAN_AT_STEP", "KDGRID_INJECT_RECORD_PAUSE_S")
     return {**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})}
 
 

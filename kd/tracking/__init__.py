@@ -21,7 +21,16 @@ from kd.tracking.metadata import (
     row_tags,
     row_yaml,
 )
-from kd.tracking.records import ACTIVE, FAILED, JOB_TAGS, TAG, RunRecord, run_record
+from kd.tracking.records import (
+    ACTIVE,
+    CANCEL_REASON,
+    CANCELLED,
+    FAILED,
+    JOB_TAGS,
+    TAG,
+    RunRecord,
+    run_record,
+)
 from kd.tracking.redaction import REDACTED, SECRET_NAME, redact, secret_values
 from kd.tracking.row_run import (
     JOB_HTTP_RETRIES,
@@ -47,6 +56,8 @@ from kd.tracking.uri import (
 __all__ = [
     "ACTIVE",
     "BULK_THREADS",
+    "CANCELLED",
+    "CANCEL_REASON",
     "DEFAULT_TRACKING_URI",
     "FAILED",
     "JOB_HTTP_RETRIES",

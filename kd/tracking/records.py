@@ -11,8 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 TAG = "kdgrid"  # tag namespace
-# A row run's tags about its process or job (`kdgrid.<name>`), dropped when the run is reopened
-JOB_TAGS = ("pid", "pid_started", "job_id", "slurm_job_name", "slurm_cluster", "slurm_user")
+# Set by `launch/grid.py --cancel` before it closes a run and stops its job: a job that starts
+# (or opens its run) after that sees it and does not train (kd.train.runner)
+CANCELLED = f"{TAG}.cancelled"
+CANCEL_REASON = "cancelled with launch/grid.py --cancel"
+# A row run's tags about its process or job (`kdgrid.<name>`), and the --cancel that stopped
+# it: dropped when the run is reopened
+JOB_TAGS = (
+    "pid",
+    "pid_started",
+    "job_id",
+    "slurm_job_name",
+    "slurm_cluster",
+    "slurm_user",
+    "cancelled",
+)
 ACTIVE = ("SCHEDULED", "RUNNING")
 FAILED = ("FAILED", "KILLED")
 

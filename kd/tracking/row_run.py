@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kd.tracking.records import TAG
+from kd.tracking.records import CANCELLED, TAG
 from kd.tracking.uri import is_server_uri
 
 SYSTEM_METRICS_INTERVAL_S = 10
@@ -191,6 +191,11 @@ class RowRun:
 
     def status(self) -> str:
         return self._retry(self.client.get_run, self.run_id).info.status
+
+    def cancelled(self) -> bool:
+        """Has `launch/grid.py --cancel` closed this run? (Its tag stays until a launch
+        schedules the run again.)"""
+        return CANCELLED in self._retry(self.client.get_run, self.run_id).data.tags
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue one step's metrics and send whatever is queued; never waits for an outage."""

@@ -26,7 +26,7 @@ from kd.tracking.metadata import (
     row_tags,
     row_yaml,
 )
-from kd.tracking.records import JOB_TAGS, TAG, RunRecord, run_record
+from kd.tracking.records import CANCELLED, JOB_TAGS, TAG, RunRecord, run_record
 from kd.tracking.uri import is_server_uri, sqlite_path
 
 if TYPE_CHECKING:
@@ -342,6 +342,18 @@ class Tracker:
         if reason:
             self.client.set_tag(run_id, f"{TAG}.failure_reason", reason[:5000])
         self.client.set_terminated(run_id, status=status)
+
+    def cancel_run(self, run_id: str, reason: str) -> None:
+        """Close a run as `--cancel` does: the cancel tag first (a job that opens the run from
+        now on sees it and does not train: `RowRun.cancelled`), then KILLED."""
+        self.set_tags(
+            run_id, {CANCELLED: str(int(time.time() * 1000)), f"{TAG}.failure_reason": reason}
+        )
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def cancelled(self, run_id: str) -> bool:
+        """Has `--cancel` closed this run (since it was last scheduled)?"""
+        return CANCELLED in self.client.get_run(run_id).data.tags
 
     def run_status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status

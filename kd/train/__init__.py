@@ -21,7 +21,7 @@ from kd.train.build import (
     resolve_weights,
 )
 from kd.train.loop import StopRequested, process_started_at, train
-from kd.train.runner import failure_reason, run
+from kd.train.runner import RunCancelled, failure_reason, run, start_row_run
 from kd.train.state import (
     DependencyChanged,
     EpochFiles,
@@ -55,6 +55,7 @@ __all__ = [
     "EpochFiles",
     "Models",
     "NonFiniteLossError",
+    "RunCancelled",
     "StepParts",
     "StopRequested",
     "batch_normalizers",
@@ -79,6 +80,7 @@ __all__ = [
     "scaler_state",
     "seed_epoch",
     "snapshot_epoch",
+    "start_row_run",
     "teacher_forward",
     "teacher_weights_bf16",
     "train",

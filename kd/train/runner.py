@@ -20,6 +20,7 @@ from accelerate.utils import (
 from kd import config as C
 from kd import tracking
 from kd.grid import Row
+from kd.inject import RUN_START_PAUSE, pause
 from kd.models import count_params
 from kd.rowfiles import saved_state_info
 from kd.train.build import Built, build, loss_reads_class_head, mixed_precision
@@ -52,7 +53,48 @@ def run(
         accelerator.end_training()
         return done
     try:
+        start_row_run(row, accelerator, mlrun, log)
+        set_seed(row.config.train.seed)
+        built = build(row, accelerator)
         if mlrun:
+            mlrun.log_metrics(model_sizes(built), step=0)
+        result = train(row, accelerator, built, mlrun, run_id, stop_requested, log)
+    except (StopRequested, SystemExit, RunCancelled):
+        # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
+        # the run stays open, and the requeued job resumes into it from the saved state. A
+        # cancelled run stays as `--cancel` left it.
+        raise
+    except BaseException as exc:
+        record_failure(row, mlrun, exc)
+        raise
+    if mlrun:
+        mlrun.finish("FINISHED")
+    accelerator.end_training()
+    return result
+
+
+class RunCancelled(Exception):
+    """`launch/grid.py --cancel` closed the row's run before its job opened it: not trained."""
+
+
+def start_row_run(
+    row: Row, accelerator: Accelerator, mlrun: tracking.RowRun | None, log: Callable[[str], None]
+) -> None:
+    """Mark the run RUNNING, unless `--cancel` closed it: then raise RunCancelled on every
+    process. `--cancel` tags the run, closes it, then stops its job; the job checks the tag
+    before it marks the run RUNNING and again after. A cancel that came before the second
+    check is seen there (a RUNNING just written is closed again); one that came after it finds
+    the run RUNNING, with its job there to stop. A cancelled run never stays RUNNING, and no
+    job trains into it."""
+    cancelled = False
+    if mlrun:
+        cancelled = mlrun.cancelled()
+        if not cancelled:
+            pause(  # fault injection (tests): a --cancel while the job starts
+                RUN_START_PAUSE,
+                until=lambda: mlrun.status() != "SCHEDULED",
+                log=lambda text: log(f"[{row.id}] {text}"),
+            )
             mlrun.start(
                 {
                     "kdgrid.started_at_ms": str(int(time.time() * 1000)),  # start_time: launch
@@ -63,22 +105,16 @@ def run(
                 system_metrics=True,
             )
             mlrun.log_code_diff()
-        set_seed(row.config.train.seed)
-        built = build(row, accelerator)
-        if mlrun:
-            mlrun.log_metrics(model_sizes(built), step=0)
-        result = train(row, accelerator, built, mlrun, run_id, stop_requested, log)
-    except (StopRequested, SystemExit):
-        # Stopping to be requeued (submitit exits with SystemExit after `scontrol requeue`):
-        # the run stays open, and the requeued job resumes into it from the saved state.
-        raise
-    except BaseException as exc:
-        record_failure(row, mlrun, exc)
-        raise
-    if mlrun:
-        mlrun.finish("FINISHED")
-    accelerator.end_training()
-    return result
+            cancelled = mlrun.cancelled()
+        if cancelled:
+            mlrun.finish("KILLED")  # as the cancel left it (a RUNNING just written undone)
+    if accelerator.num_processes > 1:
+        cancelled = broadcast_object_list([cancelled], from_process=0)[0]
+    if cancelled:
+        accelerator.end_training()
+        raise RunCancelled(
+            f"[{row.id}] not trained: its run was cancelled (launch/grid.py --cancel)"
+        )
 
 
 def make_accelerator(cfg: C.RowConfig) -> Accelerator:

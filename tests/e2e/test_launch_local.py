@@ -368,3 +368,61 @@ def test_cancel_and_sigterm_stop_a_local_launch_row_by_row(tmp_path):
     for pid in pids.values():  # both row processes are gone
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_cancel_while_the_local_executor_starts_a_row(tmp_path):
+    """`--cancel` just as the local executor starts a row (it found the run SCHEDULED and is
+    about to start its process): the run stays KILLED, the row does not train and no process
+    is left. (The row used to start anyway, reopen the KILLED run to RUNNING and train to the
+    end.) KDGRID_INJECT_LOCAL_START_PAUSE_S holds the executor in that window until the run is
+    closed, so the cancel lands there every time."""
+    import os
+    import threading
+    import time
+
+    from slurmtools import generate_data, write_grid
+
+    from kd.processes import still_running
+
+    grid = write_grid(
+        tmp_path,
+        "startrace",
+        [{"id": "only", "label": "SR-1"}],
+        generate_data(tmp_path / "data", train_per_class=2),
+        epochs=3,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["KDGRID_INJECT_LOCAL_START_PAUSE_S"] = "300"
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "grid.py"), str(grid), "--executor", "local"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("[only] fault injection" in x for x in lines):
+            assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        cancel = launch(tmp_path, str(grid), "--cancel", "--rows", "only")
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert "cancelled 1 row(s): only" in cancel.stdout, cancel.stdout
+        launcher.wait(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "Traceback" not in out, out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = row_runs(client, "kd-test-startrace")
+    assert run.info.status == "KILLED", (run.info.status, out)
+    assert run.data.tags["kdgrid.failure_reason"] == "cancelled with launch/grid.py --cancel"
+    assert client.get_metric_history(run.info.run_id, "epoch") == [], "the cancelled row trained"
+    pid, started = run.data.tags.get("kdgrid.pid"), run.data.tags.get("kdgrid.pid_started")
+    assert pid is None or not still_running(int(pid), started), "its process is still there"

@@ -13,6 +13,9 @@ ends with a summary (tests/conftest.py): cases tried, survived, data lost (must 
      resumes into the same run from the last epoch saved;
   3. the launcher SIGKILLed right after an sbatch call, before it recorded the job: the next
      launch cancels that stray job and submits the unqueued rows, each row trains once;
+  3b. the launcher SIGKILLed after journaling a job, before tagging its run: the next launch
+     tags the run from the journal as a submitted run is tagged, and status finds the job GONE
+     once SLURM no longer holds it;
   4. the launcher sent SIGTERM (a closed terminal) half-way through submitting: it cancels what
      it queued and exits 130; the next launch runs every row once;
   5. slurmctld SIGKILLed while a teacher runs and its student waits, then restarted: both
@@ -352,6 +355,63 @@ def test_launcher_sigkilled_between_sbatch_and_its_record(
     fault.lost = len(audit.lost)
     fault.detail = f"stray student job {stray} cancelled before it started; {audit}"
     assert not audit.lost and not audit.twice, audit
+
+
+def test_launcher_sigkilled_between_its_journal_and_the_run_tags(
+    tmp_path: Path, epoch_data: Path, fault
+) -> None:
+    """The launcher SIGKILLed after journaling a job, before tagging its run: the next launch
+    takes the job from the journal with the tags a submitted run gets (job name, cluster,
+    user), so once SLURM no longer holds the job, status says so (GONE) instead of pending."""
+    from slurm.state import cluster_name, current_user
+
+    fault.where = "slurm"
+    write_grid(
+        tmp_path,
+        "journalkill",
+        [{"id": "only", "label": "J-1"}],
+        epoch_data,
+        epochs=2,
+        resources={"sbatch_extra": {"begin": "now+600"}},  # pending until cancelled
+    )
+    launcher = start_launch(tmp_path, "journalkill.yaml", KDGRID_INJECT_RECORD_PAUSE_S=str(PAUSE_S))
+    journal = tmp_path / "outputs" / "journalkill" / "submissions.jsonl"
+    deadline = time.monotonic() + 120
+    while not journal.exists() or '"job_id": "' not in journal.read_text():
+        assert launcher.poll() is None, launcher.communicate()[0]
+        assert time.monotonic() < deadline, "no job journaled"
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGKILL)  # in its pause: journaled, the run not yet tagged
+    launcher.communicate(timeout=60)
+    (entry,) = submissions(tmp_path, "journalkill")
+    (run_,) = row_runs(tmp_path, "kd-test-journalkill")
+    assert "kdgrid.job_id" not in run_.data.tags, run_.data.tags
+
+    relaunch = launch(tmp_path, "journalkill.yaml")
+    assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
+    assert "1 of its rows were queued" in relaunch.stdout, relaunch.stdout
+    assert "0 to run, 1 skipped" in relaunch.stdout, relaunch.stdout
+    tags = mlflow_client(tmp_path).get_run(run_.info.run_id).data.tags
+    recovered = {k: tags.get(k) for k in tags if k.startswith("kdgrid.slurm_")}
+    assert tags["kdgrid.job_id"] == entry["job_id"]
+    assert recovered == {  # what a run submitted without a fault is tagged with
+        "kdgrid.slurm_job_name": "kd-journalkill",
+        "kdgrid.slurm_cluster": cluster_name(),
+        "kdgrid.slurm_user": current_user(),
+    }, tags
+    (row,) = status_json(tmp_path, "journalkill.yaml")
+    assert (row["state"], row["reason"]) == ("pending", "BeginTime"), row
+
+    # SLURM loses the job (a controller that lost its state): the run's job id is one the
+    # cluster no longer has, the way tests/slurm/test_slurm.py's GONE test makes it
+    run("scancel", entry["job_id"])
+    never = "987654322"
+    mlflow_client(tmp_path).set_tag(run_.info.run_id, "kdgrid.job_id", never)
+    (row,) = status_json(tmp_path, "journalkill.yaml")
+    assert row["state"] == "failed", row
+    assert f"SLURM no longer has job {never}" in row["reason"], row
+    fault.lost = 0
+    fault.detail = f"job {entry['job_id']} recovered from the journal with its tags; GONE seen"
 
 
 def test_launcher_sent_sigterm_half_way_through_submitting(

@@ -48,6 +48,7 @@ from slurmtools import (
     job_logs,
     jobs_submitted_from,
     launch,
+    log_tail,
     mlflow_client,
     only_run,
     parse_time,
@@ -571,6 +572,44 @@ def test_relaunch_while_queued_submits_nothing_and_cancel_kills(
     rows = by_label(status_json(tmp_path, grid.name))
     assert {r["state"] for r in rows.values()} == {"cancelled"}, rows
     assert not queued_jobs(tmp_path)
+
+
+def test_cancel_while_a_job_starts_leaves_its_run_killed_and_untrained(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """`--cancel` while a row's job is starting (SLURM runs it; it has not opened its run yet):
+    the run stays KILLED, the job sees the cancel and does not train, and no job is left. (The
+    job used to mark the run RUNNING after the cancel had marked it KILLED: scancel's SIGTERM
+    is ignored by submitit until KillWait is over, and SLURM's SIGKILL then left a RUNNING run
+    without a job.) KDGRID_INJECT_RUN_START_PAUSE_S holds the job just before it opens its
+    run, until the run is closed: the cancel lands in that window every time."""
+    grid = write_grid(
+        tmp_path, "startrace", [{"id": "only", "label": "SR-1"}], tiny_data, epochs=500
+    )
+    first = launch(tmp_path, grid.name, env={"KDGRID_INJECT_RUN_START_PAUSE_S": "300"})
+    assert first.returncode == 0, first.stdout + first.stderr
+    (job,) = (e["job_id"] for e in submissions(tmp_path, "startrace"))
+    deadline = time.monotonic() + 300
+    while "KDGRID_INJECT_RUN_START_PAUSE_S=300: paused" not in "".join(
+        p.read_text() for p in job_logs(tmp_path, job)
+    ):
+        assert time.monotonic() < deadline, log_tail(tmp_path, job)
+        assert job in queued_jobs(tmp_path), log_tail(tmp_path, job)
+        time.sleep(0.5)
+
+    cancel = launch(tmp_path, grid.name, "--cancel")
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert "cancelled 1 row(s): only" in cancel.stdout, cancel.stdout
+    (record,) = wait_sacct_done([job]).values()
+    assert record["State"].startswith("CANCELLED"), record
+    assert not queued_jobs(tmp_path)
+    ours = only_run(tmp_path, "kd-test-startrace")
+    assert ours.info.status == "KILLED", (ours.info.status, log_tail(tmp_path, job))
+    assert ours.data.tags["kdgrid.failure_reason"] == "cancelled with launch/grid.py --cancel"
+    assert steps(tmp_path, ours.info.run_id, "epoch") == [], "the cancelled row trained"
+    assert "not trained: its run was cancelled" in log_tail(tmp_path, job)
+    (row,) = status_json(tmp_path, grid.name)
+    assert row["state"] == "cancelled", row
 
 
 def test_a_finished_teacher_is_not_rerun_under_its_queued_student(

@@ -34,13 +34,37 @@ def dead_pid() -> int:
 
 
 def test_journal_maps_runs_to_jobs_and_skips_a_line_cut_short(tmp_path: Path) -> None:
+    where = {"kdgrid.slurm_job_name": "kd-t2b", "kdgrid.slurm_cluster": "c1"}
     lines = [
-        json.dumps({"run_id": "a", "job_id": "101_0"}),
+        json.dumps({"run_id": "a", "job_id": "101_0", "grid": "t2b", "job_tags": where}),
         json.dumps({"run_id": "b", "job_id": None}),  # a local launch: no job
+        json.dumps({"run_id": "d", "job_id": "102", "grid": "t2b"}),  # an older kdgrid's line
+        "7",  # not an entry at all
         '{"run_id": "c", "job_',  # the launcher died writing it
     ]
     (tmp_path / "submissions.jsonl").write_text("\n".join(lines))
-    assert read_journal([tmp_path, tmp_path / "missing"]) == {"a": "101_0"}
+    assert read_journal([tmp_path, tmp_path / "missing"]) == {
+        "a": {**where, "kdgrid.job_id": "101_0"},
+        "d": {"kdgrid.slurm_job_name": "kd-t2b", "kdgrid.job_id": "102"},
+    }
+
+
+def test_the_journal_records_what_the_run_is_tagged_with(tmp_path: Path) -> None:
+    """A SLURM launch journals each job with the tags its run gets (`submission_tags`): a run
+    recovered from the journal is tagged as if its launcher had not been killed."""
+    from kd.grid import load_grid
+    from slurm.launcher import record_launch
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        "name: jr\nexperiment: jr\n"
+        f"defaults: {{output_dir: {tmp_path}/out, data: {{dataset: imagefolder, root: /nowhere}}}}\n"
+        "rows: [{id: r1, label: J-1, student: {model: test_resnet}}]\n"
+    )
+    grid = load_grid(grid_file, check_data=False)
+    where = {"r1": submission_tags(grid.name, {})}
+    record_launch(grid, grid.rows, {"r1": "run-9"}, "slurm", {"r1": "55"}, where)
+    assert read_journal([tmp_path / "out"]) == {"run-9": {**where["r1"], "kdgrid.job_id": "55"}}
 
 
 def test_never_queued_is_a_scheduled_slurm_run_without_a_job() -> None:
