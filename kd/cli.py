@@ -22,7 +22,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid | None:
     """The grid `add_grid_arguments` named (dataset copies are not read), or None after its
     problems were printed to stderr: the command then exits with status 2."""
     try:
-        return load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
+        return load_grid(
+            args.grid, args.overrides, smoke=args.smoke, check_data=False, check_models=False
+        )
     except GridError as exc:
         print(exc, file=sys.stderr)
         return None

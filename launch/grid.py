@@ -145,7 +145,16 @@ def choose_executor(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        grid = load_grid(args.grid, [*args.overrides, *placement_overrides(args)], smoke=args.smoke)
+        # --cancel reads runs, as status does: no dataset copies read, no model names checked.
+        # --dry-run checks everything a launch does; model names from the name cache of the
+        # installed timm (kd/models/name_cache.py), so it imports no torch once that exists.
+        grid = load_grid(
+            args.grid,
+            [*args.overrides, *placement_overrides(args)],
+            smoke=args.smoke,
+            check_data=not args.cancel,
+            check_models=not args.cancel,
+        )
         if args.rows:
             grid.select(args.rows)  # report unknown names before anything else
     except GridError as exc:
