@@ -79,6 +79,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="SLURM: tasks of one job array running at once",
     )
     parser.add_argument(
+        "--no-feeder",
+        action="store_true",
+        help="SLURM: rows held by cluster limits wait for the next launch (no feeder process)",
+    )
+    parser.add_argument(
+        "--feed-held",
+        action="store_true",
+        help="be the grid's feeder: submit its held rows as the cluster accepts them, until none "
+        "is left (a launch starts it; see README, 'More rows than the cluster accepts')",
+    )
+    parser.add_argument(
+        "--feed-interval", type=float, default=30.0, help="seconds between the feeder's passes"
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
         "else the grid's tracking_uri, else sqlite:///mlflow.db)",
@@ -152,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             args.grid,
             [*args.overrides, *placement_overrides(args)],
             smoke=args.smoke,
-            check_data=not args.cancel,
-            check_models=not args.cancel,
+            check_data=not (args.cancel or args.feed_held),
+            check_models=not (args.cancel or args.feed_held),
         )
         if args.rows:
             grid.select(args.rows)  # report unknown names before anything else
@@ -165,16 +179,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cancel:
         from kd.tracking import tracking_uri_for
+        from slurm.launcher import grid_lock  # not beside a launch or feeder that submits
         from slurm.status import cancel_rows
 
         rows = grid.select(args.rows) if args.rows else list(grid.rows)
         uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
-        cancelled = cancel_rows(grid, rows, uri)
+        with grid_lock(grid):
+            cancelled = cancel_rows(grid, rows, uri)
         print(
             f"cancelled {len(cancelled)} row(s)"
             + (": " + ", ".join(cancelled) if cancelled else "")
         )
         return 0
+    if args.feed_held:
+        from slurm.launcher import feed_forever
+
+        return feed_forever(grid, args.tracking_uri, args.feed_interval, args.array_parallelism)
     executor = choose_executor(args.executor)
     from slurm.launcher import LaunchOptions, launch
 
@@ -186,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         max_parallel=args.max_parallel,
         tracking_uri=args.tracking_uri,
+        feeder=not args.no_feeder,
+        feed_interval_s=args.feed_interval,
     )
     return launch(grid, options)
 

@@ -36,14 +36,13 @@ def _registry() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
         return cached
     import timm  # the one heavy import of this module: only name checks need it
 
-    from kd.models import smoke_bit  # noqa: F401  (registers the smoke BiT: its name is known too)
-
     tags: dict[str, list[str]] = defaultdict(list)
     for full in timm.list_pretrained():
         arch, _, tag = full.partition(".")
         if tag:
             tags[arch].append(tag)
-    listed = (tuple(timm.list_models()), {arch: tuple(t) for arch, t in tags.items()})
+    models = tuple(dict.fromkeys([*timm.list_models(), SMOKE_BIT]))  # smoke_bit registers it
+    listed = (models, {arch: tuple(t) for arch, t in tags.items()})
     write_names(*listed)
     return listed
 
