@@ -12,7 +12,6 @@ import yaml
 
 from kd.grid.rows import GridError
 
-
 # libyaml's parser when PyYAML has it (a 10,000-value axis: 0.2 s instead of 1.5 s); the
 # constructor and resolvers below are Python either way.
 _SAFE_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

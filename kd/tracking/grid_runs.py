@@ -19,12 +19,14 @@ class RunSummary:
 
     record: RunRecord
     metrics: Mapping[str, float]
-    params: Mapping[str, str]
+    params: Mapping[str, str]  # empty unless asked for (`latest_grid_runs(..., params=True)`)
     start_time: int
     end_time: int | None
 
 
-def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict[str, RunSummary]:
+def latest_grid_runs(
+    tracking_uri: str, experiment: str, grid_name: str, params: bool = False
+) -> dict[str, RunSummary]:
     """Content key -> the latest run of that key in the grid, with metrics: one query for the
     whole grid (status and tables call this; no per-row requests)."""
     if not store_exists(tracking_uri):
@@ -34,7 +36,7 @@ def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict
     if experiment_id is None:
         return {}
     latest: dict[str, RunSummary] = {}
-    for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name):
+    for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name, params):
         record = run_record(run)
         if record.key and record.key not in latest:
             latest[record.key] = RunSummary(

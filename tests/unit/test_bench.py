@@ -311,7 +311,10 @@ def test_lean_search_equals_mlflow_search(launch_grid) -> None:
         filter_string=f"tags.`{TAG}.grid` = '{grid.name}'",
         order_by=["attributes.start_time DESC"],
     )
-    lean = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
+    lean = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name, params=True)
+    without_params = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
+    assert [r.data.tags for r in without_params] == [r.data.tags for r in lean]
+    assert all(r.data.params == {} for r in without_params)
     assert [r.info.run_id for r in lean] == [r.info.run_id for r in mlflow_runs]
     assert third not in {r.info.run_id for r in lean} and len(lean) == len(grid.rows) - 1
     for ours, theirs in zip(lean, mlflow_runs, strict=True):
