@@ -43,8 +43,11 @@ def undo_submission(
     with contextlib.suppress(Exception):  # the next launch looks for strays again
         cancel(stray_jobs(roots, known))
     what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    for row in rows:
-        tracker.mark(run_ids[row.id], "KILLED", f"submission {what}: {exc or type(exc).__name__}")
+    tracker.mark_many(
+        [run_ids[row.id] for row in rows],
+        "KILLED",
+        f"submission {what}: {exc or type(exc).__name__}",
+    )
     print(
         f"launch/grid.py: submission {what}, nothing left queued "
         f"({len(submitted)} job(s) cancelled): {exc or type(exc).__name__}",

@@ -28,6 +28,24 @@ class ClusterLimits:
         return self.free is None or rows <= self.free
 
 
+#: what sbatch says when a limit (of those above, or one not read) refuses a job: the rows left
+#: are then held, not the launch failed
+LIMIT_ERRORS = (
+    "Resource temporarily unavailable",
+    "MaxSubmitJob",
+    "MaxSubmitJobsPerUser",
+    "AssocMaxSubmitJobLimit",
+    "QOSMaxSubmitJobPerUserLimit",
+    "Job violates accounting/QOS policy",
+)
+
+
+def refused_by_limit(exc: BaseException) -> bool:
+    """An sbatch failure that means "no more jobs now" (a limit), not a bad job."""
+    text = str(exc)
+    return any(marker in text for marker in LIMIT_ERRORS)
+
+
 def _run(args: list[str]) -> str | None:
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
@@ -52,8 +70,9 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def count_jobs(user: str | None) -> int | None:
-    """Queued and running jobs, every array task counted (`squeue -r`): the user's, or all."""
-    args = ["squeue", "-h", "-r", "-o", "%i"] + (["-u", user] if user else [])
+    """The user's queued and running jobs, or every job record slurmctld holds (ended ones
+    too, until `MinJobAge` passes: they count against `MaxJobCount`); array tasks one by one."""
+    args = ["squeue", "-h", "-r", "-o", "%i"] + (["-u", user] if user else ["-t", "all"])
     out = _run(args)
     return None if out is None else sum(1 for line in out.splitlines() if line.strip())
 
@@ -112,7 +131,8 @@ def read_limits(qos: Iterable[str | None] = ()) -> ClusterLimits:
     if max_jobs is not None:
         everyone = count_jobs(None)
         if everyone is not None:
-            bounds.append(("MaxJobCount", max_jobs - everyone))
+            # slurmctld refuses a job that would bring its records to MaxJobCount itself
+            bounds.append(("MaxJobCount", max_jobs - everyone - 1))
     if not bounds:
         return ClusterLimits(max_array, None, "")
     why, free = min(bounds, key=lambda b: b[1])

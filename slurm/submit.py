@@ -24,7 +24,7 @@ from typing import Any
 
 from kd.config import closest
 from kd.grid import Row
-from slurm.limits import ClusterLimits
+from slurm.limits import ClusterLimits, refused_by_limit
 from slurm.state import job_name
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
@@ -208,6 +208,7 @@ def submit_rows(
     submitted = {} if submitted is None else submitted
     held = set() if held is None else held
     free = None if limits is None else limits.free
+    refused = False
     largest = limits.max_array_size if limits is not None else None
     for wave in dependency_waves(rows):
         groups: dict[Any, list[Row]] = {}
@@ -221,12 +222,24 @@ def submit_rows(
                 params["dependency"] = "afterok:" + ":".join(deps)
             groups.setdefault(_freeze(params), []).append(row)
         for frozen, group in groups.items():
+            if refused:
+                free = 0
             if free is not None:
                 held.update(row.id for row in group[free:])
                 group = group[:free]
                 free -= len(group)
             for chunk in _chunks(group, largest):
-                queued = _submit_array(frozen, chunk, run_ids, tracking_uri, folder)
+                if refused:  # sbatch said no more jobs: the rest waits too
+                    held.update(row.id for row in chunk)
+                    continue
+                try:
+                    queued = _submit_array(frozen, chunk, run_ids, tracking_uri, folder)
+                except Exception as exc:
+                    if limits is None or not refused_by_limit(exc):
+                        raise
+                    held.update(row.id for row in chunk)  # a limit not read, or reached
+                    refused = True
+                    continue
                 job_ids |= queued
                 submitted |= queued
                 _inject_pause()
