@@ -13,10 +13,10 @@ import functools
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kd.tracking.metadata import row_params, row_tags, row_yaml
+from kd.tracking.records import LeanData, LeanInfo, LeanRun
 from kd.tracking.redaction import secret_values
 
 if TYPE_CHECKING:
@@ -25,29 +25,6 @@ if TYPE_CHECKING:
 
 class BulkUnsupported(RuntimeError):
     """This MLflow's tables do not take the bulk insert; nothing was written."""
-
-
-@dataclass(frozen=True)
-class _LeanInfo:
-    run_id: str
-    status: str
-    start_time: int | None
-    end_time: int | None
-
-
-@dataclass(frozen=True)
-class _LeanData:
-    tags: dict[str, str]
-    params: dict[str, str]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _LeanRun:
-    """The parts of an `mlflow.entities.Run` this project reads."""
-
-    info: _LeanInfo
-    data: _LeanData
 
 
 def search_tagged_sql(
@@ -103,7 +80,7 @@ def search_tagged_sql(
             ).all()
     except Exception as exc:  # e.g. MLflow's tables changed: MLflow's own search instead
         raise BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    by_run: dict[str, _LeanData] = {r.run_uuid: _LeanData({}, {}, {}) for r in infos}
+    by_run: dict[str, LeanData] = {r.run_uuid: LeanData({}, {}, {}) for r in infos}
     for run_id, k, v in tags:
         if run_id in by_run:
             by_run[run_id].tags[k] = v
@@ -114,7 +91,7 @@ def search_tagged_sql(
         if run_id in by_run:
             by_run[run_id].metrics[k] = float("nan") if is_nan else v
     return [
-        _LeanRun(_LeanInfo(r.run_uuid, r.status, r.start_time, r.end_time), by_run[r.run_uuid])
+        LeanRun(LeanInfo(r.run_uuid, r.status, r.start_time, r.end_time), by_run[r.run_uuid])
         for r in infos
     ]
 

@@ -4,6 +4,7 @@ every module a real run of the command imported."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     finally:
         del os.environ["KDGRID_CACHE_DIR"]
     assert name_cache.cache_dir() != cache and list(cache.glob("timm-names-*.json"))
+    from kd.grid import load_grid
+    from kd.tracking import Tracker
+
+    grid = load_grid(REPO / "grids/table2b.yaml", check_data=False, check_models=False)
+    tracker = Tracker(f"sqlite:///{folder}/mlflow.db")  # table2b launched: its runs scheduled
+    tracker.create_row_runs(tracker.ensure_experiment(grid.experiment), grid.rows, executor="slurm")
     return {
         **os.environ,
         "KDGRID_CACHE_DIR": str(cache),
@@ -107,3 +114,19 @@ def test_name_cache_is_what_timm_lists(env: dict[str, str]) -> None:
         cached[1]["deit_base_distilled_patch16_384"]
         == names.pretrained_tags()["deit_base_distilled_patch16_384"]
     )
+
+
+def test_status_reads_a_sqlite_store_without_mlflow(env: dict[str, str]) -> None:
+    modules = imported(env, "launch/status.py", "grids/table2b.yaml", "--json")
+    assert sorted(m for m in modules if m.split(".")[0] == "mlflow") == []
+    done = subprocess.run(
+        [sys.executable, "launch/status.py", "grids/table2b.yaml", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = json.loads(done.stdout)
+    assert len(rows) == 10 and all(r["run_id"] for r in rows)  # the runs were read
