@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,5 +133,29 @@ def test_arrays_split_and_rows_held_then_fed(tmp_path: Path) -> None:
         # a second pass (and a second launch) submits nothing again
         again = launch(tmp_path, str(path), "--no-feeder")
         assert again.returncode == 0 and len(queued_jobs(tmp_path)) == 9, again.stdout
+    finally:
+        cancel_leftover_jobs(tmp_path)
+
+
+def test_the_feeder_a_launch_starts_submits_held_rows_and_exits(tmp_path: Path) -> None:
+    path = write_grid(tmp_path, students=3)
+    try:
+        with max_submit_jobs(2):
+            done = launch(tmp_path, str(path), "--feed-interval", "1")
+            assert done.returncode == 0 and "by the feeder, pid" in done.stdout, done.stdout
+            status = json.loads(script(tmp_path, "status.py", str(path), "--json").stdout)
+            assert sorted(r["state"] for r in status).count("held") == 2
+        (log,) = (tmp_path / "outputs").rglob("feeder.log")
+        for _ in range(60):  # the limit is gone: the feeder's next pass submits them
+            status = json.loads(script(tmp_path, "status.py", str(path), "--json").stdout)
+            if {r["state"] for r in status} == {
+                "pending"
+            } and "0 row(s) still held" in log.read_text():
+                break
+            time.sleep(1)
+        assert {r["state"] for r in status} == {"pending"}, (status, log.read_text())
+        assert "0 row(s) still held" in log.read_text()
+        assert not list((tmp_path / "outputs").rglob("feeder.pid"))  # it exited
+        assert len(queued_jobs(tmp_path)) == 4
     finally:
         cancel_leftover_jobs(tmp_path)
