@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+import slurm.launcher as launcher_module
 import slurm.status as status_module
 import slurm.submit as submit
 from bench.common import log_nothing, machine
@@ -179,19 +180,26 @@ def _submit(grid: Grid, uri: str) -> dict[str, Any]:
     """`launch --executor slurm` of the grid, its time split into MLflow, sbatch and sinfo."""
     buckets: dict[str, float] = {}
     targets = [(Tracker, n, "mlflow") for n in _tracker_methods()]
-    targets += [(submit, "submit_rows", "sbatch"), (submit, "read_partitions", "sinfo")]
+    targets += [
+        (launcher_module, "submit_rows", "sbatch"),
+        (launcher_module, "read_partitions", "sinfo"),
+        (launcher_module, "read_limits", "limits"),
+    ]
     out = io.StringIO()
     start = time.perf_counter()
     with _timed(buckets, targets), contextlib.redirect_stdout(out):
-        code = launch(grid, LaunchOptions(executor="slurm", tracking_uri=uri, live=False))
+        code = launch(
+            grid, LaunchOptions(executor="slurm", tracking_uri=uri, live=False, feeder=False)
+        )
     result: dict[str, Any] = {"submit_s": time.perf_counter() - start}
     if code != 0:
         raise RuntimeError(f"the launch failed (exit {code}):\n{out.getvalue()[-2000:]}")
     result["mlflow_s"] = buckets.get("mlflow", 0.0)
     result["sbatch_s"] = buckets.get("sbatch", 0.0)
     result["sinfo_s"] = buckets.get("sinfo", 0.0)
+    result["limits_s"] = buckets.get("limits", 0.0)
     result["other_s"] = result["submit_s"] - sum(
-        result[k] for k in ("mlflow_s", "sbatch_s", "sinfo_s")
+        result[k] for k in ("mlflow_s", "sbatch_s", "sinfo_s", "limits_s")
     )
     result["sbatch_calls"] = len(_submitted_jobs(grid))
     return result
@@ -287,6 +295,7 @@ def format_launch(r: dict[str, Any]) -> str:
         f"    MLflow      {r['mlflow_s']:8.2f} s   (experiment, {r['rows']} runs, job id tags)",
         f"    sbatch      {r['sbatch_s']:8.2f} s   (submitit pickles + sbatch)",
         f"    sinfo       {r['sinfo_s']:8.2f} s",
+        f"    limits      {r.get('limits_s', 0.0):8.2f} s   (scontrol, sacctmgr, squeue)",
         f"    other       {r['other_s']:8.2f} s   (plan, smoke data, launch record)",
         f"  status        {r['status_s']:8.2f} s   (grid_status: {r.get('states')})",
         f"    MLflow      {r['status_mlflow_s']:8.2f} s   (one search of the grid's runs)",

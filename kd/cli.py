@@ -150,7 +150,8 @@ def grid_from_args(args: argparse.Namespace, checks: dict[str, Check] | None = N
     tracking store checked, or None after every problem was printed to stderr: the command
     then exits with status 2."""
     problems = check_options(args, {"tracking_uri": text, **(checks or {})})
-    grid = load_checked_grid(args, problems, smoke=args.smoke, check_data=False)
+    # status and table read runs: no dataset copies read, no model names checked (no timm)
+    grid = load_checked_grid(args, problems, smoke=args.smoke, check_data=False, check_models=False)
     if grid is not None or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         problems.extend(store_problems(args, grid, writes=False))
     if problems:

@@ -24,7 +24,6 @@ does. Teacher tensors are detached inside every term, so the teacher never recei
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kd.loss_terms import NEEDS_TEACHER, check_terms, unknown_term_message
+
+__all__ = ["NEEDS_TEACHER", "check_terms"]  # re-exported: the grid checks read them without torch
 
 SOFT_REDUCTIONS = ("batchmean", "deit")
 _EPS = 1e-12
@@ -297,42 +300,8 @@ TERMS: dict[str, TermSpec] = {
 }
 
 
-def _unknown_message(name: object) -> str:
-    """Name the closest valid term so a typo in a grid YAML is a one-line fix."""
-    valid = ", ".join(TERMS)
-    close = difflib.get_close_matches(str(name), list(TERMS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ";"
-    return f"unknown KD term {name!r}{hint} Valid terms: {valid}"
-
-
-def check_terms(weights: Mapping[str, float]) -> list[str]:
-    """Every problem with a term-to-weight mapping, as messages; never raises.
-
-    The grid validator reports all problems of all rows at once, before anything is launched.
-    """
-    if not isinstance(weights, Mapping):
-        return [f"KD loss weights must be a mapping of term name to weight, got {weights!r}"]
-    if not weights:
-        return [
-            f"no KD terms given; name at least one term with a weight, e.g. {{ce: 1.0}}. "
-            f"Valid terms: {', '.join(TERMS)}"
-        ]
-    problems: list[str] = []
-    usable: list[float] = []
-    for name, weight in weights.items():
-        if name not in TERMS:
-            problems.append(_unknown_message(name))
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            problems.append(f"weight of KD term {name!r} must be a number, got {weight!r}")
-        elif not math.isfinite(weight):
-            problems.append(f"weight of KD term {name!r} must be finite, got {weight}")
-        elif weight < 0:
-            problems.append(f"weight of KD term {name!r} must be >= 0, got {weight}")
-        else:
-            usable.append(float(weight))
-    if usable and len(usable) == len(weights) and not any(usable):
-        problems.append("all KD term weights are zero; give at least one term a positive weight")
-    return problems
+if {n: t.needs_teacher for n, t in TERMS.items()} != NEEDS_TEACHER:
+    raise ImportError("kd.losses.TERMS and kd.loss_terms.NEEDS_TEACHER disagree: update both")
 
 
 def get_term(name: str) -> TermSpec:
@@ -340,7 +309,7 @@ def get_term(name: str) -> TermSpec:
     try:
         return TERMS[name]
     except (KeyError, TypeError):
-        raise UnknownTermError(_unknown_message(name)) from None
+        raise UnknownTermError(unknown_term_message(name)) from None
 
 
 # --------------------------------------------------------------------------- composer

@@ -88,6 +88,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="SLURM: tasks of one job array running at once",
     )
     parser.add_argument(
+        "--no-feeder",
+        action="store_true",
+        help="SLURM: rows held by cluster limits wait for the next launch (no feeder process)",
+    )
+    parser.add_argument(
+        "--feed-held",
+        action="store_true",
+        help="be the grid's feeder: submit its held rows as the cluster accepts them, until none "
+        "is left (a launch starts it; see README, 'More rows than the cluster accepts')",
+    )
+    parser.add_argument("--feed-interval", default="30", help="seconds between the feeder's passes")
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
         "else the grid's tracking_uri, else sqlite:///mlflow.db)",
@@ -160,6 +172,7 @@ OPTION_CHECKS: dict[str, cli.Check] = {
     "max_parallel": cli.int_between(1, cli.MAX_PARALLEL),
     "array_parallelism": cli.int_between(1, cli.MAX_ARRAY_PARALLELISM),
     "tracking_uri": cli.text,
+    "feed_interval": cli.seconds,
 }
 
 
@@ -170,7 +183,18 @@ def checked_grid(args: argparse.Namespace) -> Grid | None:
     if args.json and not args.dry_run:
         problems.append("--json: only with --dry-run (a launch prints its progress)")
     overrides = [*args.overrides, *placement_overrides(args)]  # the valid ones
-    grid = cli.load_checked_grid(args, problems, overrides, smoke=args.smoke)
+    # --cancel and the feeder read runs, as status does: no dataset copies read, no model names
+    # checked. --dry-run checks everything a launch does; model names from the name cache of
+    # the installed timm (kd/models/name_cache.py), so it imports no torch once that exists.
+    reads_runs = args.cancel or args.feed_held
+    grid = cli.load_checked_grid(
+        args,
+        problems,
+        overrides,
+        smoke=args.smoke,
+        check_data=not reads_runs,
+        check_models=not reads_runs,
+    )
     if grid is not None and args.rows:
         try:
             grid.select(args.rows)  # report unknown names before anything else
@@ -194,16 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cancel:
         from kd.tracking import tracking_uri_for
+        from slurm.launcher import grid_lock  # not beside a launch or feeder that submits
         from slurm.status import cancel_rows
 
         rows = grid.select(args.rows) if args.rows else list(grid.rows)
         uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
-        cancelled = cancel_rows(grid, rows, uri)
+        with grid_lock(grid):
+            cancelled = cancel_rows(grid, rows, uri)
         print(
             f"cancelled {len(cancelled)} row(s)"
             + (": " + ", ".join(cancelled) if cancelled else "")
         )
         return 0
+    if args.feed_held:
+        from slurm.launcher import feed_forever
+
+        return feed_forever(grid, args.tracking_uri, args.feed_interval, args.array_parallelism)
     executor = choose_executor(args.executor)
     from slurm.launcher import LaunchOptions, launch
 
@@ -216,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         max_parallel=args.max_parallel,
         tracking_uri=args.tracking_uri,
         prefetch=args.prefetch,
+        feeder=not args.no_feeder,
+        feed_interval_s=args.feed_interval,
     )
     return launch(grid, options)
 

@@ -4,7 +4,7 @@
     python launch/status.py grids/table2b.yaml --smoke --json
     python launch/status.py grids/table2b.yaml --watch          # refresh every 10 s
 
-States: not_submitted, pending (with SLURM's reason), running, finished, failed, timeout,
+States: not_submitted, held (cluster limit: waits for room, see README), pending (with SLURM's reason), running, finished, failed, timeout,
 preempted, cancelled, skipped (a dependency failed). From MLflow and sacct/squeue together,
 one query each for the whole grid. Exit status 2 for a bad grid.
 """

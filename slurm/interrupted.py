@@ -25,16 +25,19 @@ from kd.grid import Grid
 from kd.processes import still_running
 from kd.rowfiles import SLURM_DIR, SUBMISSIONS
 from kd.tracking import TAG, RunRecord, Tracker
+from slurm.held import CLUSTER_LIMIT, HELD_TAG
 
 NEVER_QUEUED = "its launch was interrupted before the row was queued; launch the grid again"
 
 
 def never_queued(record: RunRecord) -> bool:
-    """A SLURM run the launcher created but never tagged with a job id."""
+    """A SLURM run the launcher created but never tagged with a job id (held rows are not:
+    they wait for room on the cluster on purpose, see slurm/held.py)."""
     return (
         record.status == "SCHEDULED"
         and record.tags.get(f"{TAG}.executor") == "slurm"
         and not record.job_id
+        and record.tags.get(HELD_TAG) != CLUSTER_LIMIT
     )
 
 

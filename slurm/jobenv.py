@@ -64,12 +64,16 @@ def check_launch_weights(
     return check
 
 
+CODE_ROOT_VARIABLE = "KDGRID_CODE_ROOT"  # the snapshot's folder, for the feeder (slurm/held.py)
+
+
 def job_environment(output_dir: Path, hub_offline: bool) -> tuple[dict[str, str], CodeInfo]:
     """The variables to give every row process of a launch, and the code snapshot they name."""
     code = snapshot(output_dir)
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(code.root), os.environ.get("PYTHONPATH")])),
         "PYTHONSAFEPATH": "1",
+        CODE_ROOT_VARIABLE: str(code.root),
     }
     if hub_offline:
         env["HF_HUB_OFFLINE"] = "1"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -26,11 +25,15 @@ from kd.plan import (
     running_ids,
     stale_after_launch,
 )
-from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR, SUBMISSIONS
+from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR
 from kd.tracking import RunRecord, Tracker, store_exists, tracking_uri_for
-from slurm.interrupted import never_queued, recover, stray_jobs
+from slurm.feed import feed_held, hold_rows, undo_submission
+from slurm.held import CLUSTER_LIMIT, FEED_INTERVAL_S, is_held, start_feeder
+from slurm.interrupted import never_queued, recover
 from slurm.jobenv import check_launch_weights, exported, job_environment
-from slurm.submit import SlurmUnavailable, check_rows, read_partitions
+from slurm.journal import queued_recorder, record_launch
+from slurm.limits import read_limits
+from slurm.submit import SlurmUnavailable, check_rows, read_partitions, submit_rows
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class LaunchOptions:
     tracking_uri: str | None = None
     live: bool | None = None  # redraw progress in place (default: when stdout is a terminal)
     prefetch: bool = False  # download missing pretrained weights into the cache first
+    feeder: bool = True  # SLURM: start a feeder for rows held by cluster limits
+    feed_interval_s: float = FEED_INTERVAL_S
 
 
 class Liveness:
@@ -56,9 +61,12 @@ class Liveness:
         self.states = slurm_jobs(r for r in latest.values() if r.status != "FINISHED")
 
     def alive(self, record: RunRecord) -> bool:
-        """An open (SCHEDULED/RUNNING) run whose process or job is still there."""
+        """An open (SCHEDULED/RUNNING) run whose process or job is still there, or that is held
+        for room on the cluster (a later launch or the feeder submits it)."""
         from slurm.local import local_run_alive
 
+        if is_held(record):
+            return True
         if record.tags.get("kdgrid.executor") in ("local", "inline"):
             return local_run_alive(record.tags)
         state = self.states.get(record.job_id or "")
@@ -143,13 +151,16 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
         return 2
     try:
         with grid_lock(grid):
-            prepared = _prepare(grid, options)
-            if isinstance(prepared, int):
-                return prepared
             # the code every job of this launch imports, and their requeues too
             env, _ = job_environment(
                 Path(grid.rows[0].config.output_dir), hub_offline=weights.all_cached
             )
+            if options.executor == "slurm":
+                with exported(env):  # rows an earlier launch held go with this launch's code
+                    feed_held(grid, tracking_uri_for(options.tracking_uri, grid.tracking_uri))
+            prepared = _prepare(grid, options)
+            if isinstance(prepared, int):
+                return prepared
             if options.executor == "slurm":
                 return _finish(prepared, _submit(prepared, options, env))
     except TimeoutError as exc:
@@ -157,6 +168,23 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
         return 2
     # Local rows run outside the lock: their runs exist, so another launch sees them as active.
     return _finish(prepared, _run_local(prepared, options, env))
+
+
+def feed_forever(
+    grid: Grid, tracking_uri: str | None, interval_s: float, array_parallelism: int = 256
+) -> int:
+    """The feeder (slurm/held.py): held rows submitted under the grid's lock, pass by pass."""
+    from slurm.held import feed_loop
+
+    # The feeder runs with the environment of the launch that started it (start_feeder): what
+    # it submits imports that launch's code snapshot.
+    uri = tracking_uri_for(tracking_uri, grid.tracking_uri)
+
+    def feed_once() -> int:
+        with grid_lock(grid):
+            return feed_held(grid, uri, array_parallelism)
+
+    return feed_loop(grid, feed_once, interval_s)
 
 
 def preflight(grid: Grid, options: LaunchOptions) -> str | None:
@@ -391,41 +419,24 @@ def _run_local(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) 
 
 
 def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> int:
-    """Submit every row and return at once. Each sbatch call's job ids are recorded as soon as
-    it returns; on an error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is
-    cancelled and the runs closed, so no grid is left half-submitted. (A SIGKILL cannot be
-    caught: the next launch settles it, see slurm/interrupted.py.)"""
-    from kd.inject import RECORD_PAUSE, pause
-    from kd.tracking import TAG
-    from slurm.state import cancel, submission_tags
-    from slurm.submit import submit_rows
-
+    """Submit every row the cluster accepts now and return at once; hold the others for the
+    feeder (slurm/held.py). Each sbatch call's job ids are recorded as soon as it returns; on an
+    error or an interrupt (Ctrl-C, SIGTERM, SIGHUP) what was queued is cancelled and the runs
+    closed, so no grid is left half-submitted. (A SIGKILL cannot be caught: the next launch
+    settles it, see slurm/interrupted.py.)"""
     grid, to_run, run_ids, tracker = (
         prepared.grid,
         prepared.rows,
         prepared.run_ids,
         prepared.tracker,
     )
-    by_id = {row.id: row for row in to_run}
     folder = Path(to_run[0].config.output_dir).resolve() / SLURM_DIR
-
-    def record_queued(queued: dict[str, str]) -> None:
-        # the job id and where it went (slurm.state.job_states reads them): in the journal
-        # first, which a launch killed before tagging the runs is recovered from
-        where = {
-            r: submission_tags(by_id[r].grid, by_id[r].config.resources.sbatch_extra)
-            for r in queued
-        }
-        record_launch(grid, [by_id[r] for r in queued], run_ids, "slurm", queued, where)
-        pause(RECORD_PAUSE)  # fault injection (tests): the launcher killed here
-        tracker.set_tags_many(
-            {run_ids[r]: {f"{TAG}.job_id": job, **where[r]} for r, job in queued.items()}
-        )
-
     submitted: dict[str, str] = {}
+    held: set[str] = set()
     try:
         # sbatch copies this environment into each job: the snapshot on PYTHONPATH
         with _interrupts_raise(), exported(env):
+            limits = read_limits(row.config.resources.qos for row in to_run)
             submit_rows(
                 to_run,
                 run_ids,
@@ -434,30 +445,28 @@ def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> 
                 existing_jobs=prepared.active_deps,
                 array_parallelism=options.array_parallelism,
                 submitted=submitted,
-                on_queued=record_queued,
+                on_queued=queued_recorder(grid, to_run, run_ids, tracker, was_held=False),
+                limits=limits,
+                held=held,
             )
+            if held:
+                hold_rows(grid, [r for r in to_run if r.id in held], run_ids, tracker)
     except BaseException as exc:  # KeyboardInterrupt included: nothing may stay half-queued
-        cancel(submitted.values())
-        # and a job whose sbatch returned just as the interrupt came, not yet in `submitted`
-        roots = [Path(row.config.output_dir) for row in to_run]
-        known = [*submitted.values(), *prepared.active_deps.values()]
-        with contextlib.suppress(Exception):  # the next launch looks for strays again
-            cancel(stray_jobs(roots, known))
-        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        for row in to_run:
-            tracker.mark(
-                run_ids[row.id], "KILLED", f"submission {what}: {exc or type(exc).__name__}"
-            )
-        print(
-            f"launch/grid.py: submission {what}, nothing left queued "
-            f"({len(submitted)} job(s) cancelled): {exc or type(exc).__name__}",
-            file=sys.stderr,
-        )
-        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        return undo_submission(grid, to_run, run_ids, tracker, submitted, exc, prepared.active_deps)
     print(f"submitted {len(submitted)} rows (logs in {folder}):")
     for row in to_run:
         deps = ",".join(row.depends_on) or "-"
-        print(f"  {row.id:<28} {row.label:<12} job {submitted[row.id]:<12} after {deps}")
+        job = submitted.get(row.id) or f"held: {CLUSTER_LIMIT}"
+        print(f"  {row.id:<28} {row.label:<12} job {job:<12} after {deps}")
+    if held:
+        print(
+            f"{len(held)} row(s) held: the cluster accepts no more jobs now ({limits.why}, "
+            f"{limits.free} free when read); they are submitted as room frees up"
+        )
+        if options.feeder:
+            pid = start_feeder(grid, prepared.uri, options.feed_interval_s, env)
+            print(f"  by the feeder, pid {pid} (log {folder / 'feeder.log'}; stop it: kill {pid});")
+        print(f"  or by launching the grid again: {grid.command('launch/grid.py')}")
     print(f"follow them with: {status_command(grid, options.tracking_uri)}")
     return 0
 
@@ -484,37 +493,3 @@ def status_command(grid: Grid, tracking_uri: str | None = None) -> str:
     return grid.command(
         "launch/status.py", *(["--tracking-uri", tracking_uri] if tracking_uri else [])
     )
-
-
-def record_launch(
-    grid: Grid,
-    rows,
-    run_ids: dict[str, str],
-    executor: str,
-    job_ids: dict[str, str] | None = None,
-    job_tags: dict[str, dict[str, str]] | None = None,
-) -> Path:
-    """Append this launch (row id, key, run id, job id, and the tags that say where each job
-    went: `slurm.state.submission_tags`) to the grid's submission record."""
-    root = Path(rows[0].config.output_dir) if rows else Path("outputs")
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / SUBMISSIONS
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with open(path, "a") as handle:
-        for row in rows:
-            entry = {
-                "time": stamp,
-                "grid": grid.name,
-                "id": row.id,
-                "label": row.label,
-                "key": row.key,
-                "run_id": run_ids[row.id],
-                "executor": executor,
-                "job_id": (job_ids or {}).get(row.id),
-                **({"job_tags": job_tags[row.id]} if job_tags and row.id in job_tags else {}),
-                "launcher_pid": os.getpid(),
-            }
-            handle.write(json.dumps(entry) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())  # the journal a killed launch is recovered from
-    return path

@@ -40,7 +40,8 @@ PRELOAD = (
     "mlflow.tracking",
     "mlflow.store.tracking.sqlalchemy_store",
     "kd.train",
-    "kd.models",
+    "kd.models.build",  # kd.models imports timm lazily: its heavy modules by name
+    "kd.models.weights",
     "kd.evaluate",
     "kd.data",
     "slurm.job",

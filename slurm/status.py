@@ -25,11 +25,13 @@ from kd.tracking import (
     latest_grid_runs,
     store_exists,
 )
+from slurm.held import CLUSTER_LIMIT, is_held
 from slurm.interrupted import NEVER_QUEUED, launcher_gone, never_queued
 from slurm.state import GONE, JobState, cancel, held_after_failure, slurm_jobs
 
 STATES = (
     "not_submitted",
+    "held",
     "pending",
     "running",
     "finished",
@@ -106,6 +108,8 @@ def row_state(
             return "failed", "the local process is gone"
         return ("running" if record.status == "RUNNING" else "pending"), None
     if job is None:
+        if is_held(record):  # waits for room on the cluster (slurm/held.py)
+            return "held", CLUSTER_LIMIT
         if never_queued(record) and launcher_gone(record):
             return "failed", NEVER_QUEUED
         return ("running" if record.status == "RUNNING" else "pending"), None
@@ -196,13 +200,13 @@ def format_table(rows: Iterable[RowStatus]) -> str:
             [
                 s.id,
                 s.label,
-                s.state,
+                f"{s.state}: {s.reason}" if s.state == "held" else s.state,
                 s.job_id or "-",
                 s.nodes or "-",
                 _hms(s.elapsed_s),
                 f"{s.epoch}/{s.epochs}" if s.epoch is not None else f"-/{s.epochs}",
                 f"{s.acc1:.2f}" if s.acc1 is not None else "-",
-                (s.reason or s.other_code or "")[:60],
+                "" if s.state == "held" else (s.reason or s.other_code or "")[:60],
             ]
         )
     widths = [max(len(str(r[i])) for r in [headers, *lines]) for i in range(len(headers))]

@@ -2,8 +2,9 @@
 
 A grid is submitted in dependency waves: rows whose dependencies are all outside the launch (or
 finished) first, then rows that wait on those, and so on. Within a wave, rows with the same
-resources and the same dependencies share one job array (submitit `batch()`), so a 1000-row
-grid costs a handful of `sbatch` calls. Edges become `afterok` dependencies with
+resources and the same dependencies share one job array (submitit `batch()`), split at the
+cluster's `MaxArraySize`, so a 10,000-row grid costs a handful of `sbatch` calls. Rows beyond
+what the cluster accepts now (slurm/limits.py) are held (slurm/held.py). Edges become `afterok` dependencies with
 `--kill-on-invalid-dep=yes`, so a failed teacher cancels its students instead of leaving them
 pending forever. Every value that reaches an sbatch line is checked first; none goes through a
 shell.
@@ -22,6 +23,7 @@ from typing import Any
 from kd.config import closest
 from kd.grid import Row
 from kd.inject import SUBMIT_PAUSE, pause
+from slurm.limits import ClusterLimits, refused_by_limit
 from slurm.state import job_name
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
@@ -187,48 +189,90 @@ def submit_rows(
     submitted: dict[str, str] | None = None,
     array_parallelism: int = 256,
     on_queued: Callable[[dict[str, str]], None] | None = None,
+    limits: ClusterLimits | None = None,
+    held: set[str] | None = None,
 ) -> dict[str, str]:
     """Submit rows (all at once, not waiting for any) and return row id -> SLURM job id.
 
     `existing_jobs` maps dependency rows that are already queued or running (from an earlier
     launch) to their job ids, so new rows can wait on them too. `on_queued` is called with the
     row id -> job id of each sbatch call as soon as it returns, so that a launcher killed
-    half-way has recorded every job it queued but the last.
+    half-way has recorded every job it queued but the last. With `limits`, arrays are split at
+    the cluster's `MaxArraySize` and no more rows are queued than it accepts now: the ids of the
+    rows left out (and of the rows that wait on them) are added to `held`.
     """
-    import submitit
-
-    from slurm.job import RowJob, write_row_file
-
     job_ids: dict[str, str] = dict(existing_jobs or {})
     # Filled as jobs are queued: the caller's dict, so that after a failure half-way it still
     # knows what to cancel.
     submitted = {} if submitted is None else submitted
+    held = set() if held is None else held
+    free = None if limits is None else limits.free
+    refused = False
+    largest = limits.max_array_size if limits is not None else None
     for wave in dependency_waves(rows):
         groups: dict[Any, list[Row]] = {}
         for row in wave:
+            if any(d in held for d in row.depends_on):
+                held.add(row.id)  # its dependency has no job yet: it waits with it
+                continue
             deps = sorted(job_ids[d] for d in row.depends_on if d in job_ids)
             params = executor_parameters(row, array_parallelism)
             if deps:
                 params["dependency"] = "afterok:" + ":".join(deps)
             groups.setdefault(_freeze(params), []).append(row)
         for frozen, group in groups.items():
-            params = dict(frozen)
-            params["additional_parameters"] = dict(params["additional_parameters"])
-            executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
-            executor.update_parameters(**params)
-            row_files = [str(write_row_file(row).resolve()) for row in group]
-            with executor.batch():
-                jobs = [
-                    executor.submit(RowJob(), row_file, run_ids[row.id], tracking_uri)
-                    for row, row_file in zip(group, row_files, strict=True)
-                ]
-            queued = {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
-            job_ids |= queued
-            submitted |= queued
-            pause(SUBMIT_PAUSE)  # fault injection (tests): the launcher killed here
-            if on_queued is not None:
-                on_queued(queued)
+            if refused:
+                free = 0
+            if free is not None:
+                held.update(row.id for row in group[free:])
+                group = group[:free]
+                free -= len(group)
+            for chunk in _chunks(group, largest):
+                if refused:  # sbatch said no more jobs: the rest waits too
+                    held.update(row.id for row in chunk)
+                    continue
+                try:
+                    queued = _submit_array(frozen, chunk, run_ids, tracking_uri, folder)
+                except Exception as exc:
+                    if limits is None or not refused_by_limit(exc):
+                        raise
+                    held.update(row.id for row in chunk)  # a limit not read, or reached
+                    refused = True
+                    continue
+                job_ids |= queued
+                submitted |= queued
+                pause(SUBMIT_PAUSE)  # fault injection (tests): the launcher killed here
+                if on_queued is not None:
+                    on_queued(queued)
     return submitted
+
+
+def _chunks(rows: list[Row], size: int | None) -> list[list[Row]]:
+    if not rows:
+        return []
+    size = size or len(rows)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _submit_array(
+    frozen: Any, group: list[Row], run_ids: Mapping[str, str], tracking_uri: str, folder: Path
+) -> dict[str, str]:
+    """One sbatch call: the rows of `group` (one set of parameters) as one job array."""
+    import submitit
+
+    from slurm.job import RowJob, write_row_file
+
+    params = dict(frozen)
+    params["additional_parameters"] = dict(params["additional_parameters"])
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
+    executor.update_parameters(**params)
+    row_files = [str(write_row_file(row).resolve()) for row in group]
+    with executor.batch():
+        jobs = [
+            executor.submit(RowJob(), row_file, run_ids[row.id], tracking_uri)
+            for row, row_file in zip(group, row_files, strict=True)
+        ]
+    return {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
 
 
 def slurm_available() -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from kd import config as C
+from kd.loss_terms import NEEDS_TEACHER, check_terms
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -123,12 +124,8 @@ def check_sources(cfg: C.RowConfig, where: str, smoke: bool) -> list[str]:
 
 def check_kd_terms(cfg: C.RowConfig, where: str) -> list[str]:
     """Known KD terms with valid weights, and a teacher for the terms that need one."""
-    from kd import losses  # imports torch: only the full check of a launch needs it
-
-    problems = [f"{where}: kd: {problem}" for problem in losses.check_terms(cfg.kd)]
-    needs_teacher = [
-        t for t in cfg.kd if t in losses.TERMS and losses.TERMS[t].needs_teacher and cfg.kd[t] > 0
-    ]
+    problems = [f"{where}: kd: {problem}" for problem in check_terms(cfg.kd)]
+    needs_teacher = [t for t in cfg.kd if NEEDS_TEACHER.get(t) and cfg.kd[t] > 0]
     if needs_teacher and cfg.teacher is None:
         problems.append(
             f"{where}: teacher: KD term(s) {', '.join(needs_teacher)} need a teacher; "
@@ -181,7 +178,7 @@ def check_checkpoints(
     """`init.file` and `teacher.file` are read (memory-mapped, weights only) and fitted to their
     architectures on the meta device: a corrupt file or one from another architecture is bad
     input now, not a failed job later. Missing files and bad model names are reported above."""
-    from kd.models import check_checkpoint, check_model_name
+    from kd.models import check_model_name
 
     files = []
     if cfg.init.source == "file" and cfg.init.file:
@@ -195,6 +192,8 @@ def check_checkpoints(
             continue
         what = (model, path, cfg.data.img_size)
         if what not in checked:
+            from kd.models import check_checkpoint  # imports torch and timm: only with a file
+
             checked[what] = check_checkpoint(model, path, img_size=cfg.data.img_size)
         for problem in checked[what]:
             head, *details = [line.strip() for line in problem.splitlines() if line.strip()]

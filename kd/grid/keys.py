@@ -5,6 +5,7 @@ its result with references replaced by the referenced rows' keys."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -14,11 +15,20 @@ from kd import config as C
 from kd.grid.rows import row_dependencies
 
 
-def resolve_teacher_model(cfg: C.RowConfig, configs: Sequence[C.RowConfig]) -> C.RowConfig:
-    """`teacher: {row: X}` takes X's student architecture as the teacher model."""
+def resolve_teacher_models(configs: Sequence[C.RowConfig]) -> list[C.RowConfig]:
+    """`resolve_teacher_model` of every row (rows found by id: linear in the grid's size)."""
+    by_id: dict[str, C.RowConfig] = {}
+    for cfg in configs:
+        by_id.setdefault(cfg.id, cfg)  # the first of duplicate ids, as a search would find
+    return [resolve_teacher_model(cfg, by_id) for cfg in configs]
+
+
+def resolve_teacher_model(cfg: C.RowConfig, configs: Mapping[str, C.RowConfig]) -> C.RowConfig:
+    """`teacher: {row: X}` takes X's student architecture as the teacher model (`configs`:
+    row id -> row)."""
     if cfg.teacher is None or cfg.teacher.row is None:
         return cfg
-    source = next((c for c in configs if c.id == cfg.teacher.row), None)
+    source = configs.get(cfg.teacher.row)
     if source is None:
         return cfg
     teacher = dataclasses.replace(cfg.teacher, model=source.student.model)
@@ -101,15 +111,22 @@ def _changed_from_defaults(tree: dict[str, Any]) -> dict[str, Any]:
     """Only what differs from the schema's defaults, so adding a new key (with a default that
     keeps the old behaviour) to kd/config.py leaves every existing key, and every finished row,
     as it was."""
-    defaults = C.to_dict(C.RowConfig())
-    for section in C.PLACEMENT_SECTIONS:
-        defaults.pop(section, None)
-    flat, flat_defaults = C.flatten(tree), C.flatten(defaults)
-    for dotted in C.PLACEMENT_FIELDS_ADDED_LATER:
-        flat_defaults.pop(dotted, None)
+    flat, flat_defaults = C.flatten(tree), _flat_defaults()
     changed = {k: v for k, v in flat.items() if k not in flat_defaults or flat_defaults[k] != v}
     changed |= {k: "<absent>" for k in flat_defaults if k not in flat}
     return changed
+
+
+@functools.cache
+def _flat_defaults() -> dict[str, Any]:
+    """The schema's defaults, flat, placement left out (the same for every row: made once)."""
+    defaults = C.to_dict(C.RowConfig())
+    for section in C.PLACEMENT_SECTIONS:
+        defaults.pop(section, None)
+    flat = C.flatten(defaults)
+    for dotted in C.PLACEMENT_FIELDS_ADDED_LATER:
+        flat.pop(dotted, None)
+    return flat
 
 
 def content_keys(

@@ -19,7 +19,7 @@ from kd.grid.compose import (
     suffix_ids,
     where_row,
 )
-from kd.grid.keys import content_keys, resolve_teacher_model, topological_order
+from kd.grid.keys import content_keys, resolve_teacher_models, topological_order
 from kd.grid.parse import load_yaml, parse_overrides
 from kd.grid.rows import Grid, GridError, Row, row_dependencies
 from kd.smoke import smoke_row
@@ -81,7 +81,7 @@ def load_grid(
             skip=bad_data,
         )
     )
-    configs = [resolve_teacher_model(cfg, configs) for cfg in configs]
+    configs = resolve_teacher_models(configs)
     order = topological_order(configs, file, problems)
     if not problems:
         keys = content_keys(configs, order, code_version=grid_raw.get("code_version"))
@@ -173,7 +173,7 @@ def shrink(
     behind its tiny stand-in); each smoke key derives from its full-size key, so rows that
     shrink to the same tiny config (e.g. ConvNeXt-B and ConvNeXt-L) stay distinct rows."""
     small = [smoke_row(cfg, name) for cfg in configs]
-    configs = [resolve_teacher_model(cfg, small) for cfg in small]
+    configs = resolve_teacher_models(small)
     return configs, content_keys(configs, order, full_size=keys)
 
 

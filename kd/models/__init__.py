@@ -20,17 +20,11 @@ grid fails before the cluster spends hours on it.
     hub.py        where timm reads a pretrained tag from, in the hub cache or not, prefetching
 """
 
-from kd.models.build import build_model
-from kd.models.inspect import (
-    ModelOutputs,
-    count_params,
-    data_config,
-    embedding_dim,
-    forward_with_embedding,
-    freeze_teacher,
-    is_distilled,
-    unwrap_model,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from kd.models.names import (
     SMOKE_BIT,
     SMOKE_MODELS,
@@ -39,7 +33,34 @@ from kd.models.names import (
     check_model_name,
     smoke_model_name,
 )
-from kd.models.weights import check_checkpoint, load_checkpoint, load_state_file, torch_load
+
+# What imports timm and torch is imported on first use, so that reading a grid (names, smoke
+# stand-ins, name checks from the cache) stays light: `from kd.models import build_model` works
+# as before.
+_LAZY = {
+    "build_model": "kd.models.build",
+    "ModelOutputs": "kd.models.inspect",
+    "count_params": "kd.models.inspect",
+    "data_config": "kd.models.inspect",
+    "embedding_dim": "kd.models.inspect",
+    "forward_with_embedding": "kd.models.inspect",
+    "freeze_teacher": "kd.models.inspect",
+    "is_distilled": "kd.models.inspect",
+    "unwrap_model": "kd.models.inspect",
+    "check_checkpoint": "kd.models.weights",
+    "load_checkpoint": "kd.models.weights",
+    "load_state_file": "kd.models.weights",
+    "torch_load": "kd.models.weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kd.models' has no attribute '{name}'")
+
 
 __all__ = [
     "SMOKE_BIT",

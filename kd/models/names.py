@@ -1,6 +1,7 @@
 """Model names: timm architectures with optional pretrained tags, their checks, and the tiny
 same-family stand-ins used by --smoke. Reading names needs no torch; listing what timm knows
-imports timm, so only the checks that need it do (the light commands never call them)."""
+imports timm, so only the checks that need it do, and only once per installed timm: the lists
+are cached (kd/models/name_cache.py), so `--dry-run` checks names without importing torch."""
 
 from __future__ import annotations
 
@@ -25,11 +26,29 @@ SMOKE_BIT = "resnetv2_18x1_bit_smoke"  # registered by kd.models.smoke_bit
 
 
 @functools.cache
-def _model_names() -> tuple[str, ...]:
-    """All architecture names timm knows (cached: listing takes ~10 ms, checks run per row)."""
+def _registry() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """Every architecture timm knows and each one's pretrained tags: from the name cache of the
+    installed timm when there is one, else listed by timm (imported: ~2-5 s) and cached."""
+    from kd.models.name_cache import read_names, write_names
+
+    cached = read_names()
+    if cached is not None:
+        return cached
     import timm  # the one heavy import of this module: only name checks need it
 
-    return tuple(timm.list_models())
+    tags: dict[str, list[str]] = defaultdict(list)
+    for full in timm.list_pretrained():
+        arch, _, tag = full.partition(".")
+        if tag:
+            tags[arch].append(tag)
+    models = tuple(dict.fromkeys([*timm.list_models(), SMOKE_BIT]))  # smoke_bit registers it
+    listed = (models, {arch: tuple(t) for arch, t in tags.items()})
+    write_names(*listed)
+    return listed
+
+
+def _model_names() -> tuple[str, ...]:
+    return _registry()[0]
 
 
 @functools.cache
@@ -37,17 +56,9 @@ def _model_name_set() -> frozenset[str]:
     return frozenset(_model_names())
 
 
-@functools.cache
 def pretrained_tags() -> Mapping[str, tuple[str, ...]]:
-    """Architecture -> its pretrained tags, built once from ``timm.list_pretrained()``."""
-    import timm
-
-    tags: dict[str, list[str]] = defaultdict(list)
-    for full in timm.list_pretrained():
-        arch, _, tag = full.partition(".")
-        if tag:
-            tags[arch].append(tag)
-    return {arch: tuple(t) for arch, t in tags.items()}
+    """Architecture -> its pretrained tags (what ``timm.list_pretrained()`` lists)."""
+    return _registry()[1]
 
 
 def split_tag(name: str) -> tuple[str, str | None]:

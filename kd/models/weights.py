@@ -16,6 +16,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from kd.models import smoke_bit  # noqa: F401  (registers the smoke BiT with timm)
 from kd.models.inspect import classifier_names
 from kd.models.names import ModelLoadError, split_tag
 

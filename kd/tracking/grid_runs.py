@@ -7,10 +7,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd.tracking import sqlite_read
 from kd.tracking.metadata import project_commit
 from kd.tracking.records import TAG, RunRecord, run_record
 from kd.tracking.tracker import Tracker
-from kd.tracking.uri import store_exists
+from kd.tracking.uri import sqlite_path, store_exists
 
 
 @dataclass(frozen=True)
@@ -19,22 +20,30 @@ class RunSummary:
 
     record: RunRecord
     metrics: Mapping[str, float]
-    params: Mapping[str, str]
+    params: Mapping[str, str]  # empty unless asked for (`latest_grid_runs(..., params=True)`)
     start_time: int
     end_time: int | None
 
 
-def latest_grid_runs(tracking_uri: str, experiment: str, grid_name: str) -> dict[str, RunSummary]:
+def latest_grid_runs(
+    tracking_uri: str, experiment: str, grid_name: str, params: bool = False
+) -> dict[str, RunSummary]:
     """Content key -> the latest run of that key in the grid, with metrics: one query for the
     whole grid (status and tables call this; no per-row requests)."""
     if not store_exists(tracking_uri):
         return {}
-    tracker = Tracker(tracking_uri)
-    experiment_id = tracker.experiment_id(experiment)
-    if experiment_id is None:
-        return {}
+    db = sqlite_path(tracking_uri)
+    runs = None  # a SQLite file is read without MLflow (no 2-7 s import); params need MLflow
+    if db is not None and not params:
+        runs = sqlite_read.search_tagged(db, experiment, f"{TAG}.grid", grid_name)
+    if runs is None:
+        tracker = Tracker(tracking_uri)
+        experiment_id = tracker.experiment_id(experiment)
+        if experiment_id is None:
+            return {}
+        runs = tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name, params)
     latest: dict[str, RunSummary] = {}
-    for run in tracker.search_tagged(experiment_id, f"{TAG}.grid", grid_name):
+    for run in runs:
         record = run_record(run)
         if record.key and record.key not in latest:
             latest[record.key] = RunSummary(

@@ -57,3 +57,26 @@ def run_record(run: Any) -> RunRecord:
         start_time=run.info.start_time or 0,
         tags=dict(tags),
     )
+
+
+@dataclass(frozen=True)
+class LeanInfo:
+    run_id: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+
+
+@dataclass(frozen=True)
+class LeanData:
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LeanRun:
+    """The parts of an `mlflow.entities.Run` this project reads (from plain SELECTs)."""
+
+    info: LeanInfo
+    data: LeanData

@@ -115,15 +115,18 @@ class Tracker:
             if not token:
                 return
 
-    def search_tagged(self, experiment_id: str, key: str, value: str | None = None) -> list[Any]:
+    def search_tagged(
+        self, experiment_id: str, key: str, value: str | None = None, params: bool = False
+    ) -> list[Any]:
         """The active runs of the experiment whose tag `key` is `value` (None: set, not empty),
         newest first, with their tags, params and latest metrics: what `search` returns for
         that tag filter. On a database store they are read with plain SELECTs: MLflow's search
-        builds an ORM object per param and tag, 2.6 s for a 1000-row grid (0.3 s this way)."""
+        builds an ORM object per param and tag, 2.6 s for a 1000-row grid (0.3 s this way).
+        Params are read only with `params` (MLflow's own search returns them anyway)."""
         store = self._sql_store()
         if store is not None:
             try:
-                return bulk.search_tagged_sql(store, experiment_id, key, value)
+                return bulk.search_tagged_sql(store, experiment_id, key, value, params)
             except bulk.BulkUnsupported:
                 pass
         where = f"tags.`{key}` = '{value}'" if value is not None else f"tags.`{key}` != ''"
@@ -354,6 +357,26 @@ class Tracker:
     def cancelled(self, run_id: str) -> bool:
         """Has `--cancel` closed this run (since it was last scheduled)?"""
         return CANCELLED in self.client.get_run(run_id).data.tags
+
+    def mark_many(self, run_ids: Iterable[str], status: str, reason: str | None = None) -> None:
+        """`mark` for many runs (a 10,000-row submission undone): one transaction for the tags
+        and one for the status on a database store, else in parallel."""
+        run_ids = list(run_ids)
+        if reason:
+            self.set_tags_many({r: {f"{TAG}.failure_reason": reason[:5000]} for r in run_ids})
+        store = self._sql_store()
+        if store is not None and len(run_ids) > 1:
+            try:
+                bulk.end_runs(store, run_ids, status)
+            except bulk.BulkUnsupported:
+                pass
+            else:
+                return
+        workers = 1 if store is not None else BULK_THREADS
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            ends = [pool.submit(self.client.set_terminated, r, status=status) for r in run_ids]
+            for future in ends:
+                future.result()
 
     def run_status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status

@@ -311,7 +311,22 @@ def test_lean_search_equals_mlflow_search(launch_grid) -> None:
         filter_string=f"tags.`{TAG}.grid` = '{grid.name}'",
         order_by=["attributes.start_time DESC"],
     )
-    lean = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
+    lean = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name, params=True)
+    without_params = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
+    assert [r.data.tags for r in without_params] == [r.data.tags for r in lean]
+    assert all(r.data.params == {} for r in without_params)
+    from kd.tracking import sqlite_path, sqlite_read
+
+    raw = sqlite_read.search_tagged(
+        sqlite_path(tracker.uri), grid.experiment, f"{TAG}.grid", grid.name
+    )  # MLflow's file read without MLflow: the same runs, tags and metrics
+    assert raw is not None and [r.info for r in raw] == [r.info for r in without_params]
+    for ours, theirs in zip(raw, without_params, strict=True):
+        assert ours.data.tags == theirs.data.tags and ours.data.params == {}
+        assert ours.data.metrics.keys() == theirs.data.metrics.keys()
+        for key, value in theirs.data.metrics.items():
+            assert math.isnan(value) == math.isnan(ours.data.metrics[key])
+            assert math.isnan(value) or ours.data.metrics[key] == value
     assert [r.info.run_id for r in lean] == [r.info.run_id for r in mlflow_runs]
     assert third not in {r.info.run_id for r in lean} and len(lean) == len(grid.rows) - 1
     for ours, theirs in zip(lean, mlflow_runs, strict=True):
