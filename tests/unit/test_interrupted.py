@@ -53,7 +53,7 @@ def test_the_journal_records_what_the_run_is_tagged_with(tmp_path: Path) -> None
     """A SLURM launch journals each job with the tags its run gets (`submission_tags`): a run
     recovered from the journal is tagged as if its launcher had not been killed."""
     from kd.grid import load_grid
-    from slurm.launcher import record_launch
+    from slurm.journal import record_launch
 
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text(
@@ -63,7 +63,7 @@ def test_the_journal_records_what_the_run_is_tagged_with(tmp_path: Path) -> None
     )
     grid = load_grid(grid_file, check_data=False)
     where = {"r1": submission_tags(grid.name, {})}
-    record_launch(grid, grid.rows, {"r1": "run-9"}, "slurm", {"r1": "55"}, where)
+    record_launch(grid, grid.rows, {"r1": "run-9"}, "slurm", {"r1": "55"}, job_tags=where)
     assert read_journal([tmp_path / "out"]) == {"run-9": {**where["r1"], "kdgrid.job_id": "55"}}
 
 
