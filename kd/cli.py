@@ -1,5 +1,5 @@
 """The command line of the commands that read a grid's runs (launch/status.py, launch/table.py):
-the grid file, the overrides it was launched with, `--smoke` and `--tracking-uri`."""
+the grid file, the overrides it was launched with, `--smoke`, `--seeds` and `--tracking-uri`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", help="the same overrides the grid was launched with"
     )
     parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    parser.add_argument("--seeds", type=int, help="the --seeds the grid was launched with")
     parser.add_argument("--tracking-uri")
 
 
@@ -22,7 +23,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid | None:
     """The grid `add_grid_arguments` named (dataset copies are not read), or None after its
     problems were printed to stderr: the command then exits with status 2."""
     try:
-        return load_grid(args.grid, args.overrides, smoke=args.smoke, check_data=False)
+        return load_grid(
+            args.grid, args.overrides, smoke=args.smoke, check_data=False, seeds=args.seeds
+        )
     except GridError as exc:
         print(exc, file=sys.stderr)
         return None

@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "id or label selects all its variants",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        help="N replicates of every row (ids <id>@s0..), replacing the grid's `seeds:`",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the rows; run and record nothing"
     )
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON list of rows")
@@ -145,7 +150,12 @@ def choose_executor(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        grid = load_grid(args.grid, [*args.overrides, *placement_overrides(args)], smoke=args.smoke)
+        grid = load_grid(
+            args.grid,
+            [*args.overrides, *placement_overrides(args)],
+            smoke=args.smoke,
+            seeds=args.seeds,
+        )
         if args.rows:
             grid.select(args.rows)  # report unknown names before anything else
     except GridError as exc:

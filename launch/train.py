@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("grid")
     parser.add_argument("overrides", nargs="*", help="Hydra-style overrides, as for launch/grid.py")
-    parser.add_argument("--row", required=True, help="row id or label")
+    parser.add_argument("--row", required=True, help="row id or label (a replicate's: id@s1)")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--seeds", type=int, help="as given to launch/grid.py")
     parser.add_argument("--tracking-uri")
     args = parser.parse_args(argv)
     try:
-        grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
+        grid = load_grid(args.grid, args.overrides, smoke=args.smoke, seeds=args.seeds)
         row = grid.select_one(args.row)
     except GridError as exc:
         print(exc, file=sys.stderr)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from kd import config as C
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# a replicate (`seeds:`) adds `@s<i>` to its row's id (kd/grid/replicates.py)
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(@s[0-9]+)?$")
 
 
 def check_rows(

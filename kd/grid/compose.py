@@ -20,6 +20,7 @@ GRID_LEVEL_OVERRIDES = {
     "recipes",
     "defaults",
     "axes",
+    "seeds",
 }
 
 

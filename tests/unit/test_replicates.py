@@ -1,0 +1,159 @@
+"""Replicates (`seeds: N`, `--seeds N`): ids, seeds, keys, edges between replicates, selection,
+the launch plan (`--rows`, `--rerun-failed`) on replicates, and the statistics of the table."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kd.grid import GridError, load_grid
+from kd.plan import plan_launch
+from kd.tracking import RunRecord
+
+MINI = """\
+    name: mini
+    experiment: kd-mini
+    {seeds}
+    defaults:
+      student: {{model: resnet18}}
+      data: {{dataset: cifar10, root: /nonexistent/cifar10}}
+      train: {{epochs: 3, lr: 1.0e-3, seed: 5}}
+      output_dir: out/${{name}}
+    rows:
+      - {{id: teacher, label: T, paper: {{acc1: 90.0}}}}
+      - {{id: student, label: S, teacher: {{row: teacher}}, kd: {{ce: 0.5, ikd: 0.5}}}}
+      - {{id: ft, label: F, init: {{row: student}}}}
+"""
+
+
+def mini(tmp_path: Path, header: str = "seeds: 3", overrides=(), **kwargs):
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(MINI.format(seeds=header)))
+    kwargs.setdefault("check_data", False)
+    return load_grid(path, overrides, **kwargs)
+
+
+def test_each_row_becomes_n_replicates_with_their_own_seed_and_key(tmp_path):
+    grid = mini(tmp_path)
+    assert [r.id for r in grid.rows] == [
+        f"{row}@s{i}" for row in ("teacher", "student", "ft") for i in range(3)
+    ]
+    assert [r.label for r in grid.rows[:3]] == ["T@s0", "T@s1", "T@s2"]
+    assert [r.config.train.seed for r in grid.rows[:3]] == [5, 6, 7]
+    assert len({r.key for r in grid.rows}) == 9
+    # the paper's number stays with every replicate (the table compares their interval to it)
+    assert {r.config.paper.acc1 for r in grid.rows[:3]} == {90.0}
+
+
+def test_a_replicate_reads_the_replicate_of_its_dependency_with_the_same_seed_index(tmp_path):
+    grid = mini(tmp_path)
+    for i in range(3):
+        student, ft = grid.row(f"student@s{i}"), grid.row(f"ft@s{i}")
+        assert student.config.teacher.row == f"teacher@s{i}"
+        assert student.depends_on == (f"teacher@s{i}",)
+        assert ft.config.init.row == f"student@s{i}" and ft.depends_on == (f"student@s{i}",)
+        assert student.config.teacher.model == "resnet18"
+
+
+def test_replicate_zero_keeps_the_key_of_the_single_seed_row(tmp_path):
+    """So a row trained before `seeds:` was added counts as its first replicate."""
+    single = {r.id: r.key for r in mini(tmp_path, header="").rows}
+    replicated = mini(tmp_path)
+    assert {r.id.removesuffix("@s0"): r.key for r in replicated.rows if r.id.endswith("@s0")} == (
+        single
+    )
+    assert {r.id: r.key for r in mini(tmp_path, header="seeds: 1").rows} == single
+
+
+def test_seeds_flag_wins_over_the_grid_and_is_repeated_in_advice(tmp_path):
+    grid = mini(tmp_path, smoke=True, seeds=2)
+    assert len(grid.rows) == 6 and grid.seeds_flag == 2
+    assert grid.command("launch/status.py").endswith("--smoke --seeds 2")
+    assert len(mini(tmp_path, header="", overrides=["+seeds=4"]).rows) == 12  # an override too
+    assert [r.id for r in mini(tmp_path, seeds=1).rows] == ["teacher", "student", "ft"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "true", "2.5", "'3'", "101"])
+def test_a_bad_seeds_value_is_an_error(tmp_path, value):
+    with pytest.raises(GridError) as info:
+        mini(tmp_path, header=f"seeds: {value}")
+    assert any(
+        p.startswith(f"{tmp_path / 'grid.yaml'}: seeds: must be a whole number of replicates")
+        for p in info.value.problems
+    )
+
+
+def test_an_id_with_the_replicate_mark_is_refused(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(MINI.format(seeds="")).replace("id: ft,", "id: ft@s1,", 1))
+    with pytest.raises(GridError) as info:
+        load_grid(path, check_data=False)
+    assert any("row 'ft@s1' (F): id: 'ft@s1' contains '@'" in p for p in info.value.problems)
+
+
+def test_a_row_names_all_its_replicates_a_replicate_just_itself(tmp_path):
+    grid = mini(tmp_path)
+    assert [r.id for r in grid.select(["S"])] == ["student@s0", "student@s1", "student@s2"]
+    assert [r.id for r in grid.select(["teacher", "F@s1"])] == [
+        "teacher@s0", "teacher@s1", "teacher@s2", "ft@s1"
+    ]  # fmt: skip
+    assert grid.select_one("student@s2").id == "student@s2"
+    with pytest.raises(GridError, match="'S' names 3 replicates; give one's id or label"):
+        grid.select_one("S")
+    with pytest.raises(GridError) as info:
+        grid.select(["nope"])
+    assert "the grid's rows are teacher (T), student (S), ft (F);" in info.value.problems[0]
+
+
+def test_replicates_of_a_sweep(tmp_path):
+    grid = mini(tmp_path, overrides=["train.lr=1e-3,1e-2"], seeds=2)
+    assert len(grid.rows) == 12
+    assert [r.id for r in grid.select(["student-lr0.01"])] == [
+        "student-lr0.01@s0",
+        "student-lr0.01@s1",
+    ]
+    assert len(grid.select(["S"])) == 4  # both variants, both seeds
+    assert grid.row("student-lr0.01@s1").config.teacher.row == "teacher-lr0.01@s1"
+    groups = grid.replicate_groups()
+    assert list(groups)[:2] == ["teacher-lr0.001", "student-lr0.001"]
+    assert [r.id for r in groups["ft-lr0.01"]] == ["ft-lr0.01@s0", "ft-lr0.01@s1"]
+
+
+def record(row, status: str, n: int = 0) -> RunRecord:
+    return RunRecord(f"run-{row.id}", row.key, row.id, status, 1_000 + n, {})
+
+
+def test_rerun_failed_and_rows_act_on_replicates(tmp_path):
+    grid = mini(tmp_path)
+    latest = {r.key: record(r, "FINISHED", n) for n, r in enumerate(grid.rows)}
+    latest[grid.row("teacher@s1").key] = record(grid.row("teacher@s1"), "FAILED")
+    del latest[grid.row("ft@s1").key]  # never ran: its dependency failed
+    decisions = plan_launch(grid, latest, rerun_failed=True)
+    assert {d.row.id for d in decisions if d.action == "run"} == {"teacher@s1", "ft@s1"}
+    # student@s1 finished before its teacher failed again: left as it is
+    # --rows S runs the replicates of S that have not finished
+    del latest[grid.row("student@s2").key]
+    decisions = plan_launch(grid, latest, rows=["S"])
+    assert {d.row.id for d in decisions if d.action == "run"} == {"student@s2"}
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_summary_mean_std_and_t_interval():
+    from kd.stats import summarize
+
+    s = summarize([86.0, 87.0, 88.0])
+    assert s.n == 3 and s.mean == pytest.approx(87.0) and s.std == pytest.approx(1.0)
+    half = 4.302652729749464 * 1.0 / math.sqrt(3)  # t(0.975, 2)
+    assert (s.low, s.high) == (pytest.approx(87.0 - half), pytest.approx(87.0 + half))
+    assert s.contains(85.0) and not s.contains(91.0) and s.contains(None) is None
+    one = summarize([86.5])
+    assert one.n == 1 and one.mean == 86.5 and one.std is None and one.low is None
+    assert one.contains(86.5) is None  # no interval from one value
+    empty = summarize([])
+    assert empty.n == 0 and empty.mean is None
