@@ -157,3 +157,46 @@ def test_summary_mean_std_and_t_interval():
     assert one.contains(86.5) is None  # no interval from one value
     empty = summarize([])
     assert empty.n == 0 and empty.mean is None
+
+
+def summaries(grid, acc1: dict[str, float], states: dict[str, str] | None = None):
+    """{key: RunSummary} as `latest_grid_runs` returns it: `acc1` of each replicate id."""
+    from kd.tracking import RunSummary
+
+    out = {}
+    for n, row in enumerate(grid.rows):
+        status = (states or {}).get(row.id, "FINISHED" if row.id in acc1 else None)
+        if status is None:
+            continue
+        metrics = {"val/acc1": acc1.get(row.id, 50.0), "val/acc5": 99.0, "val/loss": 0.5}
+        out[row.key] = RunSummary(record(row, status, n), metrics, {}, 0, None)
+    return out
+
+
+def test_the_table_aggregates_replicates_and_tests_the_paper_number(tmp_path):
+    from kd import aggregate, results
+
+    grid = mini(tmp_path)
+    acc1 = {"teacher@s0": 89.0, "teacher@s1": 90.0, "teacher@s2": 91.0}
+    acc1 |= {"student@s0": 80.0, "student@s1": 80.5}
+    runs = summaries(grid, acc1, {"student@s2": "RUNNING"})
+    rows = aggregate.aggregate(grid, results.build_table(grid, runs))
+    assert [(r.id, r.label) for r in rows] == [("teacher", "T"), ("student", "S"), ("ft", "F")]
+    teacher, student, ft = rows
+    assert teacher.acc1.n == 3 and teacher.acc1.mean == pytest.approx(90.0)
+    assert teacher.paper_in_interval is True and teacher.state == "3/3 finished"
+    assert student.acc1.n == 2 and student.acc1_values == (80.0, 80.5)
+    assert student.state == "2/3 finished, 1 running" and student.paper_in_interval is None
+    assert ft.acc1.n == 0 and ft.state == "0/3 finished, 3 not run"
+    text = aggregate.to_markdown(rows)
+    assert (
+        "| T | resnet18 | No | - | pretrained | 384 | 90.00 ± 1.00 | 3 | [87.52, 92.48] | 90.00 | yes | 89.00, 90.00, 91.00 |"
+        in text
+    )
+    assert "| S | resnet18 | teacher (ikd) |" in text  # the teacher row, not its replicate
+    shifted = summaries(grid, {k: v + 5 for k, v in acc1.items()})
+    (teacher, *_) = aggregate.aggregate(grid, results.build_table(grid, shifted))
+    assert teacher.paper_in_interval is False
+    assert "| no |" in aggregate.to_markdown([teacher])
+    png = aggregate.plot(rows, tmp_path / "t.png", "mini")
+    assert png.stat().st_size > 1000
