@@ -150,6 +150,7 @@ def expand_rows(
         where = f"{file}: --seeds" if seeds is not None else f"{file}: seeds"
         count = check_seeds(seeds if seeds is not None else grid_raw.get("seeds"), where, problems)
         suffix = "-".join(f"{ov.key_or_group.split('.')[-1]}{trees.slug(v)}" for ov, v in point)
+        composed = []  # (row tree, (id, label) before the sweep suffix)
         for row in [*expand_axes(grid_raw.get("axes"), file, problems), *grid_raw["rows"]]:
             merged = compose_row(grid_raw, row, parsed, point, known, file, problems)
             if merged is None:  # reported; its id still exists for other rows' references
@@ -163,17 +164,41 @@ def expand_rows(
             base = (str(merged.get("id", "")), str(merged.get("label", "")))
             if suffix:
                 suffix_ids(merged, suffix, point)
-            for copy, index in replicate(merged, count):
-                if suffix:
-                    expanded.sweep_of[str(copy["id"])] = base
-                if count > 1:
-                    expanded.replicate_of[str(copy["id"])] = (
-                        str(merged["id"]),
-                        str(merged.get("label", "")),
-                        index,
-                    )
-                expanded.rows.append(copy)
+            composed.append((merged, base))
+        _replicate_point(composed, count, bool(suffix), expanded, file, problems)
     return expanded
+
+
+def _replicate_point(
+    composed: Sequence[tuple[dict[str, Any], tuple[str, str]]],
+    count: int,
+    swept: bool,
+    expanded: Expanded,
+    file: str,
+    problems: list[str],
+) -> None:
+    """One sweep point's rows, each as its replicates (a row's own `seeds:` wins over the
+    grid's), into `expanded`."""
+    counts = {}
+    for merged, _ in composed:
+        own = merged.pop("seeds", None)
+        where = f"{where_row(file, merged)}: seeds"
+        counts[str(merged.get("id", ""))] = (
+            count if own is None else check_seeds(own, where, problems)
+        )
+    for merged, base in composed:
+        row_count = counts[str(merged.get("id", ""))]
+        copies = replicate(merged, row_count, counts, where_row(file, merged), problems)
+        for copy, index in copies:
+            if swept:
+                expanded.sweep_of[str(copy["id"])] = base
+            if row_count > 1:
+                expanded.replicate_of[str(copy["id"])] = (
+                    str(merged["id"]),
+                    str(merged.get("label", "")),
+                    index,
+                )
+            expanded.rows.append(copy)
 
 
 def _replicate_ids(row_id: str, count: int) -> list[str]:

@@ -5,6 +5,8 @@ Replicate `i` of row `r` has the id `r@s<i>` and the label `<label>@s<i>`, and t
 content key (a single-seed run of the row counts as its first replicate). A replicate's
 `teacher: {row: t}` and `init: {row: t}` read `t@s<i>`: the replicate of the same seed index,
 so each seed is a whole copy of the table and the spread between seeds includes the teachers'.
+A row (or a recipe, or `defaults`) may set its own `seeds:`; `seeds: 1` keeps it a single row
+(id unchanged) that every replicate of its readers reads: one teacher for all student seeds.
 `@` is kept for these ids: a row's own id may not contain it.
 """
 
@@ -47,9 +49,17 @@ def reserved_id_problem(row: Mapping[str, Any], where: str) -> str | None:
     return None
 
 
-def replicate(row: Mapping[str, Any], seeds: int) -> list[tuple[dict[str, Any], int]]:
+def replicate(
+    row: Mapping[str, Any],
+    seeds: int,
+    counts: Mapping[str, int],
+    where: str,
+    problems: list[str],
+) -> list[tuple[dict[str, Any], int]]:
     """The `seeds` replicates of one composed row tree, with their seed index (the row itself,
-    unchanged, when `seeds` is 1)."""
+    unchanged, when `seeds` is 1). `counts`: each row id -> its number of replicates, for the
+    rows that `teacher.row`/`init.row` name: a row of one is read by every replicate, a row of
+    several by the replicate of the same index (so it needs at least as many)."""
     if seeds == 1:
         return [(dict(row), 0)]
     out = []
@@ -63,7 +73,19 @@ def replicate(row: Mapping[str, Any], seeds: int) -> list[tuple[dict[str, Any], 
             copy.setdefault("train", {})["seed"] = base_seed + index
         for section in ("teacher", "init"):
             ref = copy.get(section)
-            if isinstance(ref, dict) and isinstance(ref.get("row"), str):
-                ref["row"] = replicate_id(ref["row"], index)
+            if not (isinstance(ref, dict) and isinstance(ref.get("row"), str)):
+                continue
+            dep_count = counts.get(ref["row"], 1)  # an unknown row is reported by name later
+            if dep_count == 1:
+                continue
+            if dep_count < seeds:
+                if index == 0:
+                    problems.append(
+                        f"{where}: {section}.row: row '{ref['row']}' has {dep_count} replicates, "
+                        f"fewer than this row's {seeds}; give it at least as many (or `seeds: 1`, "
+                        "one that every replicate reads)"
+                    )
+                continue
+            ref["row"] = replicate_id(ref["row"], index)
         out.append((copy, index))
     return out

@@ -200,3 +200,21 @@ def test_the_table_aggregates_replicates_and_tests_the_paper_number(tmp_path):
     assert "| no |" in aggregate.to_markdown([teacher])
     png = aggregate.plot(rows, tmp_path / "t.png", "mini")
     assert png.stat().st_size > 1000
+
+
+def test_a_row_with_its_own_seeds_1_is_one_row_that_every_replicate_reads(tmp_path):
+    path = tmp_path / "grid.yaml"
+    text = textwrap.dedent(MINI.format(seeds="seeds: 3"))
+    path.write_text(text.replace("{id: teacher, label: T,", "{id: teacher, label: T, seeds: 1,"))
+    grid = load_grid(path, check_data=False)
+    assert [r.id for r in grid.rows][:4] == ["teacher", "student@s0", "student@s1", "student@s2"]
+    assert {grid.row(f"student@s{i}").config.teacher.row for i in range(3)} == {"teacher"}
+    assert grid.select(["T"]) == [grid.row("teacher")]
+    path.write_text(text.replace("{id: teacher, label: T,", "{id: teacher, label: T, seeds: 2,"))
+    with pytest.raises(GridError) as info:
+        load_grid(path, check_data=False)
+    assert any(
+        "row 'student' (S): teacher.row: row 'teacher' has 2 replicates, fewer than this row's 3"
+        in p
+        for p in info.value.problems
+    )
