@@ -57,8 +57,19 @@ def check(spec: DatasetSpec) -> list[str]:
 
 
 def read_classes(spec: DatasetSpec) -> list[str]:
-    """The ten class names (the format stores none: they are the dataset's published ones)."""
-    return list(CLASSES)
+    """The dataset's published class names (the format stores none), as many as the labels
+    use: all ten for the real data, fewer for a generated copy. Reads the two label files
+    (70 kB), not the images."""
+    highest = -1
+    for split in FILES:
+        path = _path(spec.root, FILES[split][1])
+        if path is None:
+            raise DatasetError("\n".join(check(spec)))
+        labels = _read_idx(path, LABELS_MAGIC, 1)
+        highest = max(highest, int(labels.max()) if len(labels) else -1)
+    if highest >= len(CLASSES):
+        raise DatasetError(f"{spec.root}: label {highest} is outside 0..9; reinstall the dataset.")
+    return list(CLASSES[: highest + 1])
 
 
 def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
@@ -92,10 +103,11 @@ def read_index(spec: DatasetSpec, split: str) -> SplitIndex:
             f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
             "reinstall the dataset."
         )
-    if len(labels) and int(labels.max()) >= len(CLASSES):
-        position = int(np.argmax(labels >= len(CLASSES)))
-        check_label(int(labels[position]), len(CLASSES), labels_path, f"entry {position}", 0)
-    return SplitIndex(list(enumerate(labels.tolist())), list(CLASSES), ArrayImages(images))
+    classes = read_classes(spec)
+    if len(labels) and int(labels.max()) >= len(classes):
+        position = int(np.argmax(labels >= len(classes)))
+        check_label(int(labels[position]), len(classes), labels_path, f"entry {position}", 0)
+    return SplitIndex(list(enumerate(labels.tolist())), classes, ArrayImages(images))
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:

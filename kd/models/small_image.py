@@ -1,8 +1,8 @@
 """Small models for small images (Fashion-MNIST's 28-32 px), registered with timm like the smoke
 BiT, so that rows name them as any timm model and a whole study trains on a laptop CPU:
 
-    small_cnn              ResNet of one BasicBlock per stage, 16-128 channels (~0.2 M params)
-    small_cnn_wide         the same, 32-256 channels (~0.7 M): the Fashion-MNIST teacher
+    small_cnn              ResNet of one BasicBlock per stage, 16-128 channels (~0.3 M params)
+    small_cnn_wide         the same, 24-192 channels (~0.7 M): the Fashion-MNIST teacher
     small_deit_distilled   a DeiT with a distillation token: 4 x 4 patches of 28 px images (7 x 7
                            tokens), width 96, depth 4, 3 heads (~0.3 M)
 
@@ -80,7 +80,7 @@ def small_cnn(pretrained: bool = False, **kwargs: Any) -> ResNet:
 @register_model
 def small_cnn_wide(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """The Fashion-MNIST teacher."""
-    return _small_resnet("small_cnn_wide", (32, 64, 128, 256), pretrained, **kwargs)
+    return _small_resnet("small_cnn_wide", (24, 48, 96, 192), pretrained, **kwargs)
 
 
 @register_model
