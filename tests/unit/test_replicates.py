@@ -218,3 +218,26 @@ def test_a_row_with_its_own_seeds_1_is_one_row_that_every_replicate_reads(tmp_pa
         in p
         for p in info.value.problems
     )
+
+
+def test_a_row_trained_before_seeds_counts_as_replicate_zero(tmp_path, monkeypatch):
+    """teacher@s0 has the key of the single-seed teacher: its finished run (written as row
+    'teacher') is skipped, and student@s0 reads its checkpoint from the folder 'teacher'."""
+    from kd.grid import dependency_checkpoint
+    from kd.plan import locate_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    single = mini(tmp_path, header="").row("teacher")
+    grid = mini(tmp_path)
+    teacher = grid.row("teacher@s0")
+    assert teacher.key == single.key
+    latest = {teacher.key: RunRecord("t", teacher.key, "teacher", "FINISHED", 0, {})}
+    decisions = plan_launch(grid, latest, rows=["T", "S"])
+    acts = {d.row.id: d.action for d in decisions}
+    assert acts["teacher@s0"] == "skip_finished"
+    assert {r for r, a in acts.items() if a == "run"} >= {"teacher@s1", "student@s0"}
+    written = Path(single.config.output_dir) / "teacher" / "best.pt"
+    written.parent.mkdir(parents=True)
+    written.write_bytes(b"weights")
+    located = {d.row.id: d.row for d in locate_checkpoints(grid, decisions, latest)}
+    assert dependency_checkpoint(located["student@s0"], "teacher@s0") == written
