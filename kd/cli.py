@@ -1,7 +1,9 @@
 """The command lines of launch/grid.py, launch/status.py, launch/table.py and launch/train.py:
 the arguments they share, and checks of every option's value that collect all problems before
 anything happens, so that a bad command line exits with status 2 and one list of problems
-(naming the option, the grid file, the row and the key) and leaves nothing behind."""
+(naming the option, the grid file, the row and the key) and leaves nothing behind. The commands
+that read a grid's runs (status, table) take the grid as it was launched: its overrides,
+`--smoke` and `--seeds`."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", help="the same overrides the grid was launched with"
     )
     parser.add_argument("--smoke", action="store_true", help="the grid's --smoke rows")
+    parser.add_argument("--seeds", type=int, help="the --seeds the grid was launched with")
     parser.add_argument("--tracking-uri")
 
 
@@ -151,7 +154,9 @@ def grid_from_args(args: argparse.Namespace, checks: dict[str, Check] | None = N
     then exits with status 2."""
     problems = check_options(args, {"tracking_uri": text, **(checks or {})})
     # status and table read runs: no dataset copies read, no model names checked (no timm)
-    grid = load_checked_grid(args, problems, smoke=args.smoke, check_data=False, check_models=False)
+    grid = load_checked_grid(
+        args, problems, smoke=args.smoke, check_data=False, check_models=False, seeds=args.seeds
+    )
     if grid is not None or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         problems.extend(store_problems(args, grid, writes=False))
     if problems:

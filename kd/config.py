@@ -82,6 +82,11 @@ class DataConfig:
     # shared memory map) when they take at most this many GiB; 0 turns it off. Same values,
     # so not hashed: it changes how fast a row evaluates, not what it measures.
     eval_cache_gb: float = 16.0
+    # Train on a fixed subset: this many images of each class (all of a class that has fewer),
+    # drawn by `subset_seed`, the same for every row and replicate with the same two values.
+    # None = the whole train split. The test split is never subsampled.
+    train_per_class: int | None = None
+    subset_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; None = off
     hflip: float = 0.5
+    # smallest area fraction of timm's random resized crop (0.08: ImageNet's; small images of
+    # centred objects, e.g. Fashion-MNIST, want ~0.5 or more)
+    crop_scale_min: float = 0.08
     re_prob: float = 0.0  # random erasing probability
     eval_crop_pct: float = 0.875
     eval_crop_mode: Literal["center", "squash"] = "center"
@@ -208,6 +216,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.img_size": (lambda v: 16 <= v <= 2048, "between 16 and 2048"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.eval_cache_gb": (lambda v: v >= 0, ">= 0"),
+    "data.train_per_class": (lambda v: v >= 1, ">= 1"),
+    "data.subset_seed": (lambda v: v >= 0, ">= 0"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.grad_accum_steps": (lambda v: v >= 1, ">= 1"),
@@ -222,6 +232,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.mixup": (lambda v: v >= 0, ">= 0"),
     "train.cutmix": (lambda v: v >= 0, ">= 0"),
     "train.hflip": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.re_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "train.eval_crop_pct": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),

@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "id or label selects all its variants",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        help="N replicates of every row (ids <id>@s0..), replacing the grid's `seeds:`",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the rows; run and record nothing"
     )
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON list of rows")
@@ -194,6 +199,7 @@ def checked_grid(args: argparse.Namespace) -> Grid | None:
         smoke=args.smoke,
         check_data=not reads_runs,
         check_models=not reads_runs,
+        seeds=args.seeds,
     )
     if grid is not None and args.rows:
         try:

@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("grid")
     parser.add_argument("overrides", nargs="*", help="Hydra-style overrides, as for launch/grid.py")
-    parser.add_argument("--row", required=True, help="row id or label")
+    parser.add_argument("--row", required=True, help="row id or label (a replicate's: id@s1)")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--seeds", type=int, help="as given to launch/grid.py")
     parser.add_argument("--tracking-uri")
     args = parser.parse_intermixed_args(argv)
     problems = cli.check_options(args, {"row": cli.text, "tracking_uri": cli.text})
-    grid = cli.load_checked_grid(args, problems, smoke=args.smoke)
+    grid = cli.load_checked_grid(args, problems, smoke=args.smoke, seeds=args.seeds)
     if grid is not None and args.row is not None:
         try:
             row = grid.select_one(args.row)

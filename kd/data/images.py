@@ -25,10 +25,12 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 class ArrayImages:
-    """Picklable loader for datasets kept in memory as a uint8 [N, H, W, 3] array (CIFAR)."""
+    """Picklable loader for datasets kept in memory as a uint8 [N, H, W, 3] array (CIFAR), or
+    [N, H, W] grey (Fashion-MNIST), which is read as RGB like every other image."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
 
     def __call__(self, index: int) -> Image.Image:
-        return Image.fromarray(self.array[index])  # uint8 [H, W, 3] reads as RGB
+        image = Image.fromarray(self.array[index])  # uint8 [H, W, 3] reads as RGB
+        return image.convert("RGB") if image.mode != "RGB" else image

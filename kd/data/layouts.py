@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.data import cifar10, cub, cub_dogs, dogs, foodx, imagefolder
+from kd.data import cifar10, cub, cub_dogs, dogs, fashion_mnist, foodx, imagefolder
 from kd.data.index_files import SplitIndex
 from kd.data.registry import DATASETS, TEXT_INDEXED, TWO_ROOT_DATASETS, unknown_name_message
 from kd.data.spec import SPLITS, DatasetError, DatasetSpec
@@ -51,6 +51,12 @@ LAYOUTS: dict[str, Layout] = {
     "foodx": Layout(foodx.check, foodx.read_classes, foodx.read_index, _whole_copy(foodx.write)),
     "cifar10": Layout(
         cifar10.check, cifar10.read_classes, cifar10.read_index, _whole_copy(cifar10.write)
+    ),
+    "fashion_mnist": Layout(
+        fashion_mnist.check,
+        fashion_mnist.read_classes,
+        fashion_mnist.read_index,
+        _whole_copy(fashion_mnist.write),
     ),
     "imagefolder": Layout(
         imagefolder.check,

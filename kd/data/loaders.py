@@ -166,21 +166,44 @@ def load_split(
     transform: Callable[[Image.Image], Any] | None = None,
     *,
     skip_corrupt: bool = False,
+    per_class: int | None = None,
+    subset_seed: int = 0,
 ) -> LabeledImages:
     """One split as a Dataset of (image, 0-based label); index files are validated here.
     `skip_corrupt`: see `LabeledImages` (the grid's `data.skip_corrupt`); on the test split a
-    corrupt image is left out of the scores, not replaced in them."""
+    corrupt image is left out of the scores, not replaced in them. `per_class`: keep
+    that many images of each class (`per_class_subset`; the grid's `data.train_per_class`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     index = checked_layout(spec).index(spec, split)
+    samples = index.samples
+    if per_class is not None:
+        samples = per_class_subset(samples, per_class, subset_seed)
     return LabeledImages(
-        index.samples,
+        samples,
         index.classes,
         index.loader,
         transform,
         skip_corrupt,
         substitute=split == "train",
     )
+
+
+def per_class_subset(
+    samples: list[tuple[Any, int]], per_class: int, seed: int
+) -> list[tuple[Any, int]]:
+    """The first `per_class` samples of each class in a random order drawn from `seed` (all of
+    a class with fewer), kept in the split's own order: the same subset for the same seed on
+    every machine (numpy's PCG64), and a larger `per_class` keeps the smaller one's images."""
+    order = np.random.default_rng(seed).permutation(len(samples))
+    taken: dict[int, int] = {}
+    keep = []
+    for position in order.tolist():
+        label = samples[position][1]
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(position)
+    return [samples[position] for position in sorted(keep)]
 
 
 def seed_worker(worker_id: int) -> None:

@@ -68,6 +68,14 @@ DATASETS: dict[str, DatasetInfo] = {
         clusterable=True,
         text_indexed=False,
     ),
+    "fashion_mnist": DatasetInfo(
+        "Fashion-MNIST IDX files: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (or uncompressed); 28x28 grey, "
+        "read as RGB (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)",
+        num_classes=10,
+        clusterable=True,
+        text_indexed=False,
+    ),
     "imagefolder": DatasetInfo(
         "<root>/train/<class>/*, <root>/test/<class>/* (or val/)",
         num_classes=None,

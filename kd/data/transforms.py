@@ -48,6 +48,7 @@ def build_transforms(
     auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     hflip: float = 0.5,
     re_prob: float = 0.0,
+    scale_min: float = 0.08,
     crop_pct: float = 0.875,
     crop_mode: str = "center",
     interpolation: str = "bicubic",
@@ -55,7 +56,7 @@ def build_transforms(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """timm's DeiT-style pipeline, so our numbers match the papers' recipes.
 
-    Train: random resized crop, horizontal flip, RandAugment, optional random erasing.
+    Train: random resized crop (area fraction `scale_min`..1), horizontal flip, RandAugment, optional random erasing.
     Eval: resize the short side to img_size / crop_pct then centre crop; with crop_mode='squash'
     both sides are resized to img_size / crop_pct (aspect ratio not kept) before the crop, so with
     crop_pct=1.0 the whole image is seen (what ConvNeXt uses at >= 384 px).
@@ -77,6 +78,7 @@ def build_transforms(
         is_training=train,
         auto_augment=auto_augment if train else None,
         hflip=hflip,
+        scale=(scale_min, 1.0),
         re_prob=re_prob,
         re_mode="pixel",  # DeiT's random erasing fills with per-pixel noise
         interpolation=interpolation,

@@ -11,7 +11,8 @@ from pathlib import Path
 from kd import config as C
 from kd.loss_terms import NEEDS_TEACHER, check_terms
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# a replicate (`seeds:`) adds `@s<i>` to its row's id (kd/grid/replicates.py)
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(@s[0-9]+)?$")
 
 
 def check_rows(

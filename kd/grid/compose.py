@@ -21,6 +21,7 @@ GRID_LEVEL_OVERRIDES = {
     "recipes",
     "defaults",
     "axes",
+    "seeds",
 }
 
 

@@ -3,6 +3,7 @@ lists every problem at once)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from kd.grid.compose import (
 )
 from kd.grid.keys import content_keys, resolve_teacher_models, topological_order
 from kd.grid.parse import load_yaml, parse_overrides
+from kd.grid.replicates import check_seeds, replicate, replicate_id, reserved_id_problem
 from kd.grid.rows import Grid, GridError, Row, row_dependencies
 from kd.smoke import smoke_row
 
@@ -34,6 +36,7 @@ GRID_KEYS = {
     "recipes",
     "axes",
     "rows",
+    "seeds",
 }
 
 
@@ -44,6 +47,7 @@ def load_grid(
     smoke: bool = False,
     check_data: bool = True,
     check_models: bool = True,
+    seeds: int | None = None,
 ) -> Grid:
     """Load, expand and validate a grid file. Raises `GridError` listing every problem.
 
@@ -52,6 +56,8 @@ def load_grid(
     `check_data` reads the inputs on disk: dataset copies (their index files) and the contents
     of `init.file`/`teacher.file` (with `check_models`); without it, only whether those files
     exist is checked (what `launch/status.py` and `launch/table.py` need).
+    `seeds` (`--seeds N`) replaces the grid's `seeds:`: N replicates of every row
+    (kd/grid/replicates.py).
     """
     path = Path(path)
     file = str(path)
@@ -61,7 +67,7 @@ def load_grid(
         for key in raw
         if key not in GRID_KEYS
     ]
-    expanded = expand_rows(raw, parse_overrides(overrides, file), file, problems)
+    expanded = expand_rows(raw, parse_overrides(overrides, file), file, problems, seeds)
     grid_raw = expanded.grid_raw
     name = str(grid_raw.get("name") or path.stem)
     experiment = str(grid_raw.get("experiment") or f"kdgrid-{name}")
@@ -99,6 +105,8 @@ def load_grid(
         smoke=smoke,
         sweep_of=expanded.sweep_of,
         overrides=tuple(overrides),
+        replicate_of=expanded.replicate_of,
+        seeds_flag=seeds,
     )
 
 
@@ -110,6 +118,8 @@ class Expanded:
     rows: list[dict[str, Any]]
     sweep_of: dict[str, tuple[str, str]]  # a sweep variant's id -> its row's id and label
     unresolved: set[str]  # ids of rows whose interpolation failed
+    # a replicate's id -> the id and label of its row (after any sweep suffix), its seed index
+    replicate_of: dict[str, tuple[str, str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _grid_level(ov: Any) -> bool:
@@ -117,9 +127,14 @@ def _grid_level(ov: Any) -> bool:
 
 
 def expand_rows(
-    raw: dict[str, Any], parsed: Sequence[Any], file: str, problems: list[str]
+    raw: dict[str, Any],
+    parsed: Sequence[Any],
+    file: str,
+    problems: list[str],
+    seeds: int | None = None,
 ) -> Expanded:
-    """Every row of every sweep point, composed (defaults <- recipe <- row <- overrides)."""
+    """Every row of every sweep point, composed (defaults <- recipe <- row <- overrides), and
+    its replicates when the grid asks for several seeds."""
     known = C.schema_keys()
     base_raw = trees.copy_tree(raw)
     for ov in parsed:  # grid-level overrides (`recipes.deit.train.lr=...`) apply once
@@ -133,19 +148,62 @@ def expand_rows(
             if _grid_level(ov):
                 trees.apply_override(point_raw, ov, value, set(), file, problems)
         grid_raw = expanded.grid_raw = check_structure(point_raw, file, problems)
+        where = f"{file}: --seeds" if seeds is not None else f"{file}: seeds"
+        count = check_seeds(seeds if seeds is not None else grid_raw.get("seeds"), where, problems)
         suffix = "-".join(f"{ov.key_or_group.split('.')[-1]}{trees.slug(v)}" for ov, v in point)
+        composed = []  # (row tree, (id, label) before the sweep suffix)
         for row in [*expand_axes(grid_raw.get("axes"), file, problems), *grid_raw["rows"]]:
             merged = compose_row(grid_raw, row, parsed, point, known, file, problems)
             if merged is None:  # reported; its id still exists for other rows' references
                 if isinstance(row, Mapping) and row.get("id"):
-                    expanded.unresolved.add(f"{row['id']}-{suffix}" if suffix else str(row["id"]))
+                    row_id = f"{row['id']}-{suffix}" if suffix else str(row["id"])
+                    expanded.unresolved.update(_replicate_ids(row_id, count))
                 continue
+            reserved = reserved_id_problem(merged, where_row(file, merged))
+            if reserved:
+                problems.append(reserved)
+            base = (str(merged.get("id", "")), str(merged.get("label", "")))
             if suffix:
-                base = (str(merged.get("id", "")), str(merged.get("label", "")))
                 suffix_ids(merged, suffix, point)
-                expanded.sweep_of[str(merged["id"])] = base
-            expanded.rows.append(merged)
+            composed.append((merged, base))
+        _replicate_point(composed, count, bool(suffix), expanded, file, problems)
     return expanded
+
+
+def _replicate_point(
+    composed: Sequence[tuple[dict[str, Any], tuple[str, str]]],
+    count: int,
+    swept: bool,
+    expanded: Expanded,
+    file: str,
+    problems: list[str],
+) -> None:
+    """One sweep point's rows, each as its replicates (a row's own `seeds:` wins over the
+    grid's), into `expanded`."""
+    counts = {}
+    for merged, _ in composed:
+        own = merged.pop("seeds", None)
+        where = f"{where_row(file, merged)}: seeds"
+        counts[str(merged.get("id", ""))] = (
+            count if own is None else check_seeds(own, where, problems)
+        )
+    for merged, base in composed:
+        row_count = counts[str(merged.get("id", ""))]
+        copies = replicate(merged, row_count, counts, where_row(file, merged), problems)
+        for copy, index in copies:
+            if swept:
+                expanded.sweep_of[str(copy["id"])] = base
+            if row_count > 1:
+                expanded.replicate_of[str(copy["id"])] = (
+                    str(merged["id"]),
+                    str(merged.get("label", "")),
+                    index,
+                )
+            expanded.rows.append(copy)
+
+
+def _replicate_ids(row_id: str, count: int) -> list[str]:
+    return [row_id] if count == 1 else [replicate_id(row_id, i) for i in range(count)]
 
 
 def validate_rows(

@@ -134,6 +134,9 @@ class Grid:
     # A sweep override's rows: row id -> (id, label) of the grid row it is a variant of.
     sweep_of: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # as given to load_grid: status and table need the same
+    # `seeds:`: a replicate's id -> (id, label) of its row, and its seed index (replicates.py)
+    replicate_of: Mapping[str, tuple[str, str, int]] = dataclasses.field(default_factory=dict)
+    seeds_flag: int | None = None  # `--seeds N` as given to load_grid (for `command`)
 
     def row(self, row_id: str) -> Row:
         try:
@@ -156,18 +159,38 @@ class Grid:
         words = ["python", script, self.file, *self.overrides]
         if self.smoke:
             words.append("--smoke")
+        if self.seeds_flag is not None:
+            words += ["--seeds", str(self.seeds_flag)]
         return shlex.join([*words, *args])
+
+    def groups(self, row: Row) -> tuple[str, ...]:
+        """The names that select `row` together with others: the id and label of the grid row
+        it is a sweep variant of, and of the row it is a replicate of."""
+        names = list(self.sweep_of.get(row.id, ()))
+        if row.id in self.replicate_of:
+            names += self.replicate_of[row.id][:2]
+        return tuple(dict.fromkeys(names))
+
+    def replicate_groups(self) -> dict[str, list[Row]]:
+        """Row id before replication -> its replicates in seed order (a row of a grid without
+        `seeds:` is its own group of one), in grid order."""
+        groups: dict[str, list[Row]] = {}
+        for row in self.rows:
+            base = self.replicate_of[row.id][0] if row.id in self.replicate_of else row.id
+            groups.setdefault(base, []).append(row)
+        return groups
 
     def select(self, names: Iterable[str]) -> list[Row]:
         """Rows by id, label or 1-based position (`--rows 7`), in grid order; unknown names are
         a GridError that lists the valid ones. An id wins over an equal label, a label over an
         equal position. After a sweep override (`train.lr=1e-4,5e-4`), the id or label of the
         grid's row (`2b-7`) names all its variants, and a variant's own id or label
-        (`2b-7 [train.lr=0.0001]`) names that one."""
+        (`2b-7 [train.lr=0.0001]`) names that one. With `seeds:`, a row's id or label names
+        all its replicates, a replicate's own (`2b-7@s1`) that one."""
         wanted = [n.strip() for n in names if n.strip()]
         by_name: dict[str, list[Row]] = {str(i): [r] for i, r in enumerate(self.rows, 1)}
         for row in self.rows:
-            for name in self.sweep_of.get(row.id, ()):
+            for name in self.groups(row):
                 by_name.setdefault(name, []).append(row)
         by_name |= {r.label: [r] for r in self.rows} | {r.id: [r] for r in self.rows}
         missing = [n for n in wanted if n not in by_name]
@@ -191,23 +214,35 @@ class Grid:
             problems = [p.replace(": --rows: ", f": {flag}: ", 1) for p in exc.problems]
             raise GridError(problems) from None
         if len(rows) != 1:
+            what = "replicates" if rows[0].id in self.replicate_of else "sweep variants"
             raise GridError(
                 [
-                    f"{self.file}: {flag}: '{name}' names {len(rows)} sweep variants; give one's "
-                    f"id or label: {', '.join(f'{r.id} ({r.label})' for r in rows)}"
+                    f"{self.file}: {flag}: '{name}' names {len(rows)} {what}; give one's id "
+                    "or label: "
+                    f"{', '.join(f'{r.id} ({r.label})' for r in rows)}"
                 ]
             )
         return rows[0]
 
     def _names(self) -> str:
-        """'id (label), ...' of the grid's rows, a sweep's variants once under their row."""
-        rows = dict.fromkeys(self.sweep_of.get(r.id, (r.id, r.label)) for r in self.rows)
+        """'id (label), ...' of the grid's rows, a sweep's variants and a row's replicates
+        once under their row."""
+
+        def top(row: Row) -> tuple[str, str]:
+            if row.id in self.sweep_of:
+                return self.sweep_of[row.id]
+            if row.id in self.replicate_of:
+                return self.replicate_of[row.id][:2]
+            return row.id, row.label
+
+        rows = dict.fromkeys(top(r) for r in self.rows)
         text = ", ".join(f"{row_id} ({label})" for row_id, label in rows)
-        example = next((r for r in self.rows if r.id in self.sweep_of), None)
+        example = next((r for r in self.rows if self.groups(r)), None)
         if example is not None:
             text += (
-                f"; each names all its sweep variants, a variant's own id or label just that "
-                f"one (e.g. '{example.id}' or '{example.label}')"
+                f"; each names all its sweep variants and replicates, a variant's or "
+                f"replicate's own id or label just that one (e.g. '{example.id}' or "
+                f"'{example.label}')"
             )
         return text
 

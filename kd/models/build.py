@@ -10,7 +10,7 @@ import timm
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from kd.models import smoke_bit  # noqa: F401  (registers the smoke BiT with timm)
+from kd.models import small_image, smoke_bit  # noqa: F401  (register their models with timm)
 from kd.models.names import SOURCES, ModelLoadError, check_model_name, pretrained_tags, split_tag
 from kd.models.weights import accepts_img_size, load_checkpoint
 

@@ -231,12 +231,20 @@ def build_loaders(
         std=student_data["std"],
         auto_augment=cfg.train.auto_augment,
         hflip=cfg.train.hflip,
+        scale_min=cfg.train.crop_scale_min,
         interpolation=student_data.get("interpolation", "bicubic"),
         uint8=True,
     )
     transforms = {"train": train_tf, "test": eval_transform(cfg, student_data, uint8=True)}
     datasets = {  # both splits are read before either loader is built
-        split: D.load_split(spec, split, transform=tf, skip_corrupt=cfg.data.skip_corrupt)
+        split: D.load_split(
+            spec,
+            split,
+            transform=tf,
+            skip_corrupt=cfg.data.skip_corrupt,
+            per_class=cfg.data.train_per_class if split == "train" else None,
+            subset_seed=cfg.data.subset_seed,
+        )
         for split, tf in transforms.items()
     }
     train_loader, test_loader = (

@@ -176,7 +176,7 @@ def test_unknown_cluster_datasets_and_bad_values_are_errors_naming_the_key(tmp_p
     }
     for key, message in expected.items():
         assert sum(p.startswith(where + key + ":") and message in p for p in problems) == 1, key
-    assert "valid: cub, dogs, foodx, cifar10, imagefolder" in problems[0]
+    assert "valid: cub, dogs, foodx, cifar10, fashion_mnist, imagefolder" in problems[0]
 
 
 def test_evaluate_is_not_part_of_the_content_key(tmp_path: Path):
