@@ -19,6 +19,14 @@ class ModelLoadError(ValueError):
 
 
 SMOKE_BIT = "resnetv2_18x1_bit_smoke"  # registered by kd.models.smoke_bit
+SMALL_IMAGE_MODELS = (
+    "small_cnn",
+    "small_cnn_wide",
+    "small_deit_distilled",
+)  # kd.models.small_image
+# The models kdgrid registers with timm itself: known whether or not timm's list (or its name
+# cache, written by another process that may not have imported them) has them.
+KDGRID_MODELS = (SMOKE_BIT, *SMALL_IMAGE_MODELS)
 
 
 # Names
@@ -33,7 +41,7 @@ def _registry() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
 
     cached = read_names()
     if cached is not None:
-        return cached
+        return tuple(dict.fromkeys([*cached[0], *KDGRID_MODELS])), cached[1]
     import timm  # the one heavy import of this module: only name checks need it
 
     tags: dict[str, list[str]] = defaultdict(list)
@@ -41,7 +49,7 @@ def _registry() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
         arch, _, tag = full.partition(".")
         if tag:
             tags[arch].append(tag)
-    models = tuple(dict.fromkeys([*timm.list_models(), SMOKE_BIT]))  # smoke_bit registers it
+    models = tuple(dict.fromkeys([*timm.list_models(), *KDGRID_MODELS]))
     listed = (models, {arch: tuple(t) for arch, t in tags.items()})
     write_names(*listed)
     return listed

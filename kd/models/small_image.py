@@ -23,8 +23,6 @@ from timm.models.resnet import BasicBlock, ResNet
 
 from kd.models.names import ModelLoadError
 
-SMALL_IMAGE_MODELS = ("small_cnn", "small_cnn_wide", "small_deit_distilled")
-
 
 def _cfg(name: str, first_conv: str, classifier: str, **extra: Any) -> dict[str, Any]:
     return {
