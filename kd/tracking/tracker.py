@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,17 +273,32 @@ class Tracker:
 
     def set_tags_many(self, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
         """`set_tags` for many runs: one transaction on a database store, else in parallel."""
+        self._for_many(
+            tags_by_run,
+            lambda store: bulk.replace_tags(store, tags_by_run),
+            lambda run_id: self.set_tags(run_id, tags_by_run[run_id]),
+        )
+
+    def _for_many(
+        self,
+        run_ids: Iterable[str],
+        in_one_transaction: Callable[[Any], None],
+        for_one_run: Callable[[str], None],
+    ) -> None:
+        """One bulk SQL transaction on a database store (`kd.tracking.bulk`), else (a server,
+        or a store the bulk path does not support) one call per run, in parallel on a server."""
+        run_ids = list(run_ids)
         store = self._sql_store()
-        if store is not None and len(tags_by_run) > 1:
+        if store is not None and len(run_ids) > 1:
             try:
-                bulk.replace_tags(store, tags_by_run)
+                in_one_transaction(store)
             except bulk.BulkUnsupported:
                 pass
             else:
                 return
         workers = 1 if store is not None else BULK_THREADS
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(self.set_tags, r, t) for r, t in tags_by_run.items()]:
+            for future in [pool.submit(for_one_run, r) for r in run_ids]:
                 future.result()
 
     def create_launch_run(
@@ -364,19 +379,11 @@ class Tracker:
         run_ids = list(run_ids)
         if reason:
             self.set_tags_many({r: {f"{TAG}.failure_reason": reason[:5000]} for r in run_ids})
-        store = self._sql_store()
-        if store is not None and len(run_ids) > 1:
-            try:
-                bulk.end_runs(store, run_ids, status)
-            except bulk.BulkUnsupported:
-                pass
-            else:
-                return
-        workers = 1 if store is not None else BULK_THREADS
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            ends = [pool.submit(self.client.set_terminated, r, status=status) for r in run_ids]
-            for future in ends:
-                future.result()
+        self._for_many(
+            run_ids,
+            lambda store: bulk.end_runs(store, run_ids, status),
+            lambda run_id: self.client.set_terminated(run_id, status=status),
+        )
 
     def run_status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
