@@ -12,56 +12,60 @@ import yaml
 
 from kd.grid.rows import GridError
 
-# libyaml's parser when PyYAML has it (a 10,000-value axis: 0.2 s instead of 1.5 s); the
-# constructor and resolvers below are Python either way.
-_SAFE_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-
-class GridLoader(_SAFE_LOADER):  # type: ignore[misc,valid-type]
-    """PyYAML's safe loader with OmegaConf's YAML 1.2 number rules and duplicate-key checks.
+def _grid_loader(base: type) -> type:
+    """`base` (a PyYAML safe loader) with OmegaConf's YAML 1.2 number rules and duplicate-key
+    checks.
 
     Plain PyYAML (YAML 1.1) reads `lr: 1e-4` as the *string* '1e-4' and keeps the last of two
     equal keys silently; OmegaConf's own loader does neither, and grids are OmegaConf files.
     Duplicate keys are collected (with their line) so that all of them are reported at once.
     """
 
-    duplicates: list[tuple[int, str]]
+    class Loader(base):  # type: ignore[misc,valid-type]
+        duplicates: list[tuple[int, str]]
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag != yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
-                continue
-            if key_node.value in seen:
-                mark = key_node.start_mark
-                self.duplicates.append(
-                    (
-                        mark.line + 1,
-                        f"{mark.line + 1}:{mark.column + 1}: duplicate key '{key_node.value}' "
-                        "(a later value would silently replace the earlier one); keep one",
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag != yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG:
+                    continue
+                if key_node.value in seen:
+                    mark = key_node.start_mark
+                    self.duplicates.append(
+                        (
+                            mark.line + 1,
+                            f"{mark.line + 1}:{mark.column + 1}: duplicate key "
+                            f"'{key_node.value}' (a later value would silently replace the "
+                            "earlier one); keep one",
+                        )
                     )
-                )
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+                seen.add(key_node.value)
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:
+             [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+            |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in Loader.yaml_implicit_resolvers.items()
+    }
+    return Loader
 
 
-GridLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:
-         [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
-        |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-GridLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in GridLoader.yaml_implicit_resolvers.items()
-}
+# PyYAML's Python parser, not libyaml's: BoundedLoader's depth bound and the exact errors of a
+# bad file (a control character's line) need the parser's Python hooks, and grid files are short.
+GridLoader = _grid_loader(yaml.SafeLoader)
 
 
 # Bounds on what a grid file may be: grids are short hand-written files, and these keep a
@@ -107,8 +111,8 @@ def read_grid_text(path: Path) -> str:
         ) from None
 
 
-class BoundedLoader(GridLoader):
-    """`GridLoader` that refuses documents nested deeper than MAX_DEPTH while composing them
+class BoundedLoader(GridLoader):  # type: ignore[misc,valid-type]
+    """The grid loader that refuses documents nested deeper than MAX_DEPTH while composing them
     (PyYAML composes recursively: a deeper file would end in a RecursionError)."""
 
     depth = 0
