@@ -46,7 +46,16 @@ def run(*cmd: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[s
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This environment (sbatch exports it to the jobs), MLflow in workdir/mlflow.db, no fault
     injection unless asked for."""
-    unset = ("MLFLOW_TRACKING_URI", "KDGRID_INJECT_NAN_AT_STEP", "KDGRID_INJECT_RECORD_PAUSE_S")
+    from kd import inject
+
+    unset = (
+        "MLFLOW_TRACKING_URI",
+        "KDGRID_INJECT_NAN_AT_STEP",
+        inject.SUBMIT_PAUSE,
+        inject.RECORD_PAUSE,
+        inject.LOCAL_START_PAUSE,
+        inject.RUN_START_PAUSE,
+    )
     return {**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})}
 
 
