@@ -164,20 +164,26 @@ def release_held(root: Path) -> None:
 
 
 def wait_sacct_done(job_ids: Iterable[str], timeout: float = 120) -> dict[str, dict[str, str]]:
-    """sacct records once every job has a final state and an End time."""
+    """sacct records once every job has a final state and an End time, and slurmctld lists
+    none of them any more: a cancelled job has its final state in sacct at once but stays
+    COMPLETING until SLURM's KillWait has killed its processes, and status (and a launch)
+    rightly treat a KILLED run whose job is still completing as not over yet."""
     ids = set(job_ids)
     deadline = time.monotonic() + timeout
     while True:
         records = {r["JobID"]: r for r in sacct(ids)}
-        done = all(
+        ended = all(
             j in records
             and records[j]["State"].split()[0]
             in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
             and records[j]["End"] not in ("Unknown", "")
             for j in ids
         )
+        listed = set(run("squeue", "-h", "-r", "-o", "%i").stdout.split())
+        left = {j for j in ids if j in listed or any(x.startswith(j + "_") for x in listed)}
+        done = ended and not left
         if done or time.monotonic() > deadline:
-            assert done, f"sacct has not recorded the end of {sorted(ids)}: {records}"
+            assert done, f"the end of {sorted(ids)}: sacct {records}, still listed {sorted(left)}"
             return records
         time.sleep(2)
 
