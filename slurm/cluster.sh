@@ -15,10 +15,17 @@
 # Environment knobs (all optional):
 #   KDGRID_CLUSTER_NAME  ClusterName and the sacctmgr cluster (default: kdgrid)
 #   KDGRID_UP_TIMEOUT    seconds to wait for each daemon / for the nodes (default: 60)
+#   KDGRID_MAX_ARRAY_SIZE, KDGRID_MAX_JOB_COUNT
+#                        MaxArraySize / MaxJobCount, to try a grid against a cluster's limits
+#                        (default: SLURM's, 1001 / 10000). Changing them restarts slurmctld: a
+#                        `scontrol reconfigure` does not change the bound slurmctld 22.05 checks
+#                        arrays against. `up` without them puts the defaults back.
 set -euo pipefail
 
 CLUSTER_NAME=${KDGRID_CLUSTER_NAME:-kdgrid}
 TIMEOUT=${KDGRID_UP_TIMEOUT:-60}
+MAX_ARRAY_SIZE=${KDGRID_MAX_ARRAY_SIZE:-}
+MAX_JOB_COUNT=${KDGRID_MAX_JOB_COUNT:-}
 NODES=(n1 n2)
 NODE_RANGE="n[1-2]"
 PORTS="17001-17002"
@@ -40,6 +47,11 @@ die() {
 	printf '[cluster] ERROR: %s\n' "$*" >&2
 	exit 1
 }
+for knob in KDGRID_MAX_ARRAY_SIZE KDGRID_MAX_JOB_COUNT; do
+	if [[ -n ${!knob:-} && ! ${!knob} =~ ^[1-9][0-9]*$ ]]; then
+		die "${knob}=${!knob}: a positive whole number, or unset for SLURM's default"
+	fi
+done
 # Prefix every line of a command's output so that all output reads [cluster] ...
 prefixed() { "$@" 2>&1 | sed 's/^/[cluster]   /'; }
 
@@ -269,6 +281,8 @@ NodeName=${NODE_RANGE} NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=${PORTS} CPU
 PartitionName=gpu Nodes=${NODE_RANGE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 PartitionName=debug Nodes=${NODE_RANGE} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+	if [[ -n $MAX_ARRAY_SIZE ]]; then printf 'MaxArraySize=%s\n' "$MAX_ARRAY_SIZE"; fi
+	if [[ -n $MAX_JOB_COUNT ]]; then printf 'MaxJobCount=%s\n' "$MAX_JOB_COUNT"; fi
 }
 
 render_slurmdbd_conf() {

@@ -11,10 +11,10 @@ from pathlib import Path
 from kd.grid import Grid, Row
 from kd.rowfiles import SLURM_DIR
 from kd.tracking import ACTIVE, TAG, RunRecord, Tracker, store_exists
-from slurm.held import CLUSTER_LIMIT, HELD_TAG, SUBMITTED, is_held
+from slurm.held import CLUSTER_LIMIT, HELD_TAG, SUBMITTED, FeedFailed, is_held
 from slurm.interrupted import read_journal, stray_jobs
 from slurm.journal import queued_recorder, record_launch
-from slurm.limits import read_limits
+from slurm.limits import controller_unavailable, read_limits
 from slurm.state import cancel
 from slurm.submit import dependency_waves, submit_rows
 
@@ -116,7 +116,8 @@ def _dependencies(
 
 def feed_held(grid: Grid, tracking_uri: str, array_parallelism: int = 256) -> int:
     """Submit the grid's held rows that the cluster accepts now (call under the grid's launch
-    lock). Returns how many rows are still held."""
+    lock). Returns how many rows are still held; raises FeedFailed when sbatch refuses them for
+    a reason other than a limit or an unreachable controller (the rows stay held)."""
     if not store_exists(tracking_uri):
         return 0
     tracker = Tracker(tracking_uri)
@@ -156,6 +157,11 @@ def feed_held(grid: Grid, tracking_uri: str, array_parallelism: int = 256) -> in
     except Exception as exc:  # what this feed queued is cancelled; the rest stays held
         done = [row for row in rows if row.id in submitted]
         undo_submission(grid, done, run_ids, tracker, submitted, exc, existing)
+        if not controller_unavailable(exc):
+            raise FeedFailed(
+                f"sbatch refused held rows of grid '{grid.name}': {exc}; they stay held. "
+                "Fix what it names, then launch the grid again: the launch submits them"
+            ) from exc
         return sum(row.id not in submitted for row in rows)
     if submitted:
         print(

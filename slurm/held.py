@@ -7,8 +7,10 @@ with `"held": true` and no job id. `launch/status.py` shows it as `held` (`clust
 Held rows are submitted, within the limits, by `slurm.launcher.feed_held`: at the start of any
 later launch of the grid, and by the feeder, a detached `launch/grid.py GRID ... --feed-held`
 the launch starts, which calls it every `--feed-interval` seconds under the grid's launch lock
-(so it never submits beside a launch) and exits when no held row is left. Its pid and log are
-in `<output_dir>/slurm/feeder.{pid,log}`; one feeder per grid (a second one exits at once).
+(so it never submits beside a launch) and exits when no held row is left, or when sbatch
+refuses them for a reason other than a limit or an unreachable controller (exit 1; the rows stay
+held, for the next launch). Its pid and log are in `<output_dir>/slurm/feeder.{pid,log}`; one
+feeder per grid (a second one exits at once).
 Stopping it (`kill PID`) or its death loses nothing: the rows stay held, and the next launch
 of the same grid submits them and starts a new feeder.
 """
@@ -33,6 +35,11 @@ HELD_TAG = f"{TAG}.held"
 CLUSTER_LIMIT = "cluster limit"
 SUBMITTED = "submitted"  # the tag's value once the feeder or a launch queued the row
 FEED_INTERVAL_S = 30.0
+
+
+class FeedFailed(RuntimeError):
+    """Submitting held rows failed in a way that trying again will not mend (not a limit, not
+    the controller down): the feeder stops instead of retrying forever."""
 
 
 def is_held(record: RunRecord) -> bool:
@@ -82,7 +89,8 @@ def start_feeder(
 
 def feed_loop(grid: Grid, feed_once: Callable[[], int], interval_s: float) -> int:
     """The feeder's life: `feed_once()` (returns the rows still held) every `interval_s` until
-    none is left. One feeder per grid: a second one returns 0 at once."""
+    none is left (0), or until it raises: sbatch refused the rows for good (1; they stay held,
+    for the next launch). One feeder per grid: a second one returns 0 at once."""
     pid_file, _, lock_file = feeder_files(grid)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a+") as lock:
@@ -94,7 +102,12 @@ def feed_loop(grid: Grid, feed_once: Callable[[], int], interval_s: float) -> in
         pid_file.write_text(f"{os.getpid()}\n")
         try:
             while True:
-                left = feed_once()
+                try:
+                    left = feed_once()
+                except FeedFailed as exc:
+                    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+                    print(f"{stamp} feeder: stopped: {exc}", flush=True)
+                    return 1
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
                 print(f"{stamp} feeder: {left} row(s) still held", flush=True)
                 if left == 0:

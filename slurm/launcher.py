@@ -28,7 +28,7 @@ from kd.plan import (
 from kd.rowfiles import LAUNCH_LOCK, SLURM_DIR
 from kd.tracking import RunRecord, Tracker, store_exists, tracking_uri_for
 from slurm.feed import feed_held, hold_rows, undo_submission
-from slurm.held import CLUSTER_LIMIT, FEED_INTERVAL_S, is_held, start_feeder
+from slurm.held import CLUSTER_LIMIT, FEED_INTERVAL_S, FeedFailed, is_held, start_feeder
 from slurm.interrupted import never_queued, recover
 from slurm.jobenv import check_launch_weights, exported, job_environment
 from slurm.journal import queued_recorder, record_launch
@@ -157,7 +157,10 @@ def launch(grid: Grid, options: LaunchOptions) -> int:
             )
             if options.executor == "slurm":
                 with exported(env):  # rows an earlier launch held go with this launch's code
-                    feed_held(grid, tracking_uri_for(options.tracking_uri, grid.tracking_uri))
+                    try:
+                        feed_held(grid, tracking_uri_for(options.tracking_uri, grid.tracking_uri))
+                    except FeedFailed as exc:  # the rows stay held; this launch goes on
+                        print(f"launch/grid.py: {exc}", file=sys.stderr)
             prepared = _prepare(grid, options)
             if isinstance(prepared, int):
                 return prepared

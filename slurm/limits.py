@@ -40,6 +40,29 @@ LIMIT_ERRORS = (
 )
 
 
+#: what sbatch says when the controller cannot be reached or is busy: worth trying again later
+UNAVAILABLE_ERRORS = (
+    "Unable to contact slurm controller",
+    "Socket timed out",
+    "Slurm temporarily unable to accept job",
+    "Connection refused",
+    "Zero Bytes were transmitted or received",
+)
+
+#: what sbatch says of an array larger than the controller's MaxArraySize
+ARRAY_TOO_LARGE = "Invalid job array specification"
+
+
+def array_too_large(exc: BaseException) -> bool:
+    return ARRAY_TOO_LARGE in str(exc)
+
+
+def controller_unavailable(exc: BaseException) -> bool:
+    """An sbatch failure that says nothing of the job: the controller is down or busy."""
+    text = str(exc)
+    return any(marker in text for marker in UNAVAILABLE_ERRORS)
+
+
 def refused_by_limit(exc: BaseException) -> bool:
     """An sbatch failure that means "no more jobs now" (a limit), not a bad job."""
     text = str(exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from kd.config import closest
 from kd.grid import Row
 from kd.inject import SUBMIT_PAUSE, pause
-from slurm.limits import ClusterLimits, refused_by_limit
+from slurm.limits import ClusterLimits, array_too_large, refused_by_limit
 from slurm.state import job_name
 
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]-]+$")
@@ -227,13 +228,19 @@ def submit_rows(
                 held.update(row.id for row in group[free:])
                 group = group[:free]
                 free -= len(group)
-            for chunk in _chunks(group, largest):
+            pending = _chunks(group, largest)
+            while pending:
+                chunk = pending.pop(0)
                 if refused:  # sbatch said no more jobs: the rest waits too
                     held.update(row.id for row in chunk)
                     continue
                 try:
                     queued = _submit_array(frozen, chunk, run_ids, tracking_uri, folder)
                 except Exception as exc:
+                    if len(chunk) > 1 and array_too_large(exc):
+                        largest = _smaller_arrays(len(chunk), limits)
+                        pending = _chunks([row for c in (chunk, *pending) for row in c], largest)
+                        continue
                     if limits is None or not refused_by_limit(exc):
                         raise
                     held.update(row.id for row in chunk)  # a limit not read, or reached
@@ -245,6 +252,21 @@ def submit_rows(
                 if on_queued is not None:
                     on_queued(queued)
     return submitted
+
+
+def _smaller_arrays(refused_size: int, limits: ClusterLimits | None) -> int:
+    """sbatch refused an array of `refused_size` tasks as too large: the controller checks a
+    smaller MaxArraySize than `scontrol show config` reports (slurmctld 22.05 keeps the bound it
+    read first through a `scontrol reconfigure`), or the value could not be read. Halve the
+    arrays until sbatch takes them; one task is always a valid array."""
+    size = (refused_size + 1) // 2
+    told = limits.max_array_size if limits is not None else "unknown"
+    print(
+        f"launch/grid.py: sbatch refused an array of {refused_size} tasks (MaxArraySize reads "
+        f"{told}); submitting arrays of at most {size}",
+        file=sys.stderr,
+    )
+    return size
 
 
 def _chunks(rows: list[Row], size: int | None) -> list[list[Row]]:

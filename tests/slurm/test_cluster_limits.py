@@ -3,38 +3,60 @@ held (status `held: cluster limit`) and submitted later by the feeder pass, with
 dependencies, each row once.
 
 The cluster is shared: MaxSubmitJobs is an association limit on root, removed in a finally;
-MaxArraySize is changed in slurm.conf (+ `scontrol reconfigure`) only around the launch itself
-and restored in a finally.
+MaxArraySize is lowered (`KDGRID_MAX_ARRAY_SIZE=3 slurm/cluster.sh up`) only around the launch
+itself and restored in a finally.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from slurmtools import cancel_leftover_jobs, launch, queued_jobs, require_slurm, run, script
+from slurmtools import (
+    REPO,
+    cancel_leftover_jobs,
+    launch,
+    queued_jobs,
+    require_slurm,
+    run,
+    script,
+)
 
 require_slurm()
 
-CONF = Path("/etc/slurm/slurm.conf")
+
+def array_accepted(tasks: int) -> bool:
+    """Whether slurmctld takes an array of `tasks` tasks now (sbatch --test-only queues nothing)."""
+    return run("sbatch", "--test-only", f"--array=0-{tasks - 1}", "--wrap=true").returncode == 0
+
+
+def cluster_up(**knobs: str) -> None:
+    """`slurm/cluster.sh up` with its limit knobs: a changed limit restarts slurmctld (a
+    `scontrol reconfigure` does not change the bound slurmctld 22.05 checks arrays against)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGRID_MAX_")}
+    up = subprocess.run(
+        ["bash", str(REPO / "slurm" / "cluster.sh"), "up"],
+        capture_output=True, text=True, timeout=300, check=False, env={**env, **knobs},
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
 
 
 @contextlib.contextmanager
 def max_array_size(size: int) -> Iterator[None]:
-    original = CONF.read_text()
-    lines = [line for line in original.splitlines() if not line.startswith("MaxArraySize")]
     try:
-        CONF.write_text("\n".join([*lines, f"MaxArraySize={size}"]) + "\n")
-        assert run("scontrol", "reconfigure").returncode == 0
+        cluster_up(KDGRID_MAX_ARRAY_SIZE=str(size))
+        assert not array_accepted(size + 1), "MaxArraySize was not lowered"
         yield
     finally:
-        CONF.write_text(original)
-        run("scontrol", "reconfigure")
+        cluster_up()
+    assert array_accepted(size + 1), "MaxArraySize was not restored"
 
 
 @contextlib.contextmanager
