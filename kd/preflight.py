@@ -79,6 +79,12 @@ def check_weights(rows: Sequence[Row], *, prefetch: bool = False) -> WeightsChec
     failed: dict[str, str] = {}
     if prefetch:
         for name in missing:
+            # asked first, with the preflight's timeout: the hub client retries a refused
+            # connection for ~25 s per file before it gives up
+            why = hub.download_problem(sources[name], _timeout())
+            if why is not None:
+                failed[name] = f"--prefetch failed: cannot be downloaded from here: {why}"
+                continue
             try:
                 path = hub.prefetch(name)
                 print(f"prefetched {name}: {path}")
