@@ -3,6 +3,9 @@ summary printed at the end of a session. Each tier's own conftest marks its test
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,21 @@ class FaultOutcome:
     detail: str = ""  # how it went: e.g. which epoch the row resumed after
 
 
-FAULT_OUTCOMES: list[FaultOutcome] = []
+FAULT_OUTCOMES: list[FaultOutcome] = []  # as reported (this process or, with -n, the workers)
+SUMMARY_PROPERTY = "kdgrid_summary"  # a test report's user property carrying the summaries' data
+FUZZ_REPORTED: dict[str, Counter[str]] = {"counts": Counter(), "failures": Counter()}
+_fuzz_sent: dict[str, Counter[str]] = {"counts": Counter(), "failures": Counter()}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`-n N --dist loadgroup`), every SLURM test goes to one worker and runs
+    there in order, as without -n: they share the one cluster (its limits, its queue), while the
+    other workers take the unit and end-to-end tests beside them."""
+    slurm_dir = REPO / "tests" / "slurm"
+    for item in items:
+        if item.get_closest_marker("slurm") or slurm_dir in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture
@@ -36,7 +53,6 @@ def fault(request: pytest.FixtureRequest) -> FaultOutcome:
     doc = (request.node.function.__doc__ or name).strip().split("\n\n")[0]
     outcome = FaultOutcome(case=" ".join(doc.split()).rstrip("."), where="local")
     request.node.fault_outcome = outcome
-    FAULT_OUTCOMES.append(outcome)
     return outcome
 
 
@@ -51,7 +67,38 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         and outcome.survived is not False
     ):
         outcome.survived = report.passed
+    if report.when == "teardown":
+        # The summaries travel in the report: with -n they are printed by the controller,
+        # which runs no test itself.
+        payload = _fuzz_since_last_report()
+        if outcome is not None:
+            payload["fault"] = dataclasses.asdict(outcome)
+        if payload:
+            report.user_properties = [*report.user_properties, (SUMMARY_PROPERTY, payload)]
     return report
+
+
+def _fuzz_since_last_report() -> dict[str, dict[str, int]]:
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is None:
+        return {}
+    payload = {}
+    for name, counter in (("counts", fuzzing.FUZZ_COUNTS), ("failures", fuzzing.FUZZ_FAILURES)):
+        new = counter - _fuzz_sent[name]
+        _fuzz_sent[name] += new
+        if new:
+            payload[f"fuzz_{name}"] = dict(new)
+    return payload
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, payload in report.user_properties:
+        if key != SUMMARY_PROPERTY:
+            continue
+        if "fault" in payload:
+            FAULT_OUTCOMES.append(FaultOutcome(**payload["fault"]))
+        for name in ("counts", "failures"):
+            FUZZ_REPORTED[name].update(payload.get(f"fuzz_{name}", {}))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -78,14 +125,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def fuzz_summary(terminalreporter) -> None:
     """How many cases the fuzz tests (tests/fuzzing.py) tried, whatever pytest's -s/-q."""
-    from fuzzing import FUZZ_COUNTS, FUZZ_FAILURES
-
-    if not FUZZ_COUNTS:
+    counts, failures = FUZZ_REPORTED["counts"], FUZZ_REPORTED["failures"]
+    if not counts:
         return
     terminalreporter.section("fuzzing")
-    parts = ", ".join(f"{n} {what}" for what, n in sorted(FUZZ_COUNTS.items()))
+    parts = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
     terminalreporter.write_line(
-        f"fuzz: {sum(FUZZ_COUNTS.values())} cases tried ({parts}); "
-        f"{sum(FUZZ_FAILURES.values())} failed the property (tracebacks, other exit statuses, "
+        f"fuzz: {sum(counts.values())} cases tried ({parts}); "
+        f"{sum(failures.values())} failed the property (tracebacks, other exit statuses, "
         "silent exit 2, files created by bad input)"
     )
