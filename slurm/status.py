@@ -20,8 +20,8 @@ from kd.provenance import stale_rows
 from kd.tracking import (
     CANCEL_REASON,
     TAG,
+    CancelRuns,
     RunRecord,
-    Tracker,
     latest_grid_runs,
     store_exists,
 )
@@ -226,17 +226,14 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
     """Cancel the rows that are pending or running: mark their runs KILLED, then cancel their
     jobs (or stop their local processes). Returns the ids of the rows cancelled.
 
-    Marking comes first, with the cancel tag (`Tracker.cancel_run`): a row's job that starts
+    Marking comes first, with the cancel tag (`CancelRuns.cancel_run`): a row's job that starts
     meanwhile sees it and does not train (`kd.train.start_row_run`), and one that started
     before is found by the tags as they are once the runs are marked (a local process the
     executor started meanwhile has its pid there by then)."""
     if not store_exists(tracking_uri):
         return []
-    tracker = Tracker(tracking_uri)
-    experiment_id = tracker.experiment_id(grid.experiment)
-    if experiment_id is None:
-        return []
-    latest = tracker.latest_by_key(experiment_id)
+    runs = CancelRuns(tracking_uri, grid.experiment)
+    latest = runs.latest_by_key()
     # a FAILED/KILLED run whose job SLURM still holds (requeued, or held) is cancelled too; a
     # job id that is GONE (another job's now, or ended) is not cancelled
     jobs = slurm_jobs(r for r in latest.values() if r.status != "FINISHED")
@@ -248,10 +245,9 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
             or held_after_failure(record.status, jobs.get(record.job_id or ""))
         ):
             cancelled.append((row, record))
-    marked = [r for _, r in cancelled if tracker.run_status(r.run_id) != "FINISHED"]
-    for record in marked:  # (a run may have finished meanwhile: it is left so)
-        tracker.cancel_run(record.run_id, CANCEL_REASON)
-    now = {r.run_id: r for r in tracker.latest_by_key(experiment_id).values()} if marked else {}
+    # (a run may have finished meanwhile: it is left so)
+    marked = [r for _, r in cancelled if runs.cancel_run(r.run_id, CANCEL_REASON)]
+    now = {r.run_id: r for r in runs.latest_by_key().values()} if marked else {}
     job_ids, pids = set(), set()
     for record in marked:
         for seen in (record, now.get(record.run_id, record)):

@@ -9,8 +9,10 @@ importing it stays light).
     bulk       many runs at once straight through MLflow's SQL tables
     row_run    a job's side: retried calls, buffered metrics, the final status
     grid_runs  a whole grid's latest runs, and its table run
+    cancel     what --cancel reads and closes (sqlite3 on a SQLite file, no MLflow import)
 """
 
+from kd.tracking.cancel import CancelRuns
 from kd.tracking.grid_runs import RunSummary, latest_grid_runs, log_grid_artifacts
 from kd.tracking.metadata import (
     PARAM_MAX_CHARS,
@@ -56,6 +58,7 @@ from kd.tracking.uri import (
 __all__ = [
     "ACTIVE",
     "BULK_THREADS",
+    "CancelRuns",
     "CANCELLED",
     "CANCEL_REASON",
     "DEFAULT_TRACKING_URI",

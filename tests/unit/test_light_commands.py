@@ -130,3 +130,38 @@ def test_status_reads_a_sqlite_store_without_mlflow(env: dict[str, str]) -> None
     )
     rows = json.loads(done.stdout)
     assert len(rows) == 10 and all(r["run_id"] for r in rows)  # the runs were read
+
+
+def test_cancel_closes_sqlite_runs_without_mlflow_as_mlflow_would(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--cancel` on a SQLite store writes with sqlite3: the runs it closes read back through
+    MLflow as `Tracker.cancel_run` leaves them (KILLED, end time, cancel tag, reason), and a run
+    that finished is left alone."""
+    from kd.grid import load_grid
+    from kd.tracking import CANCEL_REASON, CANCELLED, TAG, Tracker
+
+    grid = load_grid(REPO / "grids/table2b.yaml", check_data=False, check_models=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    experiment = tracker.ensure_experiment(grid.experiment)
+    run_ids = tracker.create_row_runs(experiment, grid.rows, executor="slurm")
+    finished, by_mlflow, *rest = (run_ids[row.id] for row in grid.rows)
+    tracker.client.set_terminated(finished, status="FINISHED")
+    tracker.cancel_run(by_mlflow, CANCEL_REASON)  # the reference: MLflow's own calls
+
+    light_env = {**env, "MLFLOW_TRACKING_URI": uri}
+    args = ["launch/grid.py", "grids/table2b.yaml", "--cancel", "--executor", "local"]
+    modules = imported(light_env, *args)
+    assert sorted(m for m in modules if m.split(".")[0] in ("mlflow", "sqlalchemy")) == []
+
+    assert tracker.client.get_run(finished).info.status == "FINISHED"
+    reference = tracker.client.get_run(by_mlflow)
+    for run_id in rest:
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == reference.info.status == "KILLED"
+        assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
+        assert run.data.tags[f"{TAG}.failure_reason"] == CANCEL_REASON
+        assert run.data.tags[CANCELLED].isdigit()
+        assert set(run.data.tags) == set(reference.data.tags)
+        assert run.data.params  # left as they were

@@ -1,0 +1,105 @@
+"""What `launch/grid.py --cancel` reads and writes in the tracking store (`CancelRuns`).
+
+On a SQLite store's file it uses Python's own sqlite3, without importing MLflow (the import is
+most of the command's time): the runs read as `sqlite_read` reads them for status, and a run
+closed as `Tracker.cancel_run` closes it (the cancel tag and the reason, KILLED, an end time) in
+one transaction, which leaves a run that finished meanwhile as it is. Whenever the file does not
+read or write as expected, and on a tracking server, the same goes through MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kd.tracking import sqlite_read
+from kd.tracking.records import CANCELLED, TAG, RunRecord, run_record
+from kd.tracking.uri import sqlite_path
+
+if TYPE_CHECKING:
+    from kd.tracking.tracker import Tracker
+
+BUSY_TIMEOUT_S = 30.0  # a job writing its metrics holds the file's lock for milliseconds
+
+
+class SqliteRuns:
+    """The runs of one experiment in a SQLite file, without MLflow; None: could not."""
+
+    def __init__(self, db: Path, experiment: str) -> None:
+        self.db = db
+        self.experiment = experiment
+
+    def latest_by_key(self) -> dict[str, RunRecord] | None:
+        """Content key -> the newest row run of the experiment (as `Tracker.latest_by_key`)."""
+        runs = sqlite_read.search_tagged(self.db, self.experiment, f"{TAG}.key", None)
+        if runs is None:
+            return None
+        latest: dict[str, RunRecord] = {}
+        for run in runs:
+            record = run_record(run)
+            latest.setdefault(record.key, record)
+        return latest
+
+    def cancel_run(self, run_id: str, reason: str) -> bool | None:
+        """Close the run KILLED with the cancel tag, unless it finished meanwhile (False)."""
+        now = int(time.time() * 1000)
+        tags = {CANCELLED: str(now), f"{TAG}.failure_reason": reason[:5000]}
+        try:
+            with contextlib.closing(sqlite3.connect(self.db, timeout=BUSY_TIMEOUT_S)) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                ended = conn.execute(
+                    "UPDATE runs SET status = 'KILLED', end_time = ? "
+                    "WHERE run_uuid = ? AND status != 'FINISHED'",
+                    (now, run_id),
+                ).rowcount
+                if ended:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
+                        [(key, value, run_id) for key, value in tags.items()],
+                    )
+                conn.commit()
+        except sqlite3.Error:
+            return None
+        return bool(ended)
+
+
+class CancelRuns:
+    """The runs of one experiment as `--cancel` needs them: SQLite without MLflow where it
+    can, MLflow otherwise."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.uri = tracking_uri
+        self.experiment = experiment
+        db = sqlite_path(tracking_uri)
+        self.light = SqliteRuns(db, experiment) if db is not None else None
+        self._tracker: Tracker | None = None
+
+    def _mlflow(self) -> Tracker:
+        from kd.tracking.tracker import Tracker
+
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri)
+        return self._tracker
+
+    def latest_by_key(self) -> dict[str, RunRecord]:
+        """Content key -> the newest row run of the experiment ({} when there is none)."""
+        found = self.light.latest_by_key() if self.light is not None else None
+        if found is not None:
+            return found
+        tracker = self._mlflow()
+        experiment_id = tracker.experiment_id(self.experiment)
+        return {} if experiment_id is None else tracker.latest_by_key(experiment_id)
+
+    def cancel_run(self, run_id: str, reason: str) -> bool:
+        """Close the run as `--cancel` does; False when it had finished (it is left so)."""
+        done = self.light.cancel_run(run_id, reason) if self.light is not None else None
+        if done is not None:
+            return done
+        tracker = self._mlflow()
+        if tracker.run_status(run_id) == "FINISHED":
+            return False
+        tracker.cancel_run(run_id, reason)
+        return True
