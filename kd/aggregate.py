@@ -17,19 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd.grid import Grid
-from kd.results import TableRow
+from kd.results import RowHeading, TableRow
 from kd.stats import Summary, summarize
 
 
 @dataclass(frozen=True)
-class AggregateRow:
-    label: str  # the row's label, before replication
-    id: str
-    model: str
-    distillation: str
-    recipe: str
-    init: str
-    img_size: int
+class AggregateRow(RowHeading):  # label and id: the row's, before replication
     acc1: Summary  # over the finished replicates
     acc1_values: tuple[float, ...]  # each finished replicate's acc@1, in seed order
     acc5: float | None  # means over the finished replicates

@@ -22,7 +22,9 @@ from kd.tracking import TAG, RunSummary
 
 
 @dataclass(frozen=True)
-class TableRow:
+class RowHeading:
+    """The columns that name a table's line, in every table (one run, or replicates)."""
+
     label: str
     id: str
     model: str
@@ -30,6 +32,10 @@ class TableRow:
     recipe: str
     init: str
     img_size: int
+
+
+@dataclass(frozen=True)
+class TableRow(RowHeading):
     state: str  # finished, or the state of the latest run (running, failed, ...) or not run
     acc1: float | None
     acc5: float | None
