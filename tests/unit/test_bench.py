@@ -246,7 +246,7 @@ def launch_grid(tmp_path_factory):
 
 
 def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
-    from kd.tracking import TAG, Tracker
+    from kd.tracking import TAG, Tracker, row_yaml
 
     folder, grid = launch_grid
     tracker = Tracker(f"sqlite:///{folder}/bulk.db")
@@ -284,6 +284,7 @@ def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
         assert [f.path for f in tracker.client.list_artifacts(b.info.run_id)] == ["row.yaml"]
         text = Path(tracker.client.download_artifacts(b.info.run_id, "row.yaml", str(folder)))
         assert f"id: {row.id}" in text.read_text()
+        assert text.read_text() == row_yaml(row)  # byte for byte what one dump per row writes
     assert [f.path for f in tracker.client.list_artifacts(one)] == ["row.yaml"]
     # the launcher finds them again
     latest = tracker.latest_by_key(experiment)
