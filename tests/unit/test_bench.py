@@ -422,6 +422,22 @@ def test_launch_submits_reads_status_and_cancels_everything(cli, capsys, tmp_pat
     assert _queued(r["cancelled_jobs"]) == []
 
 
+def test_record_validates_records_and_reads_status_without_a_cluster(
+    cli, capsys, tmp_path: Path
+) -> None:
+    r = run_json(cli, capsys, "record", "12", "--workdir", str(tmp_path / "work"))
+    assert r["rows"] == 12 and r["runs_found"] == 12
+    positive(r, "validate_s", "record_s", "job_tags_s", "status_load_s", "status_read_s")
+    positive(r, "status_rows_s", "record_s_cpu", "load_avg_1m")
+    assert sum(r["states"].values()) == 12
+    from kd.tracking import TAG, Tracker
+
+    tracker = Tracker(r["tracking_uri"])  # the runs are there, each with its job id
+    (experiment,) = [e for e in tracker.client.search_experiments() if "bench_record" in e.name]
+    runs = tracker.search_tagged(experiment.experiment_id, f"{TAG}.grid")
+    assert len(runs) == 12 and all(f"{TAG}.job_id" in run.data.tags for run in runs)
+
+
 # --------------------------------------------------------------------------------------------
 # local: a real row process (slow: marked e2e)
 # --------------------------------------------------------------------------------------------
