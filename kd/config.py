@@ -276,6 +276,7 @@ def normalise_init(value: Any) -> Any:
     return value
 
 
+@functools.cache
 def _is_optional(annotation: Any) -> tuple[bool, Any]:
     """Return (allows None, the annotation without None)."""
     origin = typing.get_origin(annotation)
@@ -328,11 +329,16 @@ def _schema(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
     return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
 
 
-def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) -> Any:
+def validate_section(
+    cls: type, raw: Any, prefix: str, problems: list[Problem], memo: dict | None = None
+) -> Any:
     """Build dataclass `cls` from `raw`, appending every problem instead of raising.
 
     Returns an instance built from the valid parts (defaults where a value was bad), so
     that later checks (models, KD terms, dependencies) can still run and report too.
+    `memo` (one dict shared by the rows of a grid) keeps each nested section checked once per
+    distinct value: the rows of an axis differ in a few values, and the sections (frozen) that
+    are equal, value and type, are the same instance with the same problems.
     """
     if raw is None:
         raw = {}
@@ -348,14 +354,32 @@ def validate_section(cls: type, raw: Any, prefix: str, problems: list[Problem]) 
             continue
         if key == "init":
             value = normalise_init(value)
-        ok, coerced = _check_value(value, hints[key], dotted, problems)
+        ok, coerced = _check_value(value, hints[key], dotted, problems, memo)
         if ok:
             kwargs[key] = coerced
+    if memo is not None:  # an absent section: one default instance for every row
+        for name in _default_sections(cls):
+            if name not in kwargs:
+                if (cls, name) not in memo:
+                    memo[cls, name] = fields[name].default_factory()
+                kwargs[name] = memo[cls, name]
     return cls(**kwargs)
 
 
+@functools.cache
+def _default_sections(cls: type) -> tuple[str, ...]:
+    """Fields of `cls` whose default is a new section (a frozen schema dataclass)."""
+    fields, hints = _schema(cls)
+    return tuple(
+        name
+        for name, f in fields.items()
+        if f.default_factory is not dataclasses.MISSING
+        and dataclasses.is_dataclass(_is_optional(hints[name])[1])
+    )
+
+
 def _check_value(
-    value: Any, annotation: Any, dotted: str, problems: list[Problem]
+    value: Any, annotation: Any, dotted: str, problems: list[Problem], memo: dict | None = None
 ) -> tuple[bool, Any]:
     allows_none, inner = _is_optional(annotation)
     if value is None:
@@ -364,9 +388,19 @@ def _check_value(
         problems.append(Problem(dotted, f"must be {_type_name(inner)}, got null"))
         return False, None
     if dataclasses.is_dataclass(inner):
+        # a grid's trees hold YAML's plain types, whose repr tells apart what checks apart
+        # (1, 1.0, True, '1'; -0.0 and 0.0; key order), at C speed
+        key = (inner, dotted, type(value), repr(value)) if memo is not None else None
+        if key is not None and key in memo:
+            result, found = memo[key]
+            problems.extend(found)
+            return result
         before = len(problems)
-        built = validate_section(inner, value, dotted, problems)
-        return len(problems) == before or isinstance(value, Mapping), built
+        built = validate_section(inner, value, dotted, problems, memo)
+        result = (len(problems) == before or isinstance(value, Mapping), built)
+        if key is not None:
+            memo[key] = (result, problems[before:])
+        return result
     if typing.get_origin(inner) is dict:
         key_type, value_type = typing.get_args(inner)
         if not isinstance(value, Mapping):

@@ -5,6 +5,7 @@
     python launch/bench.py data grids/table2b.yaml --row 2b-6 --smoke --generate 512 --workers 2
     python launch/bench.py checkpoint grids/table2b.yaml --row 2b-6            # epoch-end files
     python launch/bench.py launch 1000 --partition gpu                         # needs SLURM
+    python launch/bench.py record 10000                                        # no cluster
     python launch/bench.py local grids/table2b.yaml --row 2b-2 --smoke         # local executor
 
 `step`: images/s of the row's step through the project's loop (kd.train.train_step) and through
@@ -15,6 +16,8 @@ demand (measured with `step` unless --demand is given).
 in the loop and in the background (what the loop does), with the bytes written per epoch.
 `launch`: seconds to expand + validate, submit (MLflow runs and sbatch apart) and read the
 status of an N-row grid on the SLURM cluster; every job it submitted is cancelled afterwards.
+`record`: seconds (wall and CPU) to validate an N-row grid, record its runs in a fresh SQLite
+MLflow store and read its status back, in this process; no cluster (sacct/squeue left out).
 `local`: a row run by the local executor: from process start to its first training step.
 Every command prints one JSON object with --json. See docs/PERFORMANCE.md.
 """
@@ -129,6 +132,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return 0 if result["cancelled_ok"] else 1
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from bench.record import format_record, record_benchmark
+
+    result = record_benchmark(args.rows, workdir=args.workdir, keep=args.keep, log=_log(args))
+    _emit(args, result, format_record(result))
+    return 0
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from bench.local import format_local, local_benchmark
 
@@ -214,6 +225,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the work folder (jobs are cancelled anyway)"
     )
     launch.set_defaults(func=cmd_launch)
+
+    record = sub.add_parser(
+        "record", parents=[common], help="validate, record runs, status of N rows: no cluster"
+    )
+    record.add_argument("rows", nargs="?", type=int, default=10000)
+    record.add_argument("--workdir", help="where the grid and store go (default: a temp dir)")
+    record.add_argument("--keep", action="store_true", help="keep the work folder")
+    record.set_defaults(func=cmd_record)
 
     local = sub.add_parser("local", parents=[common, row], help="local executor start-up per row")
     local.add_argument("--repeats", type=int, default=2, help="rows per mode")

@@ -114,7 +114,10 @@ def merge(*layers: Any) -> dict[str, Any]:
 
 
 def copy_tree(value: Any) -> Any:
-    if isinstance(value, Mapping):
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value  # the common leaves, without the slower Mapping check
+    if kind is dict or isinstance(value, Mapping):
         return {k: copy_tree(v) for k, v in value.items()}
     if isinstance(value, list):
         return [copy_tree(v) for v in value]
@@ -138,9 +141,9 @@ def interpolated(tree: dict[str, Any]) -> dict[str, Any]:
     a relative reference, `${.x}`, or a quoted argument takes the whole tree). Same values,
     same errors, same keys.
     """
-    strings = [(path, v) for path, v in _leaves(tree) if isinstance(v, str) and "${" in v]
-    if not strings:
+    if not _has_interpolation(tree):  # most rows: no walk over every leaf's path
         return copy_tree(tree)
+    strings = [(path, v) for path, v in _leaves(tree) if isinstance(v, str) and "${" in v]
     part: dict[str, Any] = {}
     if any(_WHOLE_TREE.search(text) for _, text in strings):
         part = tree
@@ -156,6 +159,17 @@ def interpolated(tree: dict[str, Any]) -> dict[str, Any]:
     for path, _ in strings:
         _put(out, path, _lookup(values, list(path))[1])
     return out
+
+
+def _has_interpolation(tree: Any) -> bool:
+    """Whether a string leaf holds `${`: what `_leaves` finds, without building paths."""
+    if isinstance(tree, str):
+        return "${" in tree
+    if type(tree) is dict or isinstance(tree, Mapping):
+        return any(_has_interpolation(v) for v in tree.values())
+    if isinstance(tree, list):
+        return any(_has_interpolation(v) for v in tree)
+    return False
 
 
 def _leaves(tree: Any, path: tuple = ()) -> Iterable[tuple[tuple, Any]]:

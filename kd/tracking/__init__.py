@@ -5,6 +5,7 @@ importing it stays light).
     records    the tag names rows are found by, and `RunRecord`
     redaction  secrets kept out of params, tags and artifacts
     metadata   what a row's run records: tags, flat params, row.yaml
+    yaml_text  row.yaml's text for many rows: each entry dumped once per distinct value
     tracker    the launcher's side: experiments, row runs created before the rows start
     bulk       many runs at once straight through MLflow's SQL tables
     row_run    a job's side: retried calls, buffered metrics, the final status

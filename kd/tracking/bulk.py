@@ -122,53 +122,110 @@ def insert_row_runs(
     validate_tag = functools.lru_cache(maxsize=None)(_validate_tag)  # rows share most values
     validate_param = functools.lru_cache(maxsize=None)(_validate_param)
     secrets = secret_values()
-    runs: list[dict[str, Any]] = []
-    tags: list[dict[str, Any]] = []
-    params: list[dict[str, Any]] = []
+    runs: list[tuple] = []  # RUN_COLUMNS
+    tags: list[tuple] = []  # (key, value, run_uuid)
+    params: list[tuple] = []  # (key, value, run_uuid)
+    source_type = SourceType.to_string(SourceType.UNKNOWN)
     run_ids: dict[str, str] = {}
     yamls: dict[str, str] = {}
-    for row in rows:
-        run_id = uuid.uuid4().hex
+    yaml_cache: dict = {}  # row.yaml's entries, made once per distinct value
+    # random ids as ever, given out in ascending order: each index then grows at its end
+    # instead of at a random page (10,000 rows: ~3x less time in SQLite)
+    new_ids = sorted(uuid.uuid4().hex for _ in rows)
+    for row, run_id in zip(rows, new_ids, strict=True):
         run_ids[row.id] = run_id
         run_tags = row_tags(row, executor, parent_run_id)
         run_tags[MLFLOW_RUN_NAME] = row.run_name
         runs.append(
-            {
-                "run_uuid": run_id,
-                "name": row.run_name,
-                "artifact_uri": append_to_uri_path(
-                    experiment.artifact_location, run_id, "artifacts"
-                ),
-                "experiment_id": int(experiment_id),
-                "source_type": SourceType.to_string(SourceType.UNKNOWN),
-                "source_name": "",
-                "entry_point_name": "",
-                "user_id": run_tags.get(MLFLOW_USER, "unknown"),
-                "status": "SCHEDULED",
-                "start_time": now,
-                "end_time": None,
-                "deleted_time": None,
-                "source_version": "",
-                "lifecycle_stage": LifecycleStage.ACTIVE,
-            }
+            (
+                run_id,
+                row.run_name,
+                append_to_uri_path(experiment.artifact_location, run_id, "artifacts"),
+                int(experiment_id),
+                source_type,
+                "",
+                "",
+                run_tags.get(MLFLOW_USER, "unknown"),
+                "SCHEDULED",
+                now,
+                None,
+                None,
+                "",
+                LifecycleStage.ACTIVE,
+            )
         )
         for key, value in run_tags.items():
             tag = validate_tag(key, value)
-            tags.append({"key": tag.key, "value": tag.value, "run_uuid": run_id})
+            tags.append((tag.key, tag.value, run_id))
         data = row.to_dict()
-        yamls[run_id] = row_yaml(row, data=data, secrets=secrets)
+        yamls[run_id] = row_yaml(row, data=data, secrets=secrets, cache=yaml_cache)
         for key, value in row_params(row, tree=data["config"], secrets=secrets).items():
             param = validate_param(key, value)
-            params.append({"key": param.key, "value": param.value, "run_uuid": run_id})
+            params.append((param.key, param.value, run_id))
     try:
         with store.ManagedSessionMaker(read_only=False) as session:
-            # Core inserts (executemany) into MLflow's own tables: no ORM bookkeeping
-            session.execute(insert(SqlRun.__table__), runs)
-            session.execute(insert(SqlTag.__table__), tags)
-            session.execute(insert(SqlParam.__table__), params)
+            for table, columns, records in (
+                (SqlRun, RUN_COLUMNS, runs),
+                (SqlTag, ("key", "value", "run_uuid"), tags),
+                (SqlParam, ("key", "value", "run_uuid"), params),
+            ):
+                _insert_many(session, table.__table__, columns, records, insert)
     except Exception as exc:  # e.g. MLflow's tables changed; the transaction was rolled back
         raise BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
     return run_ids, yamls
+
+
+# the columns of MLflow's `runs` table that `SqlAlchemyStore.create_run` sets, in this order
+RUN_COLUMNS = (
+    "run_uuid",
+    "name",
+    "artifact_uri",
+    "experiment_id",
+    "source_type",
+    "source_name",
+    "entry_point_name",
+    "user_id",
+    "status",
+    "start_time",
+    "end_time",
+    "deleted_time",
+    "source_version",
+    "lifecycle_stage",
+)
+SQLITE_CACHE_KIB = 262144  # SQLite's page cache while inserting (a maximum, used as needed)
+
+
+def _insert_many(
+    session: Any, table: Any, columns: tuple[str, ...], records: list[tuple], insert: Any
+) -> None:
+    """INSERT every record (values of `columns`, each a column of `table`) in the session's
+    transaction. On SQLite straight through the driver's executemany: SQLAlchemy's per-row
+    parameter processing was ~5 s of a 10,000-row launch (a million tags and params), and a
+    large page cache keeps the indexes in memory meanwhile. Core's insert elsewhere."""
+    if not records:
+        return
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        session.execute(insert(table), [dict(zip(columns, r, strict=True)) for r in records])
+        return
+    unknown = [c for c in columns if c not in table.c]
+    if unknown:
+        raise ValueError(f"table {table.name} has no column(s) {unknown}")
+    quote = connection.dialect.identifier_preparer.quote
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+    cursor = connection.connection.cursor()  # the same connection: the same transaction
+    try:
+        (cache,) = cursor.execute("PRAGMA cache_size").fetchone()
+        cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        try:
+            cursor.executemany(sql, records)
+        finally:
+            cursor.execute(f"PRAGMA cache_size = {int(cache)}")
+    finally:
+        cursor.close()
 
 
 def replace_tags(store: Any, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:

@@ -253,9 +253,14 @@ class Tracker:
         parsed = urlparse(location)
         if parsed.scheme in ("", "file"):
             root = Path(url2pathname(parsed.path) if parsed.scheme else location)
+            root.mkdir(parents=True, exist_ok=True)
             for run_id, text in yamls.items():
                 folder = root / run_id / "artifacts"
-                folder.mkdir(parents=True, exist_ok=True)
+                try:  # two mkdir calls where `parents=True` makes three and an exception
+                    folder.parent.mkdir()
+                    folder.mkdir()
+                except FileExistsError:
+                    folder.mkdir(parents=True, exist_ok=True)
                 (folder / ROW_YAML).write_text(text)
             return
         with ThreadPoolExecutor(BULK_THREADS) as pool:

@@ -237,6 +237,22 @@ def test_bf16_teacher_computes_what_autocast_computed() -> None:
 
 
 @pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made (3-8 s here), copied for each test."""
+    from kd.tracking import Tracker
+
+    path = tmp_path_factory.mktemp("store") / "empty.db"
+    Tracker(f"sqlite:///{path}").client.search_experiments(max_results=1)
+    return path
+
+
+def fresh_store(empty_store: Path, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_store, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="module")
 def launch_grid(tmp_path_factory):
     from bench.launch import write_launch_grid
     from kd.grid import load_grid
@@ -245,11 +261,11 @@ def launch_grid(tmp_path_factory):
     return folder, load_grid(write_launch_grid(folder, 6, None, "bulk_test"))
 
 
-def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
-    from kd.tracking import TAG, Tracker
+def test_bulk_runs_equal_runs_created_one_by_one(launch_grid, empty_store) -> None:
+    from kd.tracking import TAG, Tracker, row_yaml
 
     folder, grid = launch_grid
-    tracker = Tracker(f"sqlite:///{folder}/bulk.db")
+    tracker = Tracker(fresh_store(empty_store, folder / "bulk.db"))
     experiment = tracker.ensure_experiment(grid.experiment)
     parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 6)
     one = tracker.create_row_run(experiment, grid.rows[0], executor="slurm", parent_run_id=parent)
@@ -284,19 +300,20 @@ def test_bulk_runs_equal_runs_created_one_by_one(launch_grid) -> None:
         assert [f.path for f in tracker.client.list_artifacts(b.info.run_id)] == ["row.yaml"]
         text = Path(tracker.client.download_artifacts(b.info.run_id, "row.yaml", str(folder)))
         assert f"id: {row.id}" in text.read_text()
+        assert text.read_text() == row_yaml(row)  # byte for byte what one dump per row writes
     assert [f.path for f in tracker.client.list_artifacts(one)] == ["row.yaml"]
     # the launcher finds them again
     latest = tracker.latest_by_key(experiment)
     assert {latest[row.key].run_id for row in grid.rows[1:]} == set(many.values())
 
 
-def test_lean_search_equals_mlflow_search(launch_grid) -> None:
+def test_lean_search_equals_mlflow_search(launch_grid, empty_store) -> None:
     from mlflow.entities import Metric
 
     from kd.tracking import TAG, Tracker
 
     folder, grid = launch_grid
-    tracker = Tracker(f"sqlite:///{folder}/search.db")
+    tracker = Tracker(fresh_store(empty_store, folder / "search.db"))
     experiment = tracker.ensure_experiment(grid.experiment)
     runs = tracker.create_row_runs(experiment, grid.rows, executor="slurm")
     first, second, third = list(runs.values())[:3]
@@ -419,6 +436,23 @@ def test_launch_submits_reads_status_and_cancels_everything(cli, capsys, tmp_pat
     assert r["sbatch_calls"] == 2  # the teacher's job, then one array for its 19 students
     assert r["cancelled_ok"] is True and len(r["cancelled_jobs"]) == 2
     assert _queued(r["cancelled_jobs"]) == []
+
+
+def test_record_validates_records_and_reads_status_without_a_cluster(
+    cli, capsys, tmp_path: Path, empty_store: Path
+) -> None:
+    fresh_store(empty_store, tmp_path / "work" / "mlflow.db")  # its tables made already
+    r = run_json(cli, capsys, "record", "12", "--workdir", str(tmp_path / "work"))
+    assert r["rows"] == 12 and r["runs_found"] == 12
+    positive(r, "validate_s", "record_s", "job_tags_s", "status_load_s", "status_read_s")
+    positive(r, "status_rows_s", "record_s_cpu", "load_avg_1m")
+    assert sum(r["states"].values()) == 12
+    from kd.tracking import TAG, Tracker
+
+    tracker = Tracker(r["tracking_uri"])  # the runs are there, each with its job id
+    (experiment,) = [e for e in tracker.client.search_experiments() if "bench_record" in e.name]
+    runs = tracker.search_tagged(experiment.experiment_id, f"{TAG}.grid")
+    assert len(runs) == 12 and all(f"{TAG}.job_id" in run.data.tags for run in runs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -957,3 +957,50 @@ def test_status_hint_after_a_launch_repeats_its_overrides():
     assert status_command(grid, "http://127.0.0.1:5000").endswith(
         "--smoke --tracking-uri http://127.0.0.1:5000"
     )
+
+
+def test_sections_equal_in_value_but_not_in_type_are_checked_apart(tmp_path):
+    """Equal sections are checked once per grid (kd.config.validate_section's memo): 2 and
+    2.0, 0 and false, 1.0e-3 and 0.001 as text must still be told apart, row by row."""
+    path = write(
+        tmp_path,
+        """\
+        name: types
+        defaults:
+          student: {model: resnet18}
+          data: {dataset: cifar10, root: /nonexistent/cifar10}
+        rows:
+          - {id: a, label: A, train: {epochs: 2, seed: 0}}
+          - {id: b, label: B, train: {epochs: 2.0, seed: 0}}
+          - {id: c, label: C, train: {epochs: 2, seed: 0}}
+          - {id: d, label: D, train: {epochs: 2, seed: false}}
+          - {id: e, label: E, train: {epochs: 2, seed: "0"}}
+          - {id: f, label: F, train: {epochs: 2, seed: 0}, student: {drop_path: -0.0}}
+        """,
+    )
+    problems = problems_of(path, check_data=False)
+    find(problems, "row 'b'", "train.epochs", "2.0")
+    find(problems, "row 'd'", "train.seed", "False")
+    find(problems, "row 'e'", "train.seed", "'0'")
+    assert not [p for p in problems if "row 'a'" in p or "row 'c'" in p or "row 'f'" in p]
+    assert len(problems) == 3
+
+
+def test_sweep_rows_are_those_of_each_point_loaded_alone(tmp_path):
+    """Rows of a sweep share their equal sections (checked once, frozen): their configs and
+    keys are still those of the same rows loaded one sweep point at a time."""
+    grid = mini(tmp_path, ["train.seed=1,2,3"])
+    for seed in (1, 2, 3):
+        (tmp_path / str(seed)).mkdir()
+        alone = mini(tmp_path / str(seed), [f"train.seed={seed}"])
+        for row in alone.rows:
+            (variant,) = [r for r in grid.rows if r.id == f"{row.id}-seed{seed}"]
+            assert variant.key == row.key
+            mine, theirs = C.to_dict(variant.config), C.to_dict(row.config)
+            for name in ("id", "label"):
+                mine.pop(name), theirs.pop(name)
+            for section in ("teacher", "init"):
+                if isinstance(mine[section], dict) and mine[section].get("row"):
+                    assert mine[section]["row"] == f"{theirs[section]['row']}-seed{seed}"
+                    mine[section]["row"] = theirs[section]["row"]
+            assert mine == theirs
