@@ -23,6 +23,7 @@ SMALL_IMAGE_MODELS = (
     "small_cnn",
     "small_cnn_wide",
     "small_deit_distilled",
+    "small_deit_p7_distilled",
 )  # kd.models.small_image
 # The models kdgrid registers with timm itself: known whether or not timm's list (or its name
 # cache, written by another process that may not have imported them) has them.

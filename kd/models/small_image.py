@@ -5,6 +5,8 @@ BiT, so that rows name them as any timm model and a whole study trains on a lapt
     small_cnn_wide         the same, 24-192 channels (~0.7 M): the Fashion-MNIST teacher
     small_deit_distilled   a DeiT with a distillation token: 4 x 4 patches of 28 px images (7 x 7
                            tokens), width 96, depth 4, 3 heads (~0.3 M)
+    small_deit_p7_distilled  the same with 7 x 7 patches (4 x 4 tokens): a third of the compute,
+                           the Fashion-MNIST grid's DeiT-style student
 
 The CNNs' stem halves the resolution once (one 3 x 3 stride-2 convolution, no max-pool) where
 ImageNet ResNets divide it by 4: images of 28-32 px need the detail. No pretrained weights. Their names match no `--smoke` family pattern, so
@@ -81,17 +83,14 @@ def small_cnn_wide(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return _small_resnet("small_cnn_wide", (24, 48, 96, 192), pretrained, **kwargs)
 
 
-@register_model
-def small_deit_distilled(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
-    """A DeiT-style student with a distillation token for 28 px images."""
-    name = "small_deit_distilled"
+def _small_deit(name: str, patch_size: int, pretrained: bool, **kwargs: Any):
     _no_weights(name, pretrained)
     kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _cfg(
         name, "patch_embed.proj", ("head", "head_dist")
     )
     args = dict(
         img_size=28,
-        patch_size=4,
+        patch_size=patch_size,
         embed_dim=96,
         depth=4,
         num_heads=3,
@@ -105,3 +104,15 @@ def small_deit_distilled(pretrained: bool = False, **kwargs: Any) -> VisionTrans
         feature_cfg=dict(out_indices=3, feature_cls="getter"),
         **{**args, **kwargs},
     )
+
+
+@register_model
+def small_deit_distilled(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
+    """A DeiT-style student with a distillation token for 28 px images, 4 x 4 patches."""
+    return _small_deit("small_deit_distilled", 4, pretrained, **kwargs)
+
+
+@register_model
+def small_deit_p7_distilled(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
+    """The same with 7 x 7 patches: 16 tokens instead of 49, a third of the compute."""
+    return _small_deit("small_deit_p7_distilled", 7, pretrained, **kwargs)

@@ -71,7 +71,12 @@ def test_a_generated_copy_and_a_damaged_one(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "distilled"),
-    [("small_cnn", False), ("small_cnn_wide", False), ("small_deit_distilled", True)],
+    [
+        ("small_cnn", False),
+        ("small_cnn_wide", False),
+        ("small_deit_distilled", True),
+        ("small_deit_p7_distilled", True),
+    ],
 )
 def test_small_models_are_timm_models_for_28px_images(name, distilled):
     from kd.models import build_model, check_model_name, is_distilled, smoke_model_name
