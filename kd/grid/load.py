@@ -4,8 +4,9 @@ lists every problem at once)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,25 @@ GRID_KEYS = {
 }
 
 
+def _gc_paused(function: Callable[..., Grid]) -> Callable[..., Grid]:
+    """Python's cyclic garbage collector paused while `function` runs: a large grid's rows are
+    hundreds of thousands of new objects that live on, which it would otherwise walk again and
+    again (~15 % of a 10,000-row grid's time); the trees made here hold no cycles to collect."""
+
+    @functools.wraps(function)
+    def paused(*args: Any, **kwargs: Any) -> Grid:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def load_grid(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -51,37 +71,6 @@ def load_grid(
     seeds: int | None = None,
 ) -> Grid:
     """Load, expand and validate a grid file. Raises `GridError` listing every problem.
-
-    Python's cyclic garbage collector is paused meanwhile: a large grid's rows are hundreds
-    of thousands of new objects that live on, which it would otherwise walk again and again
-    (~15 % of a 10,000-row grid's time); the trees made here hold no cycles to collect.
-    """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _load_grid(
-            path,
-            overrides,
-            smoke=smoke,
-            check_data=check_data,
-            check_models=check_models,
-            seeds=seeds,
-        )
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _load_grid(
-    path: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    smoke: bool = False,
-    check_data: bool = True,
-    check_models: bool = True,
-    seeds: int | None = None,
-) -> Grid:
-    """`load_grid` itself.
 
     With `smoke`, the full-size rows are validated (model names, KD terms, references) and
     then shrunk by `kd.smoke.smoke_row`; dataset roots and checkpoint files are not checked.
