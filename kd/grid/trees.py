@@ -198,10 +198,12 @@ def _lookup(tree: Any, path: Sequence[Any]) -> tuple[bool, Any]:
 def _put(tree: Any, path: Sequence[Any], value: Any) -> None:
     """Set `path` in a tree of dicts and lists (created as dicts where missing)."""
     for key, next_key in zip(path[:-1], path[1:], strict=True):
-        if isinstance(tree, list):
-            tree = tree[key]
-            continue
-        if key not in tree:
+        if isinstance(tree, list):  # a list made here is filled up to the index (a list of lists)
+            while len(tree) <= key:
+                tree.append(None)
+            if tree[key] is None:
+                tree[key] = [] if isinstance(next_key, int) else {}
+        elif key not in tree:
             tree[key] = [] if isinstance(next_key, int) else {}
         tree = tree[key]
     if isinstance(tree, list):

@@ -1004,3 +1004,12 @@ def test_sweep_rows_are_those_of_each_point_loaded_alone(tmp_path):
                     assert mine[section]["row"] == f"{theirs[section]['row']}-seed{seed}"
                     mine[section]["row"] = theirs[section]["row"]
             assert mine == theirs
+
+
+def test_an_interpolation_in_a_list_of_lists_is_a_problem_not_a_traceback(tmp_path: Path):
+    """Found by tests/unit/test_row_yaml.py's fuzzing: `${...}` inside a list inside a list
+    raised IndexError from the interpolation's tree builder (a traceback, exit 1)."""
+    row = "{id: ft, label: F, init: {row: student}}"
+    bad = "{id: ft, label: F, init: {row: student}, student: [[a, '${oc.env:KDGRID_TEST_UNSET}']]}"
+    problems = problems_of(write(tmp_path, MINI.replace(row, bad)), check_data=False)
+    find(problems, "row 'ft'", "student[0][1]", "KDGRID_TEST_UNSET")
