@@ -141,23 +141,33 @@ def wait_first_attempt_ended(job: str, timeout: float = 120) -> str:
 
 
 def half_written_state(row_dir: Path) -> list[str]:
-    """What a reader of the row folder would trip on: a checkpoint that does not load, or
-    state.json naming an epoch that state.pt does not hold."""
+    """What a resume would trip on: a checkpoint that does not load, or a state.json that is
+    not the epoch of state.pt or the one before. state.pt is an epoch's commit point, written
+    first (kd.train.state.save_epoch): a kill after it and before state.json leaves state.json
+    one epoch behind, which the resume repairs (`repair_epoch_files`)."""
+    problems = []
+    committed = committed_epoch(row_dir, problems)
+    for name in ("best.pt", "last.pt"):
+        _load(row_dir / name, problems)
+    if committed is not None and saved_epoch(row_dir) not in (committed, committed - 1):
+        problems.append(f"state.json says epoch {saved_epoch(row_dir)}, state.pt {committed}")
+    return problems
+
+
+def _load(path: Path, problems: list[str]) -> dict | None:
     import torch
 
-    problems = []
-    history = None
-    for name in ("state.pt", "best.pt", "last.pt"):
-        try:
-            data = torch.load(row_dir / name, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"{name}: {exc}")
-            continue
-        if name == "state.pt":
-            history = data["history"]
-    if history is not None and saved_epoch(row_dir) != len(history):
-        problems.append(f"state.json says epoch {saved_epoch(row_dir)}, state.pt {len(history)}")
-    return problems
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"{path.name}: {exc}")
+        return None
+
+
+def committed_epoch(row_dir: Path, problems: list[str] | None = None) -> int | None:
+    """The last epoch state.pt holds: where a resume starts from."""
+    state = _load(row_dir / "state.pt", [] if problems is None else problems)
+    return None if state is None else len(state["history"])
 
 
 def job_logs_text(workdir: Path) -> str:
@@ -227,7 +237,7 @@ def test_task_sigkilled_mid_epoch(tmp_path: Path, epoch_data: Path, fault) -> No
     os.kill(pid, signal.SIGKILL)
     assert wait_first_attempt_ended(job) == "FAILED"
     assert half_written_state(row_dir) == []
-    killed_at = saved_epoch(row_dir)
+    killed_at = committed_epoch(row_dir)
     (run_,) = row_runs(tmp_path, "kd-test-taskkill")
 
     rerun = launch(tmp_path, "taskkill.yaml", "--rerun-failed")
@@ -287,7 +297,7 @@ def test_one_node_of_a_two_node_job_killed(
     first = wait_first_attempt_ended(job)
     assert first in ("NODE_FAIL", "FAILED"), first
     problems = half_written_state(row_dir)
-    killed_at = saved_epoch(row_dir)
+    killed_at = committed_epoch(row_dir)
     (run_,) = row_runs(tmp_path, "kd-test-nodekill")
     run("scontrol", "update", "NodeName=n2", "State=RESUME")
 
