@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd.tracking import sqlite_read
-from kd.tracking.records import CANCELLED, TAG, RunRecord, run_record
+from kd.tracking.records import CANCELLED, TAG, RunRecord, latest_by_key
 from kd.tracking.uri import sqlite_path
 
 if TYPE_CHECKING:
@@ -37,11 +37,7 @@ class SqliteRuns:
         runs = sqlite_read.search_tagged(self.db, self.experiment, f"{TAG}.key", None)
         if runs is None:
             return None
-        latest: dict[str, RunRecord] = {}
-        for run in runs:
-            record = run_record(run)
-            latest.setdefault(record.key, record)
-        return latest
+        return latest_by_key(runs)
 
     def cancel_run(self, run_id: str, reason: str) -> bool | None:
         """Close the run KILLED with the cancel tag, unless it finished meanwhile (False)."""

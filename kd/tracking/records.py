@@ -6,7 +6,7 @@ status read an MLflow run as a `RunRecord`. No mlflow here: the planner imports 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +80,12 @@ class LeanRun:
 
     info: LeanInfo
     data: LeanData
+
+
+def latest_by_key(runs: Iterable[Any]) -> dict[str, RunRecord]:
+    """Content key -> the first run of that key in `runs` (MLflow runs, newest first)."""
+    latest: dict[str, RunRecord] = {}
+    for run in runs:
+        record = run_record(run)
+        latest.setdefault(record.key, record)
+    return latest

@@ -26,7 +26,7 @@ from kd.tracking.metadata import (
     row_tags,
     row_yaml,
 )
-from kd.tracking.records import CANCELLED, JOB_TAGS, TAG, RunRecord, run_record
+from kd.tracking.records import CANCELLED, JOB_TAGS, TAG, RunRecord, latest_by_key, run_record
 from kd.tracking.uri import is_server_uri, sqlite_path
 
 if TYPE_CHECKING:
@@ -137,10 +137,8 @@ class Tracker:
         return [run_record(run) for run in self.search_tagged(experiment_id, f"{TAG}.key")]
 
     def latest_by_key(self, experiment_id: str) -> dict[str, RunRecord]:
-        latest: dict[str, RunRecord] = {}
-        for record in self.row_runs(experiment_id):
-            latest.setdefault(record.key, record)
-        return latest
+        """Content key -> the newest row run of that key."""
+        return latest_by_key(self.search_tagged(experiment_id, f"{TAG}.key"))
 
     def create_row_run(
         self, experiment_id: str, row: Row, *, executor: str, parent_run_id: str | None = None
