@@ -5,7 +5,8 @@ in MLflow, and reading its status back.
 SQLite store, then times (wall and CPU seconds of this process; the machine is shared)
 
 - `validate_s`: `kd.grid.load_grid`, as `launch/grid.py` loads a grid to launch it;
-- `record_s`: `Tracker.create_row_runs`, the launch's runs with their tags, params and row.yaml
+- `record_s`: `Tracker.create_row_runs`, the launch's runs with their tags (a job logs its params
+  and row.yaml when it starts)
   (after the experiment and the launch run, timed apart as `experiment_s`), and `job_tags_s`:
   `Tracker.set_tags_many` of a job id per run, as the launcher tags them after sbatch;
 - `status_load_s`: the grid as `launch/status.py` loads it (no data or model checks),
@@ -72,7 +73,6 @@ def record_benchmark(
         tracker = Tracker(uri)
         with _timed(result, "store_init_s"):
             tracker.client.search_experiments(max_results=1)  # schema, once per store
-        import kd.losses  # noqa: F401  (torch: imported by the first row's params, not timed)
 
         log(f"validating a {rows}-row grid ({path})")
         with _timed(result, "validate_s"):
@@ -114,7 +114,7 @@ def format_record(r: dict[str, Any]) -> str:
         [
             f"{r['rows']} rows, tracking {r['tracking_uri']}, load {r['load_avg_1m']}",
             line("validate", "validate_s", "load_grid, as launch/grid.py loads it"),
-            line("record", "record_s", "Tracker.create_row_runs: runs, tags, params, row.yaml"),
+            line("record", "record_s", "Tracker.create_row_runs: runs and tags"),
             line("  experiment", "experiment_s", "the experiment and the launch run"),
             line("  job ids", "job_tags_s", "Tracker.set_tags_many: a job id per run"),
             f"  validate + record + job ids {r['validate_s'] + r['record_s'] + r['job_tags_s']:8.2f} s",

@@ -5,8 +5,8 @@ importing it stays light).
     records    the tag names rows are found by, and `RunRecord`
     redaction  secrets kept out of params, tags and artifacts
     metadata   what a row's run records: tags, flat params, row.yaml
-    yaml_text  row.yaml's text for many rows: each entry dumped once per distinct value
-    tracker    the launcher's side: experiments, row runs created before the rows start
+    tracker    the launcher's side: experiments, row runs (with their tags) created before
+               the rows start; each job logs its params and row.yaml when it starts
     bulk       many runs at once straight through MLflow's SQL tables
     row_run    a job's side: retried calls, buffered metrics, the final status
     grid_runs  a whole grid's latest runs, and its table run

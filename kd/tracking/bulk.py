@@ -12,12 +12,11 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from kd.tracking.metadata import row_params, row_tags, row_yaml
+from kd.tracking.metadata import row_tags
 from kd.tracking.records import LeanData, LeanInfo, LeanRun
-from kd.tracking.redaction import secret_values
 
 if TYPE_CHECKING:
     from kd.grid import Row
@@ -102,16 +101,16 @@ def insert_row_runs(
     rows: list[Row],
     executor: str,
     parent_run_id: str | None,
-) -> tuple[dict[str, str], dict[str, str]]:
-    """The SCHEDULED runs with their tags and params, in one transaction, through MLflow's
-    own tables and validation (what `SqlAlchemyStore.create_run` and `log_batch` write).
-    Returns row id -> run id, and run id -> the text of its row.yaml."""
+) -> dict[str, str]:
+    """The SCHEDULED runs with their tags, in one transaction, through MLflow's own tables
+    and validation (what `SqlAlchemyStore.create_run` writes). Returns row id -> run id. (The
+    params and row.yaml are the job's to write when it starts: `RowRun.log_row`.)"""
     try:
         from mlflow.entities import LifecycleStage, SourceType
-        from mlflow.store.tracking.dbmodels.models import SqlParam, SqlRun, SqlTag
+        from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
         from mlflow.utils.uri import append_to_uri_path
-        from mlflow.utils.validation import _validate_param, _validate_tag
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag  # noqa: F401
         from sqlalchemy import insert
     except ImportError as exc:
         raise BulkUnsupported(exc) from None
@@ -119,16 +118,11 @@ def insert_row_runs(
     if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
         raise ValueError(f"experiment {experiment_id} is {experiment.lifecycle_stage}")
     now = int(time.time() * 1000)
-    validate_tag = functools.lru_cache(maxsize=None)(_validate_tag)  # rows share most values
-    validate_param = functools.lru_cache(maxsize=None)(_validate_param)
-    secrets = secret_values()
+    validate_tag = _tag_validator(_validate_tag)
     runs: list[tuple] = []  # RUN_COLUMNS
     tags: list[tuple] = []  # (key, value, run_uuid)
-    params: list[tuple] = []  # (key, value, run_uuid)
     source_type = SourceType.to_string(SourceType.UNKNOWN)
     run_ids: dict[str, str] = {}
-    yamls: dict[str, str] = {}
-    yaml_cache: dict = {}  # row.yaml's entries, made once per distinct value
     # random ids as ever, given out in ascending order: each index then grows at its end
     # instead of at a random page (10,000 rows: ~3x less time in SQLite)
     new_ids = sorted(uuid.uuid4().hex for _ in rows)
@@ -157,22 +151,34 @@ def insert_row_runs(
         for key, value in run_tags.items():
             tag = validate_tag(key, value)
             tags.append((tag.key, tag.value, run_id))
-        data = row.to_dict()
-        yamls[run_id] = row_yaml(row, data=data, secrets=secrets, cache=yaml_cache)
-        for key, value in row_params(row, tree=data["config"], secrets=secrets).items():
-            param = validate_param(key, value)
-            params.append((param.key, param.value, run_id))
     try:
         with store.ManagedSessionMaker(read_only=False) as session:
             for table, columns, records in (
                 (SqlRun, RUN_COLUMNS, runs),
                 (SqlTag, ("key", "value", "run_uuid"), tags),
-                (SqlParam, ("key", "value", "run_uuid"), params),
             ):
                 _insert_many(session, table.__table__, columns, records, insert)
     except Exception as exc:  # e.g. MLflow's tables changed; the transaction was rolled back
         raise BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    return run_ids, yamls
+    return run_ids
+
+
+def _tag_validator(validate: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
+    """MLflow's `_validate_tag` (the key's name and length checked; a value over MLflow's limit
+    truncated), with each key checked once: 10,000 rows give ~190,000 tags under ~20 keys, and
+    the key checks were ~1 s of a 10,000-row launch. A value is passed to MLflow's check only
+    when it is too long, which truncates it as MLflow does."""
+    from mlflow.entities import RunTag
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    checked = functools.lru_cache(maxsize=None)(lambda key: validate(key, "").key)
+
+    def validate_tag(key: str, value: str) -> Any:
+        if len(value) > MAX_TAG_VAL_LENGTH:
+            return validate(key, value)
+        return RunTag(checked(key), value)
+
+    return validate_tag
 
 
 # the columns of MLflow's `runs` table that `SqlAlchemyStore.create_run` sets, in this order
@@ -232,14 +238,15 @@ def replace_tags(store: Any, tags_by_run: Mapping[str, Mapping[str, str]]) -> No
     """Set the tags of many runs in one transaction (a tag already there is replaced)."""
     try:
         from mlflow.store.tracking.dbmodels.models import SqlTag
-        from mlflow.utils.validation import _validate_tag
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag  # noqa: F401
         from sqlalchemy import delete, insert
     except ImportError as exc:
         raise BulkUnsupported(exc) from None
+    validate_tag = _tag_validator(_validate_tag)
     new = [
         {"key": tag.key, "value": tag.value, "run_uuid": run_id}
         for run_id, tags in tags_by_run.items()
-        for tag in (_validate_tag(k, v) for k, v in tags.items())
+        for tag in (validate_tag(k, v) for k, v in tags.items())
     ]
     keys = {t["key"] for t in new}
     with store.ManagedSessionMaker(read_only=False) as session:

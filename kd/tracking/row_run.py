@@ -14,10 +14,15 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kd.rowfiles import ROW_YAML
+from kd.tracking.metadata import row_params, row_yaml
 from kd.tracking.records import CANCELLED, TAG
 from kd.tracking.uri import is_server_uri
+
+if TYPE_CHECKING:
+    from kd.grid import Row
 
 SYSTEM_METRICS_INTERVAL_S = 10
 
@@ -252,6 +257,20 @@ class RowRun:
         diff = running_code().diff
         if diff:
             self._retry(self.client.log_text, self.run_id, diff, f"code/{DIFF}")
+
+    def log_row(self, row: Row) -> None:
+        """The row's resolved config as flat params and as `row.yaml`, written by the job when
+        it starts: the launch records only the run and its tags (a 10,000-row launch would
+        otherwise write a million params before its first sbatch). A resumed run keeps the
+        params it has (MLflow does not let a param change; only placement fields such as
+        `resources` can differ under the same content key); row.yaml is this start's row."""
+        from mlflow.entities import Param
+
+        have = self._retry(self.client.get_run, self.run_id).data.params
+        params = [Param(k, v) for k, v in row_params(row).items() if k not in have]
+        for start in range(0, len(params), 100):
+            self._retry(self.client.log_batch, self.run_id, params=params[start : start + 100])
+        self._retry(self.client.log_text, self.run_id, row_yaml(row), ROW_YAML)
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Send the queued metrics (waiting for the store), then the reason and the status."""

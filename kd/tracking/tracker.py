@@ -17,14 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kd.rowfiles import ROW_YAML
 from kd.tracking import bulk
 from kd.tracking.metadata import (
     code_tags,
     launcher_identity,
-    row_params,
     row_tags,
-    row_yaml,
 )
 from kd.tracking.records import CANCELLED, JOB_TAGS, TAG, RunRecord, latest_by_key, run_record
 from kd.tracking.uri import is_server_uri, sqlite_path
@@ -143,37 +140,14 @@ class Tracker:
     def create_row_run(
         self, experiment_id: str, row: Row, *, executor: str, parent_run_id: str | None = None
     ) -> str:
-        """A SCHEDULED run with the row's tags, params and resolved config, before it starts.
-
-        Four requests to a tracking server: the run with its tags, its params, row.yaml, the
-        status (MLflow's `log_text` and `update_run` would each fetch the whole run first).
-        """
-        from mlflow.entities import Param
-
+        """A SCHEDULED run with the row's tags, before it starts: two requests to a tracking
+        server (the run with its tags, then the status; MLflow's `update_run` would fetch the
+        whole run first). The job logs the row's params and row.yaml when it starts
+        (`RowRun.log_row`): a 10,000-row launch does not write a million params."""
         tags = row_tags(row, executor, parent_run_id)
         run = self.client.create_run(experiment_id, run_name=row.run_name, tags=tags)
-        run_id = run.info.run_id
-        params = [Param(k, v) for k, v in row_params(row).items()]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[start : start + 100])
-        self._log_text(run.info.artifact_uri, row_yaml(row), ROW_YAML)
-        self._set_status(run_id, "SCHEDULED", run.info.end_time)
-        return run_id
-
-    def _log_text(self, artifact_uri: str, text: str, name: str) -> None:
-        """`client.log_text` into a run whose artifact URI is known: MLflow's client first
-        fetches the whole run (a `get_run` request) only to read that URI."""
-        import tempfile
-
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-        from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
-
-        uri = add_databricks_profile_info_to_artifact_uri(artifact_uri, self.uri)
-        repo = get_artifact_repository(uri, tracking_uri=self.uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(text, encoding="utf-8")
-            repo.log_artifact(str(path))
+        self._set_status(run.info.run_id, "SCHEDULED", run.info.end_time)
+        return run.info.run_id
 
     def _set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         """`client.update_run(run_id, status=...)` for a run whose end time is known: MLflow's
@@ -192,26 +166,20 @@ class Tracker:
         executor: str,
         parent_run_id: str | None = None,
     ) -> dict[str, str]:
-        """`create_row_run` for many rows at once: row id -> run id, the same runs, tags,
-        params and row.yaml.
+        """`create_row_run` for many rows at once: row id -> run id, the same runs and tags.
 
-        One by one, a run costs five store calls (create, params, row.yaml, status, and the job
-        id tag later), about 50 ms each against SQLite: a 1000-row grid took 50 s to launch. On
-        a database store (SQLite, PostgreSQL, MySQL) every run, tag and param is inserted in
-        one transaction instead; a tracking server gets the per-row calls from a thread pool.
+        One by one, a run costs three store calls (create, status, and the job id tag later),
+        about 50 ms each against SQLite. On a database store (SQLite, PostgreSQL, MySQL) every
+        run and tag is inserted in one transaction instead; a tracking server gets the per-row
+        calls from a thread pool.
         """
         rows = list(rows)
         store = self._sql_store()
         if store is not None and len(rows) > 1:
             try:
-                run_ids, yamls = bulk.insert_row_runs(
-                    store, experiment_id, rows, executor, parent_run_id
-                )
+                return bulk.insert_row_runs(store, experiment_id, rows, executor, parent_run_id)
             except bulk.BulkUnsupported as exc:  # nothing was written: one by one, as before
                 print(f"kd.tracking: bulk run creation unavailable ({exc}); one run at a time")
-            else:
-                self._log_row_yamls(store, experiment_id, yamls)
-                return run_ids
         workers = 1 if store is not None else min(BULK_THREADS, max(len(rows), 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {
@@ -237,42 +205,6 @@ class Tracker:
         except Exception:
             return None
         return store if isinstance(store, SqlAlchemyStore) else None
-
-    def _log_row_yamls(self, store: Any, experiment_id: str, yamls: Mapping[str, str]) -> None:
-        """Each run's row.yaml: written straight into its folder under a local artifact root
-        (what MLflow's local repository does, without a temporary copy); uploaded in parallel
-        through MLflow's artifact repository otherwise."""
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
-
-        from mlflow.utils.uri import append_to_uri_path
-
-        location = store.get_experiment(experiment_id).artifact_location
-        parsed = urlparse(location)
-        if parsed.scheme in ("", "file"):
-            root = Path(url2pathname(parsed.path) if parsed.scheme else location)
-            root.mkdir(parents=True, exist_ok=True)
-            for run_id, text in yamls.items():
-                folder = root / run_id / "artifacts"
-                try:  # two mkdir calls where `parents=True` makes three and an exception
-                    folder.parent.mkdir()
-                    folder.mkdir()
-                except FileExistsError:
-                    folder.mkdir(parents=True, exist_ok=True)
-                (folder / ROW_YAML).write_text(text)
-            return
-        with ThreadPoolExecutor(BULK_THREADS) as pool:
-            uploads = [
-                pool.submit(
-                    self._log_text,
-                    append_to_uri_path(location, run_id, "artifacts"),
-                    text,
-                    ROW_YAML,
-                )
-                for run_id, text in yamls.items()
-            ]
-            for future in uploads:
-                future.result()
 
     def set_tags_many(self, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
         """`set_tags` for many runs: one transaction on a database store, else in parallel."""

@@ -104,6 +104,7 @@ def start_row_run(
                 },
                 system_metrics=True,
             )
+            mlrun.log_row(row)
             mlrun.log_code_diff()
             cancelled = mlrun.cancelled()
         if cancelled:

@@ -174,11 +174,10 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
     experiment = tracker.ensure_experiment(grid.experiment)
     job_tags = {f"{TAG}.job_id": "7_1", f"{TAG}.pid": "123", f"{TAG}.note": "a b"}
 
-    # what the launcher sent before: MLflow's own calls, one set_tag per key
+    # what the launcher would send with MLflow's own calls, one set_tag per key (the params
+    # and row.yaml are the job's, when it starts)
     tags = row_tags(row, "slurm", None)
     old = client.create_run(experiment, run_name=row.run_name, tags=tags).info.run_id
-    client.log_batch(old, params=[Param(k, v) for k, v in row_params(row).items()])
-    client.log_text(old, row_yaml(row), "row.yaml")
     client.update_run(old, status="SCHEDULED")
     for key, value in job_tags.items():
         client.set_tag(old, key, value)
@@ -188,11 +187,9 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
         folder, lambda: made.append(tracker.create_row_run(experiment, row, executor="slurm"))
     )
     new = made[0]
-    assert sent == [  # no get_run before row.yaml and before the status
+    assert sent == [  # no get_run before the status
         "POST /api/2.0/mlflow/runs/create",
-        "POST /api/2.0/mlflow/runs/log-batch",
         "POST /api/2.0/mlflow/runs/update",
-        "PUT /api/2.0/mlflow-artifacts/artifacts/...",
     ]
     assert _requests_during(folder, lambda: tracker.set_tags(new, job_tags)) == [
         "POST /api/2.0/mlflow/runs/log-batch"
@@ -211,6 +208,14 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
         a.info.user_id,
     )
     assert b.data.tags == a.data.tags and b.data.tags[f"{TAG}.job_id"] == "7_2"
+    assert b.data.params == a.data.params == {}
+    # the job, when it starts: every param in one batch, row.yaml as an artifact
+    client.log_batch(old, params=[Param(k, v) for k, v in row_params(row).items()])
+    client.log_text(old, row_yaml(row), "row.yaml")
+    sent = _requests_during(folder, lambda: RowRun(uri, new).log_row(row))
+    assert sent.count("POST /api/2.0/mlflow/runs/log-batch") == 1
+    assert sent.count("PUT /api/2.0/mlflow-artifacts/artifacts/...") == 1
+    a, b = client.get_run(old), client.get_run(new)
     assert b.data.params == a.data.params and b.data.params["key"] == row.key
     for run_id in (old, new):
         assert [f.path for f in client.list_artifacts(run_id)] == ["row.yaml"]

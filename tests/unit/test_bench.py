@@ -262,7 +262,7 @@ def launch_grid(tmp_path_factory):
 
 
 def test_bulk_runs_equal_runs_created_one_by_one(launch_grid, empty_store) -> None:
-    from kd.tracking import TAG, Tracker, row_yaml
+    from kd.tracking import TAG, RowRun, Tracker, row_params, row_yaml
 
     folder, grid = launch_grid
     tracker = Tracker(fresh_store(empty_store, folder / "bulk.db"))
@@ -295,13 +295,28 @@ def test_bulk_runs_equal_runs_created_one_by_one(launch_grid, empty_store) -> No
                 assert b.data.tags[key] == a.data.tags[key], key
         assert b.data.tags[f"{TAG}.key"] == row.key and b.data.tags[f"{TAG}.job_id"] == "8_2"
         assert b.data.tags[f"{TAG}.output_dir"] == str(row.output_dir.resolve())
-        assert set(b.data.params) == set(a.data.params)
-        assert b.data.params["key"] == row.key
-        assert [f.path for f in tracker.client.list_artifacts(b.info.run_id)] == ["row.yaml"]
-        text = Path(tracker.client.download_artifacts(b.info.run_id, "row.yaml", str(folder)))
-        assert f"id: {row.id}" in text.read_text()
-        assert text.read_text() == row_yaml(row)  # byte for byte what one dump per row writes
-    assert [f.path for f in tracker.client.list_artifacts(one)] == ["row.yaml"]
+        # params and row.yaml are the job's to write when it starts, either way
+        assert b.data.params == a.data.params == {}
+        assert tracker.client.list_artifacts(b.info.run_id) == []
+    assert tracker.client.list_artifacts(one) == []
+    # what a job writes when it starts, into a bulk-made run: every param, row.yaml
+    row, run_id = grid.rows[1], many[grid.rows[1].id]
+    RowRun(tracker.uri, run_id).log_row(row)
+    run = tracker.client.get_run(run_id)
+    assert run.data.params == row_params(row) and run.data.params["key"] == row.key
+    assert [f.path for f in tracker.client.list_artifacts(run_id)] == ["row.yaml"]
+    text = Path(tracker.client.download_artifacts(run_id, "row.yaml", str(folder)))
+    assert text.read_text() == row_yaml(row)
+    # a resume under the same key with another placement keeps the params MLflow has (a param
+    # cannot change) and writes this start's row.yaml
+    data = row.to_dict()
+    data["config"]["resources"]["time_min"] += 7
+    moved = type(row).from_dict(data)
+    assert moved.key == row.key
+    RowRun(tracker.uri, run_id).log_row(moved)
+    assert tracker.client.get_run(run_id).data.params == row_params(row)
+    text = Path(tracker.client.download_artifacts(run_id, "row.yaml", str(folder / "again")))
+    assert text.read_text() == row_yaml(moved) != row_yaml(row)
     # the launcher finds them again
     latest = tracker.latest_by_key(experiment)
     assert {latest[row.key].run_id for row in grid.rows[1:]} == set(many.values())
@@ -467,3 +482,33 @@ def test_local_reports_process_start_to_first_step(cli, capsys, tmp_path: Path) 
     positive(r, "startup_s", "startup_fresh_s", "fork_server_rows_wall_s", "fresh_rows_wall_s")
     if hasattr(os, "fork"):
         positive(r, "warmup_s")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("a", "b"),
+        ("kdgrid.x", "y" * 9000),
+        ("mlflow.runName", ""),
+        ("a/b", "c"),
+        ("../x", "v"),
+        ("a" * 300, "v"),
+        ("", "v"),
+        ("a\\b", "v"),
+    ],
+)
+def test_bulk_tag_check_is_mlflows(key, value) -> None:
+    """The bulk insert checks each tag key once: it accepts, refuses and truncates as MLflow's
+    own `_validate_tag` does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_tag
+
+    from kd.tracking.bulk import _tag_validator
+
+    outcomes = []
+    for check in (_tag_validator(_validate_tag), _validate_tag):
+        try:
+            outcomes.append(check(key, value))
+        except MlflowException as exc:
+            outcomes.append(type(exc))
+    assert outcomes[0] == outcomes[1]
