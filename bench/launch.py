@@ -6,8 +6,8 @@ tiny rows that never run: every job is held back with `--begin=now+1hour`), then
 - `validate_s`: `kd.grid.load_grid` (expand, validate, content keys, dataset check);
 - `submit_s`: `slurm.launcher.launch`, the real path of `launch/grid.py --executor slurm`,
   split into `mlflow_s` (every `kd.tracking.Tracker` call: the experiment, one run per row with
-  its tags, params and row.yaml, the job id tags), `sbatch_s` (`slurm.submit.submit_rows`:
-  submitit's pickles and the sbatch calls), `sinfo_s` and the rest (`other_s`);
+  its tags, the job id tags), `sbatch_s` (`slurm.submit.submit_rows`:
+  one pickle per job array and the sbatch calls), `sinfo_s` and the rest (`other_s`);
 - `status_s`: `slurm.status.grid_status`, what `launch/status.py` prints (one MLflow search,
   one sacct call, one squeue call);
 
@@ -293,7 +293,7 @@ def format_launch(r: dict[str, Any]) -> str:
         f"  validate      {r['validate_s']:8.2f} s   (expand + validate + keys: load_grid)",
         f"  submit        {r['submit_s']:8.2f} s   (launch --executor slurm)",
         f"    MLflow      {r['mlflow_s']:8.2f} s   (experiment, {r['rows']} runs, job id tags)",
-        f"    sbatch      {r['sbatch_s']:8.2f} s   (submitit pickles + sbatch)",
+        f"    sbatch      {r['sbatch_s']:8.2f} s   (one pickle per array + sbatch)",
         f"    sinfo       {r['sinfo_s']:8.2f} s",
         f"    limits      {r.get('limits_s', 0.0):8.2f} s   (scontrol, sacctmgr, squeue)",
         f"    other       {r['other_s']:8.2f} s   (plan, smoke data, launch record)",

@@ -1,8 +1,9 @@
 """The row job: what runs on a node (or in a local process) for one row.
 
 `python -m slurm.job ROW_JSON --run-id ID --tracking-uri URI` trains the row described by the
-JSON file the launcher wrote. The same entry point serves the local executor and SLURM jobs,
-so a row travels the same way wherever it runs.
+JSON file the local executor wrote; a SLURM job (`RowJob`, run by submitit) gets the same row
+as a dict in its pickle. Both end in `kd.train.run`, so a row trains the same way wherever it
+runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from kd.grid import Row
 from kd.rowfiles import ROW_JSON
@@ -30,6 +32,13 @@ def write_row_file(row: Row) -> Path:
 
 def read_row_file(path: str | Path) -> Row:
     return Row.from_dict(json.loads(Path(path).read_text()))
+
+
+def job_row(row: str | dict[str, Any]) -> Row:
+    """The row a SLURM job trains: carried in its submitit pickle as `Row.to_dict()` (one
+    file per task, not a pickle and a row.json), or, in jobs queued by earlier versions, the
+    path of its row.json."""
+    return Row.from_dict(row) if isinstance(row, dict) else read_row_file(row)
 
 
 def _threads_from_allocation() -> None:
@@ -55,7 +64,9 @@ class RowJob:
     task exports torch.distributed's environment and Accelerate trains across all of them.
     """
 
-    def __call__(self, row_file: str, run_id: str, tracking_uri: str) -> dict[str, float]:
+    def __call__(
+        self, row_data: str | dict[str, Any], run_id: str, tracking_uri: str
+    ) -> dict[str, float]:
         import submitit
 
         from kd.tracking import TAG, RowRun
@@ -65,7 +76,7 @@ class RowJob:
         _threads_from_allocation()
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        row = read_row_file(row_file)
+        row = job_row(row_data)
         if env.global_rank == 0:
             RowRun(tracking_uri, run_id).set_tag(f"{TAG}.job_id", str(env.job_id))
         try:
@@ -84,6 +95,33 @@ class RowJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(RowJob(), *args, **kwargs)
+
+
+class ArrayRowJob:
+    """A job array's rows in one pickle: task i trains `rows[i]` into `run_ids[i]`.
+
+    submitit writes one pickle per array task; for a 10,000-row grid that was 10,000 files,
+    seconds of a launch. The launcher writes this object once per array and links each task's
+    pickle to it (slurm/submit.py). A requeue (USR2) gives the task a pickle of its own, a
+    plain `RowJob` of its row: submitit replaces the link with that file, the others keep
+    theirs."""
+
+    def __init__(self, rows: list[dict[str, Any]], run_ids: list[str], tracking_uri: str):
+        self.rows, self.run_ids, self.tracking_uri = rows, run_ids, tracking_uri
+
+    def _task(self) -> tuple[dict[str, Any], str]:
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        return self.rows[index], self.run_ids[index]
+
+    def __call__(self) -> dict[str, float]:
+        row, run_id = self._task()
+        return RowJob()(row, run_id, self.tracking_uri)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        row, run_id = self._task()
+        return submitit.helpers.DelayedSubmission(RowJob(), row, run_id, self.tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,19 +282,61 @@ def _submit_array(
     """One sbatch call: the rows of `group` (one set of parameters) as one job array."""
     import submitit
 
-    from slurm.job import RowJob, write_row_file
+    from slurm.job import ArrayRowJob, RowJob
 
     params = dict(frozen)
     params["additional_parameters"] = dict(params["additional_parameters"])
-    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=20)
+    # one folder per sbatch call (an array's tasks share it), not one per task
+    executor = submitit.SlurmExecutor(folder=folder / "%A", max_num_timeout=20)
     executor.update_parameters(**params)
-    row_files = [str(write_row_file(row).resolve()) for row in group]
-    with executor.batch():
-        jobs = [
-            executor.submit(RowJob(), row_file, run_ids[row.id], tracking_uri)
-            for row, row_file in zip(group, row_files, strict=True)
-        ]
-    return {row.id: str(job.job_id) for row, job in zip(group, jobs, strict=True)}
+    shared: dict = {}  # the rows' common sections made into dicts once (pickled once, too)
+    rows = [row.to_dict(shared) for row in group]
+    if len(group) == 1:
+        job = executor.submit(RowJob(), rows[0], run_ids[group[0].id], tracking_uri)
+        return {group[0].id: str(job.job_id)}
+    task = ArrayRowJob(rows, [run_ids[row.id] for row in group], tracking_uri)
+    job_ids = submit_shared_pickle_array(executor, task, len(group))
+    return {row.id: job for row, job in zip(group, job_ids, strict=True)}
+
+
+def submit_shared_pickle_array(executor: Any, task: Any, count: int) -> list[str]:
+    """`count` tasks as one job array whose tasks share one pickle of `task` (each task's
+    pickle is a link to it): what submitit's `batch()` does, without a pickle, a folder and
+    a rename per task (~0.5 ms each: seconds for 10,000 rows). It uses submitit's own array
+    submission (its `map_count` sbatch lines, its `_submit_command`), so the job script, the
+    logs and the node side are submitit's; a task starting before its link exists waits for
+    it, as with submitit's own arrays (it waits up to 60 s for its pickle)."""
+    import uuid
+
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    root = JobPaths.get_first_id_independent_folder(executor.folder)
+    root.mkdir(parents=True, exist_ok=True)
+    delayed = DelayedSubmission(task)
+    delayed.set_timeout(executor.parameters.get("time", 5), executor.max_num_timeout)
+    pending = root / f"{uuid.uuid4().hex}.pkl"
+    delayed.dump(pending)
+    executor.parameters["map_count"] = count  # submitit's array: --array=0-(count-1)%parallelism
+    try:
+        first = executor._submit_command(executor._submitit_command_str)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    finally:
+        del executor.parameters["map_count"]
+    return link_array_tasks(pending, first.paths.folder, str(first.job_id), count)
+
+
+def link_array_tasks(pending: Path, home: Path, array_id: str, count: int) -> list[str]:
+    """The array's pickle moved into its folder, and one link per task where submitit looks
+    for the task's pickle (`<array>_<task>_submitted.pkl`); the tasks' job ids."""
+    home.mkdir(parents=True, exist_ok=True)
+    shared = home / f"{array_id}_array_submitted.pkl"
+    pending.replace(shared)
+    job_ids = [f"{array_id}_{index}" for index in range(count)]
+    for job_id in job_ids:
+        (home / f"{job_id}_submitted.pkl").symlink_to(shared.name)
+    return job_ids
 
 
 def slurm_available() -> bool:

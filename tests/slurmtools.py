@@ -189,8 +189,9 @@ def wait_sacct_done(job_ids: Iterable[str], timeout: float = 120) -> dict[str, d
 
 
 def job_logs(workdir: Path, job_id: str) -> list[Path]:
-    """The submitit logs of a job (one per task): <output_dir>/slurm/<job>/<job>_<task>_log.out."""
-    return sorted(workdir.glob(f"**/slurm/{job_id}/{job_id}_*_log.out"))
+    """The submitit logs of a job (one per task): <output_dir>/slurm/<array job>/<job>_<task>_log.out
+    (an array's tasks share their array's folder; a lone job's folder is its own id)."""
+    return sorted(workdir.glob(f"**/slurm/{job_id.split('_')[0]}/{job_id}_*_log.out"))
 
 
 def log_tail(workdir: Path, job_id: str | None, lines: int = 30) -> str:

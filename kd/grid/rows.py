@@ -59,9 +59,10 @@ class Row:
         """This row's own folder: checkpoints, training state, logs."""
         return Path(self.config.output_dir) / self.id
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, shared: dict[int, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+        """The row as plain data (`Row.from_dict` reads it back); `shared`: see `C.to_dict`."""
         return {
-            "config": C.to_dict(self.config),
+            "config": C.to_dict(self.config, shared),
             "key": self.key,
             "depends_on": list(self.depends_on),
             "grid": self.grid,

@@ -844,7 +844,8 @@ def test_time_limit_checkpoints_requeues_and_finishes(resume: Resume, fault) -> 
     RowJob.checkpoint and requeues; each run resumes from the last epoch saved."""
     workdir, row = resume.workdir, resume.time_limited
     for attempt in range(1, 4):
-        script = workdir / "outputs" / row.grid / "slurm" / row.job / f"{row.job}_submission.sh"
+        array = row.job.split("_")[0]  # an array's tasks share its folder and script
+        script = workdir / "outputs" / row.grid / "slurm" / array / f"{array}_submission.sh"
         assert "#SBATCH --time=1\n" in script.read_text()
         assert "#SBATCH --signal=USR2@15\n" in script.read_text()
         rows = wait_for_rows(workdir, f"{row.grid}.yaml", timeout=900)
