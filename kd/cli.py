@@ -110,13 +110,17 @@ def load_checked_grid(
     args: argparse.Namespace,
     problems: list[str],
     overrides: Sequence[str] | None = None,
+    *,
+    cached: bool = False,
     **load_options: Any,
 ) -> Grid | None:
-    """The grid named on the command line, or None with its problems added to `problems`."""
+    """The grid named on the command line, or None with its problems added to `problems`.
+    `cached`: read it from the grid cache (kd/grid/cache.py) when it was loaded before."""
+    from kd.grid.cache import load_grid_cached
+
+    load = load_grid_cached if cached else load_grid
     try:
-        return load_grid(
-            args.grid, args.overrides if overrides is None else overrides, **load_options
-        )
+        return load(args.grid, args.overrides if overrides is None else overrides, **load_options)
     except GridError as exc:
         problems.extend(exc.problems)
         return None
@@ -153,9 +157,16 @@ def grid_from_args(args: argparse.Namespace, checks: dict[str, Check] | None = N
     tracking store checked, or None after every problem was printed to stderr: the command
     then exits with status 2."""
     problems = check_options(args, {"tracking_uri": text, **(checks or {})})
-    # status and table read runs: no dataset copies read, no model names checked (no timm)
+    # status and table read runs: no dataset copies read, no model names checked (no timm);
+    # a large grid loaded before is read back from the grid cache
     grid = load_checked_grid(
-        args, problems, smoke=args.smoke, check_data=False, check_models=False, seeds=args.seeds
+        args,
+        problems,
+        cached=True,
+        smoke=args.smoke,
+        check_data=False,
+        check_models=False,
+        seeds=args.seeds,
     )
     if grid is not None or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         problems.extend(store_problems(args, grid, writes=False))
