@@ -300,12 +300,14 @@ def _submit_array(
 
 
 def submit_shared_pickle_array(executor: Any, task: Any, count: int) -> list[str]:
-    """`count` tasks as one job array whose tasks share one pickle of `task` (each task's
-    pickle is a link to it): what submitit's `batch()` does, without a pickle, a folder and
-    a rename per task (~0.5 ms each: seconds for 10,000 rows). It uses submitit's own array
-    submission (its `map_count` sbatch lines, its `_submit_command`), so the job script, the
-    logs and the node side are submitit's; a task starting before its link exists waits for
-    it, as with submitit's own arrays (it waits up to 60 s for its pickle)."""
+    """`count` tasks as one job array that share one pickle of `task`: what submitit's
+    `batch()` does, without its pickle, folder and rename per task (~0.5 ms each: seconds for
+    10,000 rows). The job script is submitit's own for an array (its `map_count`, through its
+    `_submit_command`: logs, signals, requeue as before); only the command each task runs is
+    `slurm.array_task`, which links the task's pickle to the shared one on the node and then
+    runs submitit's `process_job`. The shared pickle is written before sbatch, so a task never
+    starts before it exists."""
+    import shlex
     import uuid
 
     from submitit.core.utils import DelayedSubmission, JobPaths
@@ -314,29 +316,24 @@ def submit_shared_pickle_array(executor: Any, task: Any, count: int) -> list[str
     root.mkdir(parents=True, exist_ok=True)
     delayed = DelayedSubmission(task)
     delayed.set_timeout(executor.parameters.get("time", 5), executor.max_num_timeout)
-    pending = root / f"{uuid.uuid4().hex}.pkl"
-    delayed.dump(pending)
+    shared = root / f"array_{uuid.uuid4().hex}.pkl"
+    delayed.dump(shared)
+    command = " ".join(
+        [
+            executor.python,
+            "-u -m slurm.array_task",
+            *map(shlex.quote, (str(executor.folder), str(shared))),
+        ]
+    )
     executor.parameters["map_count"] = count  # submitit's array: --array=0-(count-1)%parallelism
     try:
-        first = executor._submit_command(executor._submitit_command_str)
+        first = executor._submit_command(command)
     except BaseException:
-        pending.unlink(missing_ok=True)
+        shared.unlink(missing_ok=True)
         raise
     finally:
         del executor.parameters["map_count"]
-    return link_array_tasks(pending, first.paths.folder, str(first.job_id), count)
-
-
-def link_array_tasks(pending: Path, home: Path, array_id: str, count: int) -> list[str]:
-    """The array's pickle moved into its folder, and one link per task where submitit looks
-    for the task's pickle (`<array>_<task>_submitted.pkl`); the tasks' job ids."""
-    home.mkdir(parents=True, exist_ok=True)
-    shared = home / f"{array_id}_array_submitted.pkl"
-    pending.replace(shared)
-    job_ids = [f"{array_id}_{index}" for index in range(count)]
-    for job_id in job_ids:
-        (home / f"{job_id}_submitted.pkl").symlink_to(shared.name)
-    return job_ids
+    return [f"{first.job_id}_{index}" for index in range(count)]
 
 
 def slurm_available() -> bool:
