@@ -43,6 +43,9 @@ def prepare_database(folder: Path, backend_uri: str | None) -> None:
         db.execute("PRAGMA journal_mode=WAL")
 
 
+KDGRID_APP = "kdgrid"
+
+
 def server_env() -> dict[str, str]:
     """The server's environment: MLflow's background job execution (a job runner and eight
     huey consumers, ~240 MB each, for GenAI features kdgrid does not use) is off unless the
@@ -69,7 +72,17 @@ def server_command(
         str(port),
         "--workers",
         str(workers),
+        *(["--app-name", KDGRID_APP] if kdgrid_app_installed() else []),
     ]
+
+
+def kdgrid_app_installed() -> bool:
+    """MLflow finds `--app-name kdgrid` (kd/tracking/server_app.py: the bulk routes a launch
+    posts its runs to) through the entry point `pip install -e .` registers; without it the
+    server is MLflow's own, and a launch sends a few requests per row instead."""
+    from importlib.metadata import entry_points
+
+    return any(e.name == KDGRID_APP for e in entry_points(group="mlflow.app"))
 
 
 def wait_healthy(uri: str, timeout_s: float = 120.0) -> bool:

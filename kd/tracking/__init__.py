@@ -1,5 +1,5 @@
 """MLflow bookkeeping: the only package that imports mlflow (and only inside functions, so
-importing it stays light).
+importing it stays light; `server_app` is the server's, and imports MLflow's server at once).
 
     uri        which store a command talks to (`tracking_uri_for`), no mlflow
     records    the tag names rows are found by, and `RunRecord`
@@ -8,6 +8,8 @@ importing it stays light).
     tracker    the launcher's side: experiments, row runs (with their tags) created before
                the rows start; each job logs its params and row.yaml when it starts
     bulk       many runs at once straight through MLflow's SQL tables
+    server_app  `mlflow server --app-name kdgrid`: MLflow's server plus two bulk routes
+    server_bulk the launcher's side of those routes
     row_run    a job's side: retried calls, buffered metrics, the final status
     grid_runs  a whole grid's latest runs, and its table run
     cancel     what --cancel reads and closes (sqlite3 on a SQLite file, no MLflow import)

@@ -102,38 +102,49 @@ def insert_row_runs(
     executor: str,
     parent_run_id: str | None,
 ) -> dict[str, str]:
-    """The SCHEDULED runs with their tags, in one transaction, through MLflow's own tables
-    and validation (what `SqlAlchemyStore.create_run` writes). Returns row id -> run id. (The
+    """The rows' SCHEDULED runs with their tags, in one transaction: row id -> run id. (The
     params and row.yaml are the job's to write when it starts: `RowRun.log_row`.)"""
+    runs = [(row.run_name, row_tags(row, executor, parent_run_id)) for row in rows]
+    run_ids = insert_runs(store, experiment_id, runs)
+    return {row.id: run_id for row, run_id in zip(rows, run_ids, strict=True)}
+
+
+def insert_runs(
+    store: Any, experiment_id: str, runs: list[tuple[str, Mapping[str, str]]]
+) -> list[str]:
+    """SCHEDULED runs (name, tags) in one transaction, through MLflow's own tables and
+    validation (what `SqlAlchemyStore.create_run` writes); their ids, in order. Run by the
+    launcher on a database store, and by a kdgrid tracking server (kd/tracking/server_app.py)
+    for a launch that posts its runs."""
     try:
         from mlflow.entities import LifecycleStage, SourceType
         from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
         from mlflow.utils.uri import append_to_uri_path
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag  # noqa: F401
         from sqlalchemy import insert
     except ImportError as exc:
         raise BulkUnsupported(exc) from None
+    if not isinstance(store, SqlAlchemyStore):
+        raise BulkUnsupported(f"{type(store).__name__} is not a database store")
     experiment = store.get_experiment(experiment_id)
     if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
         raise ValueError(f"experiment {experiment_id} is {experiment.lifecycle_stage}")
     now = int(time.time() * 1000)
     validate_tag = _tag_validator(_validate_tag)
-    runs: list[tuple] = []  # RUN_COLUMNS
+    records: list[tuple] = []  # RUN_COLUMNS
     tags: list[tuple] = []  # (key, value, run_uuid)
     source_type = SourceType.to_string(SourceType.UNKNOWN)
-    run_ids: dict[str, str] = {}
     # random ids as ever, given out in ascending order: each index then grows at its end
     # instead of at a random page (10,000 rows: ~3x less time in SQLite)
-    new_ids = sorted(uuid.uuid4().hex for _ in rows)
-    for row, run_id in zip(rows, new_ids, strict=True):
-        run_ids[row.id] = run_id
-        run_tags = row_tags(row, executor, parent_run_id)
-        run_tags[MLFLOW_RUN_NAME] = row.run_name
-        runs.append(
+    run_ids = sorted(uuid.uuid4().hex for _ in runs)
+    for (name, run_tags), run_id in zip(runs, run_ids, strict=True):
+        run_tags = {**run_tags, MLFLOW_RUN_NAME: name}
+        records.append(
             (
                 run_id,
-                row.run_name,
+                name,
                 append_to_uri_path(experiment.artifact_location, run_id, "artifacts"),
                 int(experiment_id),
                 source_type,
@@ -153,11 +164,11 @@ def insert_row_runs(
             tags.append((tag.key, tag.value, run_id))
     try:
         with store.ManagedSessionMaker(read_only=False) as session:
-            for table, columns, records in (
-                (SqlRun, RUN_COLUMNS, runs),
+            for table, columns, rows in (
+                (SqlRun, RUN_COLUMNS, records),
                 (SqlTag, ("key", "value", "run_uuid"), tags),
             ):
-                _insert_many(session, table.__table__, columns, records, insert)
+                _insert_many(session, table.__table__, columns, rows, insert)
     except Exception as exc:  # e.g. MLflow's tables changed; the transaction was rolled back
         raise BulkUnsupported(f"{type(exc).__name__}: {str(exc)[:300]}") from None
     return run_ids

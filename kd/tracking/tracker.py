@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kd.tracking import bulk
+from kd.tracking import bulk, server_bulk
 from kd.tracking.metadata import (
     code_tags,
     launcher_identity,
@@ -170,8 +170,9 @@ class Tracker:
 
         One by one, a run costs three store calls (create, status, and the job id tag later),
         about 50 ms each against SQLite. On a database store (SQLite, PostgreSQL, MySQL) every
-        run and tag is inserted in one transaction instead; a tracking server gets the per-row
-        calls from a thread pool.
+        run and tag is inserted in one transaction instead; a kdgrid tracking server
+        (`launch/server.py start`) does the same for one request; any other server gets the
+        per-row calls from a thread pool.
         """
         rows = list(rows)
         store = self._sql_store()
@@ -180,6 +181,11 @@ class Tracker:
                 return bulk.insert_row_runs(store, experiment_id, rows, executor, parent_run_id)
             except bulk.BulkUnsupported as exc:  # nothing was written: one by one, as before
                 print(f"kd.tracking: bulk run creation unavailable ({exc}); one run at a time")
+        if is_server_uri(self.uri) and len(rows) > 1:
+            runs = [(row.run_name, row_tags(row, executor, parent_run_id)) for row in rows]
+            run_ids = server_bulk.post_runs(self.client, experiment_id, runs)
+            if run_ids is not None:
+                return {row.id: run_id for row, run_id in zip(rows, run_ids, strict=True)}
         workers = 1 if store is not None else min(BULK_THREADS, max(len(rows), 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {
@@ -207,7 +213,11 @@ class Tracker:
         return store if isinstance(store, SqlAlchemyStore) else None
 
     def set_tags_many(self, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
-        """`set_tags` for many runs: one transaction on a database store, else in parallel."""
+        """`set_tags` for many runs: one transaction on a database store or a kdgrid tracking
+        server, else in parallel."""
+        bulk_route = is_server_uri(self.uri) and len(tags_by_run) > 1
+        if bulk_route and server_bulk.post_tags(self.client, tags_by_run):
+            return
         self._for_many(
             tags_by_run,
             lambda store: bulk.replace_tags(store, tags_by_run),

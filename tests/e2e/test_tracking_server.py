@@ -241,3 +241,93 @@ def test_launcher_runs_through_a_server_equal_mlflow_calls_in_fewer_requests(
     assert again.data.tags["mlflow.parentRunId"] == old
     for gone in (f"{TAG}.failure_reason", f"{TAG}.job_id", f"{TAG}.pid"):
         assert gone not in again.data.tags
+
+
+def _compare_bulk_runs(tracker: Tracker, grid, made: dict[str, str], one: str) -> None:
+    """Runs made in bulk equal the run `create_row_run` made for the first row, field by field."""
+    a = tracker.client.get_run(one)
+    for row in grid.rows[1:]:
+        b = tracker.client.get_run(made[row.id])
+        assert b.info.status == a.info.status == "SCHEDULED"
+        assert (b.info.run_name, b.info.user_id, b.info.lifecycle_stage) == (
+            row.run_name,
+            a.info.user_id,
+            "active",
+        )
+        assert b.info.artifact_uri.endswith(f"/{b.info.run_id}/artifacts")
+        assert set(b.data.tags) == set(a.data.tags)
+        assert (
+            b.data.tags[f"{TAG}.key"] == row.key and b.data.tags["mlflow.runName"] == row.run_name
+        )
+        for key in (f"{TAG}.grid", f"{TAG}.commit", f"{TAG}.executor", "mlflow.parentRunId"):
+            assert b.data.tags[key] == a.data.tags[key], key
+
+
+def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_server, tmp_path):
+    """The kdgrid server's bulk routes (kd/tracking/server_app.py): a launch's runs in one
+    request, a sbatch call's job id tags in another, the same runs as MLflow's calls make."""
+    from bench.launch import write_launch_grid
+    from kd.grid import load_grid
+
+    folder, uri = tracking_server
+    grid = load_grid(write_launch_grid(tmp_path, 6, None, "server_bulk"))
+    tracker = Tracker(uri)
+    experiment = tracker.ensure_experiment(grid.experiment)
+    parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 6)
+    one = tracker.create_row_run(experiment, grid.rows[0], executor="slurm", parent_run_id=parent)
+    made: dict[str, str] = {}
+    sent = _requests_during(
+        folder,
+        lambda: made.update(
+            tracker.create_row_runs(
+                experiment, grid.rows[1:], executor="slurm", parent_run_id=parent
+            )
+        ),
+    )
+    assert sent == ["POST /kdgrid/api/1/runs/create-many"]
+    _compare_bulk_runs(tracker, grid, made, one)
+    jobs = {run_id: {f"{TAG}.job_id": f"9_{i}"} for i, run_id in enumerate(made.values())}
+    sent = _requests_during(folder, lambda: tracker.set_tags_many(jobs))
+    assert sent == ["POST /kdgrid/api/1/runs/set-tags-many"]
+    for run_id, tags in jobs.items():
+        assert tracker.client.get_run(run_id).data.tags[f"{TAG}.job_id"] == tags[f"{TAG}.job_id"]
+    assert set(tracker.latest_by_key(experiment)) == {row.key for row in grid.rows}
+
+
+def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):
+    """Without kdgrid's routes (a plain `mlflow server`) the launcher sends MLflow's requests."""
+    from bench.launch import write_launch_grid
+    from kd.grid import load_grid
+
+    monkeypatch.setattr(server, "kdgrid_app_installed", lambda: False)
+    port = free_port()
+    folder = tmp_path / "stock"
+    info = server.start_local(folder, "127.0.0.1", port)
+    try:
+        uri = info["uri"]
+        grid = load_grid(write_launch_grid(tmp_path, 4, None, "stock_server"))
+        tracker = Tracker(uri)
+        experiment = tracker.ensure_experiment(grid.experiment)
+        parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 4)
+        one = tracker.create_row_run(
+            experiment, grid.rows[0], executor="slurm", parent_run_id=parent
+        )
+        made: dict[str, str] = {}
+        sent = _requests_during(
+            folder,
+            lambda: made.update(
+                tracker.create_row_runs(
+                    experiment, grid.rows[1:], executor="slurm", parent_run_id=parent
+                )
+            ),
+        )
+        assert sent.count("POST /kdgrid/api/1/runs/create-many") == 1  # answered 404
+        assert sent.count("POST /api/2.0/mlflow/runs/create") == 3
+        _compare_bulk_runs(tracker, grid, made, one)
+        jobs = {run_id: {f"{TAG}.job_id": "7"} for run_id in made.values()}
+        tracker.set_tags_many(jobs)
+        assert {tracker.client.get_run(r).data.tags[f"{TAG}.job_id"] for r in made.values()} == {
+            "7"
+        }
+    finally:
+        assert server.stop(folder)

@@ -1,0 +1,71 @@
+"""The launcher's side of a kdgrid tracking server's bulk routes (kd/tracking/server_app.py):
+a launch's runs in one request, and a sbatch call's job id tags in another.
+
+Sent with MLflow's own REST helper and credentials (its token, user and password, TLS options).
+None back means the server does not have the route (a stock MLflow server answers 404) or its
+store cannot take it (501): nothing was written, and the caller goes through MLflow's REST API.
+Creating runs is never retried: a request that timed out may have written them, and a second
+one would create every run twice; the launch fails and says so instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+CREATE_RUNS = "/kdgrid/api/1/runs/create-many"  # the routes kd/tracking/server_app.py adds
+SET_TAGS = "/kdgrid/api/1/runs/set-tags-many"
+NOT_THERE = (404, 405, 501)
+
+
+class ServerBulkFailed(RuntimeError):
+    """The server took the request but did not do it (a refused tag, a deleted experiment)."""
+
+
+def _post(client: Any, path: str, payload: dict, retries: int) -> dict | None:
+    from mlflow.utils.rest_utils import http_request
+
+    store = client._tracking_client.store
+    host_creds = store.get_host_creds()
+    response = http_request(
+        host_creds, path, "POST", json=payload, max_retries=retries, raise_on_status=False
+    )
+    if response.status_code in NOT_THERE:
+        return None
+    if response.status_code != 200:
+        raise ServerBulkFailed(
+            f"{host_creds.host}{path} answered {response.status_code}: {response.text[:500]}"
+        )
+    return response.json()
+
+
+def post_runs(
+    client: Any, experiment_id: str, runs: Sequence[tuple[str, Mapping[str, str]]]
+) -> list[str] | None:
+    """SCHEDULED runs (name, tags) created by the server in one transaction: their ids, in
+    order; or None (the server has no bulk route). Tags every run shares are sent once."""
+    common = dict(runs[0][1]) if runs else {}
+    for _, tags in runs[1:]:
+        common = {k: v for k, v in common.items() if tags.get(k) == v}
+    payload = {
+        "experiment_id": experiment_id,
+        "common_tags": common,
+        "runs": [
+            {"name": name, "tags": {k: v for k, v in tags.items() if k not in common}}
+            for name, tags in runs
+        ],
+    }
+    answer = _post(client, CREATE_RUNS, payload, retries=0)
+    if answer is None:
+        return None
+    run_ids = list(answer["run_ids"])
+    if len(run_ids) != len(runs):
+        raise ServerBulkFailed(f"asked for {len(runs)} runs, the server made {len(run_ids)}")
+    return run_ids
+
+
+def post_tags(client: Any, tags_by_run: Mapping[str, Mapping[str, str]]) -> bool:
+    """The tags set by the server in one transaction (setting them again is harmless, so the
+    request is retried as MLflow retries its own); False when the server has no bulk route."""
+    payload = {"tags": {run_id: dict(tags) for run_id, tags in tags_by_run.items()}}
+    return _post(client, SET_TAGS, payload, retries=5) is not None
