@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from kd.tracking import sqlite_read
 from kd.tracking.metadata import row_tags
 from kd.tracking.records import LeanData, LeanInfo, LeanRun
+from kd.tracking.uri import sqlite_path
 
 if TYPE_CHECKING:
     from kd.grid import Row
@@ -32,6 +34,11 @@ def search_tagged_sql(
     """`Tracker.search_tagged` in three or four SELECTs: the runs, their tags, latest metrics,
     and their params only when asked (a row has ~90: most of the rows read for a 10,000-row
     grid, and status, the table and the planner read none)."""
+    db = sqlite_path(getattr(store, "db_uri", "") or "")
+    if db is not None and not params:  # Python's sqlite3: a third of SQLAlchemy's time
+        found = sqlite_read.search_tagged_by_id(db, experiment_id, key, value)
+        if found is not None:
+            return found
     try:
         from mlflow.entities import LifecycleStage
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag

@@ -1,9 +1,10 @@
 """The launcher's side of a kdgrid tracking server's bulk routes (kd/tracking/server_app.py):
-a launch's runs in one request, and a sbatch call's job id tags in another.
+a launch's runs in one request, a sbatch call's job id tags in another, a grid's runs read
+back in one.
 
 Sent with MLflow's own REST helper and credentials (its token, user and password, TLS options).
-None back means the server does not have the route (a stock MLflow server answers 404) or its
-store cannot take it (501): nothing was written, and the caller goes through MLflow's REST API.
+None back means the server does not have the route (a stock MLflow server answers 404), may
+not be asked it (401, 403), or its store cannot take it (501): nothing was written, and the caller goes through MLflow's REST API.
 Creating runs is never retried: a request that timed out may have written them, and a second
 one would create every run twice; the launch fails and says so instead.
 """
@@ -13,13 +14,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kd.tracking.records import LeanData, LeanInfo, LeanRun
+
 CREATE_RUNS = "/kdgrid/api/1/runs/create-many"  # the routes kd/tracking/server_app.py adds
 SET_TAGS = "/kdgrid/api/1/runs/set-tags-many"
-NOT_THERE = (404, 405, 501)
+SEARCH_TAGGED = "/kdgrid/api/1/runs/search-tagged"
+# no such route (a stock MLflow server), or one this user may not call (an auth proxy): the
+# caller goes through MLflow's REST API, which then says what is wrong, if anything
+NOT_THERE = (401, 403, 404, 405, 501)
 
 
 class ServerBulkFailed(RuntimeError):
     """The server took the request but did not do it (a refused tag, a deleted experiment)."""
+
+
+def shared_items(mappings: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """The items every mapping holds alike: sent once instead of once per run."""
+    common = dict(mappings[0]) if mappings else {}
+    for mapping in mappings[1:]:
+        common = {k: v for k, v in common.items() if k in mapping and mapping[k] == v}
+    return common
 
 
 def _post(client: Any, path: str, payload: dict, retries: int) -> dict | None:
@@ -44,9 +58,7 @@ def post_runs(
 ) -> list[str] | None:
     """SCHEDULED runs (name, tags) created by the server in one transaction: their ids, in
     order; or None (the server has no bulk route). Tags every run shares are sent once."""
-    common = dict(runs[0][1]) if runs else {}
-    for _, tags in runs[1:]:
-        common = {k: v for k, v in common.items() if tags.get(k) == v}
+    common = shared_items([tags for _, tags in runs])
     payload = {
         "experiment_id": experiment_id,
         "common_tags": common,
@@ -69,3 +81,44 @@ def post_tags(client: Any, tags_by_run: Mapping[str, Mapping[str, str]]) -> bool
     request is retried as MLflow retries its own); False when the server has no bulk route."""
     payload = {"tags": {run_id: dict(tags) for run_id, tags in tags_by_run.items()}}
     return _post(client, SET_TAGS, payload, retries=5) is not None
+
+
+def runs_to_json(runs: Sequence[LeanRun]) -> dict:
+    """The search's answer: each run's info, tags, params and metrics, with the tags every run
+    has alike sent once (~13 of the ~19 a launch sets: the answer for 10,000 runs is a third
+    of the size). NaN metrics travel as JSON's NaN, which Python's json reads back."""
+    common = shared_items([run.data.tags for run in runs])
+    return {
+        "common_tags": common,
+        "runs": [
+            {
+                "run_id": r.info.run_id,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                "end_time": r.info.end_time,
+                "tags": {k: v for k, v in r.data.tags.items() if k not in common},
+                "params": r.data.params,
+                "metrics": r.data.metrics,
+            }
+            for r in runs
+        ],
+    }
+
+
+def search_tagged(
+    client: Any, experiment_id: str, key: str, value: str | None, params: bool
+) -> list[LeanRun] | None:
+    """`Tracker.search_tagged` in one request (retried: it only reads); None when the server
+    has no bulk route."""
+    payload = {"experiment_id": experiment_id, "key": key, "value": value, "params": params}
+    answer = _post(client, SEARCH_TAGGED, payload, retries=5)
+    if answer is None:
+        return None
+    common = answer["common_tags"]
+    return [
+        LeanRun(
+            LeanInfo(r["run_id"], r["status"], r["start_time"], r["end_time"]),
+            LeanData({**common, **r["tags"]}, r["params"], r["metrics"]),
+        )
+        for r in answer["runs"]
+    ]

@@ -126,6 +126,10 @@ class Tracker:
                 return bulk.search_tagged_sql(store, experiment_id, key, value, params)
             except bulk.BulkUnsupported:
                 pass
+        elif is_server_uri(self.uri):  # a kdgrid server answers in one request
+            runs = server_bulk.search_tagged(self.client, experiment_id, key, value, params)
+            if runs is not None:
+                return runs
         where = f"tags.`{key}` = '{value}'" if value is not None else f"tags.`{key}` != ''"
         return list(self.search(experiment_id, where))
 

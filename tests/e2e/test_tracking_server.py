@@ -5,6 +5,7 @@ and the launcher's runs made through it are what MLflow's own calls make, in few
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import re
 import socket
@@ -292,6 +293,29 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
     for run_id, tags in jobs.items():
         assert tracker.client.get_run(run_id).data.tags[f"{TAG}.job_id"] == tags[f"{TAG}.job_id"]
     assert set(tracker.latest_by_key(experiment)) == {row.key for row in grid.rows}
+
+    # read back in one request: what MLflow's own paged search returns (NaN metrics included)
+    first = made[grid.rows[1].id]
+    tracker.client.log_metric(first, "val/acc1", float("nan"), step=1)
+    tracker.client.log_metric(made[grid.rows[2].id], "val/acc1", 0.5, step=1)
+    found: list = []
+    sent = _requests_during(
+        folder, lambda: found.extend(tracker.search_tagged(experiment, f"{TAG}.grid", grid.name))
+    )
+    assert sent == ["POST /kdgrid/api/1/runs/search-tagged"]
+    theirs = list(tracker.search(experiment, f"tags.`{TAG}.grid` = '{grid.name}'"))
+    assert [r.info.run_id for r in found] == [r.info.run_id for r in theirs]
+    for ours, mlflows in zip(found, theirs, strict=True):
+        assert (ours.info.status, ours.info.start_time, ours.info.end_time) == (
+            mlflows.info.status,
+            mlflows.info.start_time,
+            mlflows.info.end_time,
+        )
+        assert ours.data.tags == mlflows.data.tags and ours.data.params == {}
+        assert set(ours.data.metrics) == set(mlflows.data.metrics)
+    by_id = {r.info.run_id: r for r in found}
+    assert math.isnan(by_id[first].data.metrics["val/acc1"])
+    assert by_id[made[grid.rows[2].id]].data.metrics["val/acc1"] == 0.5
 
 
 def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):

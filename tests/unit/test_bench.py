@@ -347,6 +347,13 @@ def test_lean_search_equals_mlflow_search(launch_grid, empty_store) -> None:
     without_params = tracker.search_tagged(experiment, f"{TAG}.grid", grid.name)
     assert [r.data.tags for r in without_params] == [r.data.tags for r in lean]
     assert all(r.data.params == {} for r in without_params)
+    # without params a SQLite file is read with sqlite3, with them through SQLAlchemy: alike
+    assert [r.info for r in without_params] == [r.info for r in lean]
+    for ours, theirs in zip(without_params, lean, strict=True):
+        assert ours.data.metrics.keys() == theirs.data.metrics.keys()
+        for key, value in theirs.data.metrics.items():
+            assert math.isnan(value) == math.isnan(ours.data.metrics[key])
+            assert math.isnan(value) or value == ours.data.metrics[key]
     from kd.tracking import sqlite_path, sqlite_read
 
     raw = sqlite_read.search_tagged(
