@@ -214,6 +214,9 @@ def checked_grid(args: argparse.Namespace) -> Grid | None:
     return grid
 
 
+CANCELLED_SHOWN = 50  # row ids printed by --cancel; a 10,000-row grid's would fill the screen
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     grid = checked_grid(args)
@@ -231,9 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
         with grid_lock(grid):
             cancelled = cancel_rows(grid, rows, uri)
+        shown = ", ".join(cancelled[:CANCELLED_SHOWN])
+        more = len(cancelled) - CANCELLED_SHOWN
         print(
             f"cancelled {len(cancelled)} row(s)"
-            + (": " + ", ".join(cancelled) if cancelled else "")
+            + (f": {shown}" if cancelled else "")
+            + (f" and {more} more (launch/status.py lists them)" if more > 0 else "")
         )
         return 0
     if args.feed_held:

@@ -331,6 +331,30 @@ def queued_jobs_logging_under(folder: Path) -> set[str]:
 
 
 def cancel(job_ids: Iterable[str]) -> None:
-    ids = sorted({j for j in job_ids if j and not j.startswith("local-")})
+    ids = job_specs({j for j in job_ids if j and not j.startswith("local-")})
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+
+
+def job_specs(job_ids: Iterable[str]) -> list[str]:
+    """The same jobs in SLURM's array notation, `123_[0-4,7]`, one word per array: scancel
+    took 5.7 s for 10,000 task ids one by one. Exactly the tasks given, never a whole array
+    by its id (other tasks of it may belong to rows not being cancelled)."""
+    arrays: dict[str, list[int]] = {}
+    single = []
+    for job in set(job_ids):
+        array, _, task = job.partition("_")
+        if task.isdigit() and array.isdigit():
+            arrays.setdefault(array, []).append(int(task))
+        else:
+            single.append(job)
+    specs = sorted(single)
+    for array, tasks in sorted(arrays.items()):
+        tasks.sort()
+        ranges, start = [], tasks[0]
+        for previous, task in zip(tasks, [*tasks[1:], None], strict=True):
+            if task != previous + 1:
+                ranges.append(str(start) if start == previous else f"{start}-{previous}")
+                start = task
+        specs.append(f"{array}_[{','.join(ranges)}]")
+    return specs

@@ -226,7 +226,7 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
     """Cancel the rows that are pending or running: mark their runs KILLED, then cancel their
     jobs (or stop their local processes). Returns the ids of the rows cancelled.
 
-    Marking comes first, with the cancel tag (`CancelRuns.cancel_run`): a row's job that starts
+    Marking comes first, with the cancel tag (`CancelRuns.cancel_runs`): a row's job that starts
     meanwhile sees it and does not train (`kd.train.start_row_run`), and one that started
     before is found by the tags as they are once the runs are marked (a local process the
     executor started meanwhile has its pid there by then)."""
@@ -246,7 +246,8 @@ def cancel_rows(grid: Grid, rows: list[Row], tracking_uri: str) -> list[str]:
         ):
             cancelled.append((row, record))
     # (a run may have finished meanwhile: it is left so)
-    marked = [r for _, r in cancelled if runs.cancel_run(r.run_id, CANCEL_REASON)]
+    closed = runs.cancel_runs([r.run_id for _, r in cancelled], CANCEL_REASON)
+    marked = [r for _, r in cancelled if r.run_id in closed]
     now = {r.run_id: r for r in runs.latest_by_key().values()} if marked else {}
     job_ids, pids = set(), set()
     for record in marked:

@@ -2,8 +2,8 @@
 
 On a SQLite store's file it uses Python's own sqlite3, without importing MLflow (the import is
 most of the command's time): the runs read as `sqlite_read` reads them for status, and a run
-closed as `Tracker.cancel_run` closes it (the cancel tag and the reason, KILLED, an end time) in
-one transaction, which leaves a run that finished meanwhile as it is. Whenever the file does not
+closed as `Tracker.cancel_run` closes it (the cancel tag and the reason, KILLED, an end time), all
+in one transaction, which leaves a run that finished meanwhile as it is. Whenever the file does not
 read or write as expected, and on a tracking server, the same goes through MLflow.
 """
 
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kd.tracking import sqlite_read
+from kd.tracking import server_bulk, sqlite_read
 from kd.tracking.records import CANCELLED, TAG, RunRecord, latest_by_key
-from kd.tracking.uri import sqlite_path
+from kd.tracking.uri import is_server_uri, sqlite_path
 
 if TYPE_CHECKING:
     from kd.tracking.tracker import Tracker
@@ -39,27 +39,32 @@ class SqliteRuns:
             return None
         return latest_by_key(runs)
 
-    def cancel_run(self, run_id: str, reason: str) -> bool | None:
-        """Close the run KILLED with the cancel tag, unless it finished meanwhile (False)."""
+    def cancel_runs(self, run_ids: list[str], reason: str) -> set[str] | None:
+        """Close the runs KILLED with the cancel tag, in one transaction (one commit for a
+        10,000-row grid, not one each: 22 s), except those that finished meanwhile; the ids
+        of the runs closed."""
         now = int(time.time() * 1000)
         tags = {CANCELLED: str(now), f"{TAG}.failure_reason": reason[:5000]}
         try:
             with contextlib.closing(sqlite3.connect(self.db, timeout=BUSY_TIMEOUT_S)) as conn:
                 conn.execute("BEGIN IMMEDIATE")
-                ended = conn.execute(
-                    "UPDATE runs SET status = 'KILLED', end_time = ? "
-                    "WHERE run_uuid = ? AND status != 'FINISHED'",
-                    (now, run_id),
-                ).rowcount
-                if ended:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
-                        [(key, value, run_id) for key, value in tags.items()],
-                    )
+                ended = {
+                    run_id
+                    for run_id in run_ids
+                    if conn.execute(
+                        "UPDATE runs SET status = 'KILLED', end_time = ? "
+                        "WHERE run_uuid = ? AND status != 'FINISHED'",
+                        (now, run_id),
+                    ).rowcount
+                }
+                conn.executemany(
+                    "INSERT OR REPLACE INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
+                    [(key, value, run_id) for run_id in ended for key, value in tags.items()],
+                )
                 conn.commit()
         except sqlite3.Error:
             return None
-        return bool(ended)
+        return ended
 
 
 class CancelRuns:
@@ -89,13 +94,21 @@ class CancelRuns:
         experiment_id = tracker.experiment_id(self.experiment)
         return {} if experiment_id is None else tracker.latest_by_key(experiment_id)
 
-    def cancel_run(self, run_id: str, reason: str) -> bool:
-        """Close the run as `--cancel` does; False when it had finished (it is left so)."""
-        done = self.light.cancel_run(run_id, reason) if self.light is not None else None
+    def cancel_runs(self, run_ids: list[str], reason: str) -> set[str]:
+        """Close the runs as `--cancel` does; the ids of those closed (a run that had finished
+        is left so)."""
+        done = self.light.cancel_runs(run_ids, reason) if self.light is not None else None
         if done is not None:
             return done
         tracker = self._mlflow()
-        if tracker.run_status(run_id) == "FINISHED":
-            return False
-        tracker.cancel_run(run_id, reason)
-        return True
+        if is_server_uri(self.uri):  # a kdgrid server closes them in one request
+            tags = {CANCELLED: str(int(time.time() * 1000)), f"{TAG}.failure_reason": reason}
+            done = server_bulk.cancel_runs(tracker.client, run_ids, tags)
+            if done is not None:
+                return done
+        closed = set()
+        for run_id in run_ids:
+            if tracker.run_status(run_id) != "FINISHED":
+                tracker.cancel_run(run_id, reason)
+                closed.add(run_id)
+        return closed

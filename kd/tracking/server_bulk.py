@@ -19,6 +19,7 @@ from kd.tracking.records import LeanData, LeanInfo, LeanRun
 CREATE_RUNS = "/kdgrid/api/1/runs/create-many"  # the routes kd/tracking/server_app.py adds
 SET_TAGS = "/kdgrid/api/1/runs/set-tags-many"
 SEARCH_TAGGED = "/kdgrid/api/1/runs/search-tagged"
+CANCEL_RUNS = "/kdgrid/api/1/runs/cancel-many"
 # no such route (a stock MLflow server), or one this user may not call (an auth proxy): the
 # caller goes through MLflow's REST API, which then says what is wrong, if anything
 NOT_THERE = (401, 403, 404, 405, 501)
@@ -122,3 +123,11 @@ def search_tagged(
         )
         for r in answer["runs"]
     ]
+
+
+def cancel_runs(client: Any, run_ids: list[str], tags: Mapping[str, str]) -> set[str] | None:
+    """`--cancel` of many runs in one request (kd.tracking.bulk.cancel_runs on the server; safe
+    to retry: a run closed already is left so): the ids closed, or None (no bulk route)."""
+    payload = {"run_ids": list(run_ids), "tags": dict(tags)}
+    answer = _post(client, CANCEL_RUNS, payload, retries=5)
+    return None if answer is None else set(answer["closed"])

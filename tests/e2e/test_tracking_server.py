@@ -317,6 +317,31 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
     assert math.isnan(by_id[first].data.metrics["val/acc1"])
     assert by_id[made[grid.rows[2].id]].data.metrics["val/acc1"] == 0.5
 
+    # --cancel in one request: what Tracker.cancel_run leaves, a finished run left alone
+    from kd.tracking import CANCEL_REASON, CANCELLED, CancelRuns
+
+    finished, *rest = list(made.values())
+    tracker.client.set_terminated(finished, status="FINISHED")
+    reference = rest.pop()
+    tracker.cancel_run(reference, CANCEL_REASON)
+    closed: set = set()
+    sent = _requests_during(
+        folder,
+        lambda: closed.update(
+            CancelRuns(uri, grid.experiment).cancel_runs([finished, *rest], CANCEL_REASON)
+        ),
+    )
+    assert sent == ["POST /kdgrid/api/1/runs/cancel-many"]
+    assert closed == set(rest)
+    assert tracker.client.get_run(finished).info.status == "FINISHED"
+    want = tracker.client.get_run(reference)
+    for run_id in rest:
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == want.info.status == "KILLED" and run.info.end_time
+        assert set(run.data.tags) == set(want.data.tags)
+        assert run.data.tags[f"{TAG}.failure_reason"] == CANCEL_REASON
+        assert run.data.tags[CANCELLED].isdigit()
+
 
 def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):
     """Without kdgrid's routes (a plain `mlflow server`) the launcher sends MLflow's requests."""

@@ -75,3 +75,12 @@ def test_a_cancelled_run_scheduled_again_is_opened(scheduled) -> None:
         assert tracker.run_status(run_id) == "RUNNING"
     finally:
         mlrun.finish("FINISHED")
+
+
+def test_scancel_gets_each_array_as_ranges_of_exactly_the_tasks_given() -> None:
+    from slurm.state import job_specs
+
+    assert job_specs(["5_0", "5_1", "5_2", "5_4", "7", "9_3", "5_2"]) == ["7", "5_[0-2,4]", "9_[3]"]
+    assert job_specs([f"12_{i}" for i in range(10000)]) == ["12_[0-9999]"]
+    assert job_specs([f"12_{i}" for i in range(0, 10, 2)]) == ["12_[0,2,4,6,8]"]
+    assert job_specs([]) == []
