@@ -136,6 +136,9 @@ class TrainConfig:
     trainable: Literal["all", "head"] = "all"
     limit_train_batches: int | None = None  # cap batches per epoch (debugging, --smoke)
     limit_eval_batches: int | None = None
+    # score the test split every N epochs and always after the last; the epochs between are
+    # not scored, so best.pt (what dependents read) is the best of the scored epochs only
+    eval_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.limit_train_batches": (lambda v: v >= 1, ">= 1"),
     "train.limit_eval_batches": (lambda v: v >= 1, ">= 1"),
+    "train.eval_every": (lambda v: v >= 1, ">= 1 (1 = every epoch)"),
     "evaluate.max_samples": (lambda v: v >= 2, ">= 2"),
     "evaluate.tsne_samples": (lambda v: v >= 0, ">= 0 (0 = no map)"),
     "resources.nodes": (lambda v: v >= 1, ">= 1"),

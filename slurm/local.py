@@ -481,9 +481,10 @@ def _progress_line(proc: RowProcess) -> str:
         progress = json.loads(path.read_text())
         if progress.get("time", 0) < proc.started:
             raise ValueError("stale")
+        acc1 = progress["acc1"]  # None after an epoch that was not scored (train.eval_every)
         return (
-            f"{proc.row.id}: epoch {progress['epoch']}/{progress['epochs']} acc1 {progress['acc1']:.1f} "
-            f"eta {progress['eta_s']:.0f}s"
+            f"{proc.row.id}: epoch {progress['epoch']}/{progress['epochs']} "
+            f"acc1 {'-' if acc1 is None else format(acc1, '.1f')} eta {progress['eta_s']:.0f}s"
         )
     except (OSError, ValueError, KeyError):
         return f"{proc.row.id}: starting ({elapsed:.0f}s)"

@@ -103,13 +103,14 @@ def train(
             parts.scheduler.step(epoch + 1)
             if epoch == resumed.start_epoch and startup.seconds is not None:
                 metrics["time/startup_s"] = startup.seconds
-            val = evaluate_epoch(t, test_loader, metrics)
+            val = evaluate_epoch(t, test_loader, metrics) if scored(tcfg, epoch) else None
             if row.config.data.skip_corrupt:
                 metrics["data/skipped_images"] = skipped.count_and_report()
             metrics["epoch"] = epoch + 1
-            improved = val["acc1"] > best_acc1
-            best_acc1 = max(best_acc1, val["acc1"])
-            metrics["val/best_acc1"] = best_acc1
+            improved = val is not None and val["acc1"] > best_acc1
+            if val is not None:
+                best_acc1 = max(best_acc1, val["acc1"])
+                metrics["val/best_acc1"] = best_acc1
             history.append({"epoch": epoch, "metrics": metrics})
             if t.main:
                 eta = (time.time() - started) / (epoch + 1 - resumed.start_epoch)
@@ -215,6 +216,12 @@ def mean_over_processes(
     }
 
 
+def scored(tcfg: Any, epoch: int) -> bool:
+    """Is the 0-based `epoch` evaluated? Every `train.eval_every`-th one, and always the last,
+    whose metrics are the row's result."""
+    return (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs
+
+
 def evaluate_epoch(t: RowTraining, test_loader: Any, metrics: dict[str, float]) -> dict:
     """Score the student (and its EMA) on the test split; adds `val/*` to `metrics`."""
     accelerator, tcfg = t.parts.accelerator, t.row.config.train
@@ -232,7 +239,7 @@ def save_epoch(
     t: RowTraining,
     writer: BackgroundWriter,
     epoch: int,
-    val: dict,
+    val: dict | None,
     improved: bool,
     best_acc1: float,
     history: list[dict],
@@ -240,7 +247,8 @@ def save_epoch(
     eta_s: float,
 ) -> None:
     """Copy the epoch's checkpoint to the CPU now (a fraction of a second) and hand it to the
-    writer, which writes it, then logs the epoch's metrics, while the next epoch trains."""
+    writer, which writes it, then logs the epoch's metrics, while the next epoch trains.
+    `val` is None for an epoch that was not scored (`train.eval_every`)."""
     checkpoint_start = time.time()
     writer.wait()  # the previous epoch's files: one copy in memory at a time
     files = snapshot_epoch(
@@ -265,9 +273,13 @@ def save_epoch(
     metrics |= timing
     files.state["history"][-1]["metrics"] |= timing  # the copy being written
     epochs = t.row.config.train.epochs
+    scores = (
+        f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f}"
+        if val is not None
+        else "not evaluated (train.eval_every)"
+    )
     line = (
-        f"[{t.row.id}] epoch {epoch + 1}/{epochs} loss {metrics['train/loss']:.4f} "
-        f"acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f} val_loss {val['loss']:.4f} "
+        f"[{t.row.id}] epoch {epoch + 1}/{epochs} loss {metrics['train/loss']:.4f} {scores} "
         f"{metrics['train/img_per_s']:.1f} img/s eta {hms(eta_s)}"
     )
     writer.submit(partial(write_epoch_files, t.row, files, t.mlrun, metrics, eta_s, t.log, line))

@@ -26,7 +26,7 @@ def model_checkpoint(
     student: dict,
     kd_loss: dict,
     epoch: int,
-    val: dict,
+    val: dict | None,
     num_classes: int,
     run_id: str | None,
 ) -> dict:
@@ -39,7 +39,7 @@ def model_checkpoint(
         "num_classes": num_classes,
         "img_size": row.config.data.img_size,
         "epoch": epoch,
-        "acc1": val["acc1"],
+        "acc1": val["acc1"] if val is not None else None,  # None: not scored (eval_every)
         "row": row.to_dict(),
         "key": row.key,
         "run_id": run_id,
@@ -63,7 +63,7 @@ def snapshot_epoch(
     parts: StepParts,
     *,
     epoch: int,
-    val: dict,
+    val: dict | None,
     num_classes: int,
     improved: bool,
     best_acc1: float,
@@ -247,7 +247,7 @@ def log_missing_epochs(mlrun, history: list[dict]) -> None:
             mlrun.log_metrics(entry["metrics"], step=entry["epoch"] + 1)
 
 
-def write_progress(row: Row, epoch: int, epochs: int, acc1: float, eta_s: float) -> None:
+def write_progress(row: Row, epoch: int, epochs: int, acc1: float | None, eta_s: float) -> None:
     progress = {"epoch": epoch, "epochs": epochs, "acc1": acc1, "eta_s": eta_s, "time": time.time()}
     write_json(row.output_dir / rowfiles.PROGRESS, progress)
 

@@ -3,7 +3,8 @@ dataset-fashion-mnist, which .ci/run installs): a CNN teacher trained on 1000 im
 then CNN students on 20 per class with labels only (CE) and with instance KD, 2 seeds each,
 through the launcher, MLflow and launch/table.py. In this low-data regime the teacher's soft
 targets are worth much more than the labels alone, so KD beats CE by a clear margin on the
-seed mean, not by luck of one seed.
+seed mean, not by luck of one seed. Each row scores the whole test split once, after its last
+epoch (`train.eval_every`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ GRID = """\
         crop_scale_min: 0.6
         eval_crop_pct: 1.0
         channels_last: false
-        limit_eval_batches: 64
+        eval_every: 40                # the test split is scored once, after the last epoch
       resources: {{gpus_per_node: 0, cpus_per_task: 1}}
       output_dir: outputs/${{name}}
     rows:
@@ -85,4 +86,4 @@ def test_kd_beats_ce_for_the_cnn_student_on_real_fashion_mnist(tmp_path):
     print(f"teacher {rows['teacher']['acc1']['mean']:.2f}, CE {ce['mean']:.2f} ± {ce['std']:.2f},"
           f" IKD {kd['mean']:.2f} ± {kd['std']:.2f}")  # fmt: skip
     assert rows["teacher"]["acc1"]["mean"] > kd["mean"]  # the teacher saw 20 x the images
-    assert kd["mean"] > ce["mean"] + 1.0, (ce, kd)  # measured: 75.0 vs 72.5
+    assert kd["mean"] > ce["mean"] + 1.0, (ce, kd)  # measured: 75.1 vs 73.1 (the whole test split)

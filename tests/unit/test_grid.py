@@ -532,7 +532,7 @@ EVERYTHING_WRONG = """\
     rows:
       - {id: typo, label: L1, trian: {epochs: 2}}
       - {id: lrr, label: L2, train: {lrr: 0.1}}
-      - {id: ranges, label: L3, train: {epochs: -1, lr: fast}, data: {img_size: 3}}
+      - {id: ranges, label: L3, train: {epochs: -1, lr: fast, eval_every: 0}, data: {img_size: 3}}
       - {id: model, label: L4, student: {model: convnext_tiniest}}
       - {id: term, label: L5, kd: {ce: 0.5, deit_sfot: 0.5}, teacher: {model: resnet50}}
       - {id: noteacher, label: L6, kd: {ce: 0.5, deit_hard: 0.5}, teacher: null}
@@ -564,6 +564,7 @@ def everything_wrong(tmp_path_factory):
         ("lrr' (L2)", "train.lrr:", ["unknown key", "did you mean 'train.lr'?"]),
         ("ranges' (L3)", "train.epochs:", ["must be >= 1, got -1"]),
         ("ranges' (L3)", "train.lr:", ["must be float, got 'fast'"]),
+        ("ranges' (L3)", "train.eval_every:", [">= 1 (1 = every epoch), got 0"]),
         ("ranges' (L3)", "data.img_size:", ["between 16 and 2048, got 3"]),
         (
             "model' (L4)",
@@ -592,9 +593,9 @@ def test_every_error_names_file_row_and_key(everything_wrong, row, key, fragment
 
 def test_all_errors_reported_at_once(everything_wrong):
     _, problems = everything_wrong
-    # The 17 problems above (the cycle once, the missing dataset once for all rows), no more:
+    # The 18 problems above (the cycle once, the missing dataset once for all rows), no more:
     # no error is reported twice and no error hides another.
-    assert len(problems) == 17, "\n".join(problems)
+    assert len(problems) == 18, "\n".join(problems)
 
 
 def test_missing_dataset_root_only_outside_smoke(tmp_path):

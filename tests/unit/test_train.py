@@ -556,6 +556,36 @@ def test_nan_loss_fails_the_row_with_the_reason_in_mlflow(
         assert not (row.output_dir / name).exists(), name
 
 
+def test_eval_every_scores_fewer_epochs_and_trains_the_same_weights(world: World) -> None:
+    """`train.eval_every: 2` over 3 epochs: the test split is scored after epochs 2 and 3 (the
+    last always), every epoch still trains, checkpoints and logs its training metrics, and the
+    weights are those of the same row scored every epoch (scoring draws no training randomness)."""
+    rows = [{"id": "every", "label": "e", "student": {"model": DEIT}}]
+    every = make_grid(world, "eval_every_1", rows, train_cfg={"epochs": 3})
+    sparse = make_grid(world, "eval_every_2", rows, train_cfg={"epochs": 3, "eval_every": 2})
+    assert sparse.rows[0].key != every.rows[0].key  # best.pt can differ: a result, keyed
+    lines: list[str] = []
+    for grid, log in ((every, lambda _: None), (sparse, lines.append)):
+        train.run(grid.rows[0], run_id=None, tracking_uri=world.uri, log=log)
+    run = only_run(world, sparse)
+    assert run.info.status == "FINISHED"
+    for name in ("val/acc1", "val/acc5", "val/loss", "val/best_acc1", "time/eval_s"):
+        assert metric_steps(world, run.info.run_id, name) == [2, 3], name
+    for name in ("train/loss", "time/train_s", "time/epoch_s", "epoch"):
+        assert metric_steps(world, run.info.run_id, name) == [1, 2, 3], name
+    assert any("epoch 1/3" in line and "not evaluated" in line for line in lines), lines
+    out = sparse.rows[0].output_dir
+    best, last = load_pt(out / rowfiles.BEST), load_pt(out / rowfiles.LAST)
+    assert best["epoch"] in (1, 2) and best["acc1"] is not None and last["epoch"] == 2
+    assert len(load_pt(out / rowfiles.STATE)["history"]) == 3
+    weights = load_pt(every.rows[0].output_dir / rowfiles.LAST)["model"]
+    assert all(torch.equal(weights[k], v) for k, v in last["model"].items())
+    assert (
+        metric_values(world, run.info.run_id, "val/acc1")[-1]
+        == metric_values(world, only_run(world, every).info.run_id, "val/acc1")[-1]
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Where weights come from: a local file, other rows' best checkpoints
 # --------------------------------------------------------------------------------------------
