@@ -264,17 +264,17 @@ def _compare_bulk_runs(tracker: Tracker, grid, made: dict[str, str], one: str) -
             assert b.data.tags[key] == a.data.tags[key], key
 
 
-def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_server, tmp_path):
-    """The kdgrid server's bulk routes (kd/tracking/server_app.py): a launch's runs in one
-    request, a sbatch call's job id tags in another, the same runs as MLflow's calls make."""
+def _launch_runs(folder: Path, uri: str, tmp_path: Path, rows: int, name: str):
+    """A launch's runs made through the server at `uri`: the first row one by one
+    (`create_row_run`, the reference), the others at once (`create_row_runs`). Returns the
+    tracker, grid, experiment, the bulk runs, the reference run and the requests sent."""
     from bench.launch import write_launch_grid
     from kd.grid import load_grid
 
-    folder, uri = tracking_server
-    grid = load_grid(write_launch_grid(tmp_path, 6, None, "server_bulk"))
+    grid = load_grid(write_launch_grid(tmp_path, rows, None, name))
     tracker = Tracker(uri)
     experiment = tracker.ensure_experiment(grid.experiment)
-    parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 6)
+    parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", rows)
     one = tracker.create_row_run(experiment, grid.rows[0], executor="slurm", parent_run_id=parent)
     made: dict[str, str] = {}
     sent = _requests_during(
@@ -285,6 +285,14 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
             )
         ),
     )
+    return tracker, grid, experiment, made, one, sent
+
+
+def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_server, tmp_path):
+    """The kdgrid server's bulk routes (kd/tracking/server_app.py): a launch's runs in one
+    request, a sbatch call's job id tags in another, the same runs as MLflow's calls make."""
+    folder, uri = tracking_server
+    tracker, grid, experiment, made, one, sent = _launch_runs(folder, uri, tmp_path, 6, "bulk")
     assert sent == ["POST /kdgrid/api/1/runs/create-many"]
     _compare_bulk_runs(tracker, grid, made, one)
     jobs = {run_id: {f"{TAG}.job_id": f"9_{i}"} for i, run_id in enumerate(made.values())}
@@ -345,31 +353,12 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
 
 def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):
     """Without kdgrid's routes (a plain `mlflow server`) the launcher sends MLflow's requests."""
-    from bench.launch import write_launch_grid
-    from kd.grid import load_grid
-
     monkeypatch.setattr(server, "kdgrid_app_installed", lambda: False)
     port = free_port()
     folder = tmp_path / "stock"
     info = server.start_local(folder, "127.0.0.1", port)
     try:
-        uri = info["uri"]
-        grid = load_grid(write_launch_grid(tmp_path, 4, None, "stock_server"))
-        tracker = Tracker(uri)
-        experiment = tracker.ensure_experiment(grid.experiment)
-        parent = tracker.create_launch_run(experiment, grid.name, grid.file, "slurm", 4)
-        one = tracker.create_row_run(
-            experiment, grid.rows[0], executor="slurm", parent_run_id=parent
-        )
-        made: dict[str, str] = {}
-        sent = _requests_during(
-            folder,
-            lambda: made.update(
-                tracker.create_row_runs(
-                    experiment, grid.rows[1:], executor="slurm", parent_run_id=parent
-                )
-            ),
-        )
+        tracker, grid, _, made, one, sent = _launch_runs(folder, info["uri"], tmp_path, 4, "stock")
         assert sent.count("POST /kdgrid/api/1/runs/create-many") == 1  # answered 404
         assert sent.count("POST /api/2.0/mlflow/runs/create") == 3
         _compare_bulk_runs(tracker, grid, made, one)
