@@ -196,6 +196,7 @@ def checked_grid(args: argparse.Namespace) -> Grid | None:
         args,
         problems,
         overrides,
+        cached=reads_runs,  # a large grid from the grid cache, as status reads it
         smoke=args.smoke,
         check_data=not reads_runs,
         check_models=not reads_runs,
@@ -261,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         feeder=not args.no_feeder,
         feed_interval_s=args.feed_interval,
     )
-    return launch(grid, options)
+    status = launch(grid, options)
+    from kd.grid.cache import keep_for_readers  # status's first read of a large grid: fast
+
+    keep_for_readers(grid, args.grid, grid.overrides, smoke=args.smoke, seeds=args.seeds)
+    return status
 
 
 if __name__ == "__main__":

@@ -56,6 +56,23 @@ def load_grid_cached(path: str | Path, overrides: Sequence[str] = (), **options:
     return grid
 
 
+def keep_for_readers(
+    grid: Grid, path: str | Path, overrides: Sequence[str], **options: Any
+) -> None:
+    """Write `grid` (loaded and fully checked by a launch) where `status`/`table` will look for
+    it with these overrides and options (read as they read: `check_data` and `check_models`
+    off). The checks only add problems, they never change a row, so the grid is the one those
+    commands would load; their first call after a launch is then as fast as the next ones."""
+    if os.environ.get("KDGRID_GRID_CACHE", "1") == "0" or len(grid.rows) < CACHE_MIN_ROWS:
+        return
+    try:
+        text = Path(path).read_bytes()
+    except OSError:
+        return
+    read_options = {**options, "check_data": False, "check_models": False}
+    _write(cache_folder() / f"{cache_key(path, text, overrides, read_options)}.pickle", grid)
+
+
 def cache_folder() -> Path:
     from kd.models.name_cache import cache_dir  # kdgrid's cache folder (no torch imported)
 

@@ -7,11 +7,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.tracking import sqlite_read
+from kd.tracking import server_bulk, sqlite_read
 from kd.tracking.metadata import project_commit
 from kd.tracking.records import TAG, RunRecord, run_record
 from kd.tracking.tracker import Tracker
-from kd.tracking.uri import sqlite_path, store_exists
+from kd.tracking.uri import is_server_uri, sqlite_path, store_exists
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,11 @@ def latest_grid_runs(
     if not store_exists(tracking_uri):
         return {}
     db = sqlite_path(tracking_uri)
-    runs = None  # a SQLite file is read without MLflow (no 2-7 s import); params need MLflow
-    if db is not None and not params:
+    runs = None  # a SQLite file or a kdgrid server is read without MLflow (no 2-7 s import);
+    if db is not None and not params:  # params need MLflow
         runs = sqlite_read.search_tagged(db, experiment, f"{TAG}.grid", grid_name)
+    elif is_server_uri(tracking_uri) and not params:
+        runs = server_bulk.search_tagged_light(tracking_uri, experiment, f"{TAG}.grid", grid_name)
     if runs is None:
         tracker = Tracker(tracking_uri)
         experiment_id = tracker.experiment_id(experiment)

@@ -88,9 +88,10 @@ def set_tags() -> Any:
 
 
 def search_tagged() -> Any:
-    """{"experiment_id", "key", "value", "params"} -> {"runs": [...]}: the active runs whose tag
-    `key` is `value` (None: set), newest first, with tags, latest metrics and (when asked)
-    params, as `Tracker.search_tagged` returns them."""
+    """{"experiment_id" or "experiment_name", "key", "value", "params"} -> {"runs": [...]}: the
+    active runs whose tag `key` is `value` (None: set), newest first, with tags, latest metrics
+    and (when asked) params, as `Tracker.search_tagged` returns them; none for an experiment
+    name that does not exist."""
     body = request.get_json(force=True)
 
     def work() -> dict:
@@ -99,9 +100,15 @@ def search_tagged() -> Any:
         store = _store()
         if not isinstance(store, SqlAlchemyStore):
             raise bulk.BulkUnsupported(f"{type(store).__name__} is not a database store")
+        experiment_id = body.get("experiment_id")
+        if experiment_id is None:
+            experiment = store.get_experiment_by_name(str(body["experiment_name"]))
+            if experiment is None:
+                return runs_to_json([])
+            experiment_id = experiment.experiment_id
         runs = bulk.search_tagged_sql(
             store,
-            str(body["experiment_id"]),
+            str(experiment_id),
             str(body["key"]),
             body.get("value"),
             bool(body.get("params")),

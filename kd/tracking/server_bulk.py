@@ -106,6 +106,38 @@ def runs_to_json(runs: Sequence[LeanRun]) -> dict:
     }
 
 
+def search_tagged_light(
+    uri: str, experiment: str, key: str, value: str | None
+) -> list[LeanRun] | None:
+    """`search_tagged` of the experiment named `experiment` without MLflow's client, whose
+    import is ~2 s of `launch/status.py`: one POST with Python's urllib, for a plain http://
+    server used without credentials or TLS settings. None whenever that does not apply or
+    does not work (a stock server, a refused or failed request): the caller asks MLflow."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    settings = [
+        k for k in os.environ if k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_TRACKING_URI"
+    ]
+    if not uri.startswith("http://") or settings:
+        return None
+    payload = {"experiment_name": experiment, "key": key, "value": value, "params": False}
+    request = urllib.request.Request(
+        uri.rstrip("/") + SEARCH_TAGGED,
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    except (OSError, ValueError):  # urllib's errors (HTTP ones included) are OSErrors
+        return None
+    return _lean_runs(answer)
+
+
 def search_tagged(
     client: Any, experiment_id: str, key: str, value: str | None, params: bool
 ) -> list[LeanRun] | None:
@@ -113,8 +145,10 @@ def search_tagged(
     has no bulk route."""
     payload = {"experiment_id": experiment_id, "key": key, "value": value, "params": params}
     answer = _post(client, SEARCH_TAGGED, payload, retries=5)
-    if answer is None:
-        return None
+    return None if answer is None else _lean_runs(answer)
+
+
+def _lean_runs(answer: dict) -> list[LeanRun]:
     common = answer["common_tags"]
     return [
         LeanRun(

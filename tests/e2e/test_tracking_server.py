@@ -5,6 +5,7 @@ and the launcher's runs made through it are what MLflow's own calls make, in few
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing
 import re
@@ -325,6 +326,46 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
     assert math.isnan(by_id[first].data.metrics["val/acc1"])
     assert by_id[made[grid.rows[2].id]].data.metrics["val/acc1"] == 0.5
 
+    # status's read, without MLflow's client: the same runs; none for an unknown experiment;
+    # not tried with credentials in the environment (MLflow's client handles those)
+    from kd.tracking import server_bulk
+
+    light = server_bulk.search_tagged_light(uri, grid.experiment, f"{TAG}.grid", grid.name)
+    assert light is not None
+    assert [(r.info, r.data.tags) for r in light] == [(r.info, r.data.tags) for r in found]
+    assert math.isnan(next(r for r in light if r.info.run_id == first).data.metrics["val/acc1"])
+    assert server_bulk.search_tagged_light(uri, "no-such-experiment", f"{TAG}.grid", "x") == []
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_TOKEN", "t")
+        assert (
+            server_bulk.search_tagged_light(uri, grid.experiment, f"{TAG}.grid", grid.name) is None
+        )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(REPO / "launch" / "status.py"),
+            grid.file,
+            "--tracking-uri",
+            uri,
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert not [m for m in modules if m.split(".")[0] == "mlflow"]
+    assert len(json.loads(done.stdout)) == len(grid.rows)
+
     # --cancel in one request: what Tracker.cancel_run leaves, a finished run left alone
     from kd.tracking import CANCEL_REASON, CANCELLED, CancelRuns
 
@@ -351,6 +392,12 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
         assert run.data.tags[CANCELLED].isdigit()
 
 
+def server_bulk_light(uri: str, grid) -> list | None:
+    from kd.tracking import server_bulk
+
+    return server_bulk.search_tagged_light(uri, grid.experiment, f"{TAG}.grid", grid.name)
+
+
 def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):
     """Without kdgrid's routes (a plain `mlflow server`) the launcher sends MLflow's requests."""
     monkeypatch.setattr(server, "kdgrid_app_installed", lambda: False)
@@ -361,6 +408,7 @@ def test_a_stock_mlflow_server_gets_the_rest_api(tmp_path, monkeypatch):
         tracker, grid, _, made, one, sent = _launch_runs(folder, info["uri"], tmp_path, 4, "stock")
         assert sent.count("POST /kdgrid/api/1/runs/create-many") == 1  # answered 404
         assert sent.count("POST /api/2.0/mlflow/runs/create") == 3
+        assert server_bulk_light(info["uri"], grid) is None  # 404: MLflow's client instead
         _compare_bulk_runs(tracker, grid, made, one)
         jobs = {run_id: {f"{TAG}.job_id": "7"} for run_id in made.values()}
         tracker.set_tags_many(jobs)

@@ -101,3 +101,20 @@ def test_small_grids_failed_loads_and_the_switch_are_not_cached(grid_file, monke
         with pytest.raises(GridError, match="bogus"):
             cache.load_grid_cached(grid_file, **OPTIONS)
     assert len(made) == 4 and not list(cache.cache_folder().glob("*.pickle"))
+
+
+def test_a_launch_leaves_the_grid_where_status_reads_it(grid_file, monkeypatch):
+    """The launcher's fully checked grid, kept for status (`keep_for_readers`): status's
+    first read makes no load; the checks a launch makes add problems, never change rows."""
+    from kd.data import generate_dataset
+
+    root = generate_dataset("imagefolder", grid_file.parent / "d", num_classes=2, image_size=16)
+    monkeypatch.setenv("KDGRID_TEST_ROOT", str(root.root))
+    checked = load_grid(grid_file, ["train.epochs=2"], smoke=False, seeds=2, check_models=False)
+    cache.keep_for_readers(checked, grid_file, checked.overrides, smoke=False, seeds=2)
+    made = loads(monkeypatch)
+    read = cache.load_grid_cached(
+        grid_file, ["train.epochs=2"], smoke=False, check_data=False, check_models=False, seeds=2
+    )
+    assert made == [] and read == checked
+    assert load_grid(grid_file, ["train.epochs=2"], seeds=2, **OPTIONS) == checked
