@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,8 @@ class Prepared:
     uri: str
     active_deps: dict[str, str]  # dependency row -> job id still queued from an earlier launch
     parent_run_id: str
+    # SLURM: the cluster's limits, read while the runs are recorded (five commands, ~0.4 s)
+    limits: Future | None = None
 
 
 def launch(grid: Grid, options: LaunchOptions) -> int:
@@ -325,6 +328,11 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
             and d.previous.status in ("SCHEDULED", "RUNNING")
         ):
             tracker.mark(d.previous.run_id, "KILLED", "its process or job is gone")
+    limits = None
+    if options.executor == "slurm":
+        limits = ThreadPoolExecutor(max_workers=1).submit(
+            read_limits, [row.config.resources.qos for row in to_run]
+        )
     if grid.smoke:
         from kd.smoke import prepare_smoke_data
 
@@ -354,7 +362,7 @@ def _prepare(grid: Grid, options: LaunchOptions) -> Prepared | int:
         for d in decisions
         if d.action == "skip_active" and d.previous is not None and d.previous.job_id
     }
-    return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent)
+    return Prepared(grid, to_run, run_ids, tracker, uri, active_deps, parent, limits)
 
 
 def resumable_runs(decisions: list[Decision]) -> dict[str, str]:
@@ -439,7 +447,11 @@ def _submit(prepared: Prepared, options: LaunchOptions, env: dict[str, str]) -> 
     try:
         # sbatch copies this environment into each job: the snapshot on PYTHONPATH
         with _interrupts_raise(), exported(env):
-            limits = read_limits(row.config.resources.qos for row in to_run)
+            limits = (
+                prepared.limits.result()
+                if prepared.limits is not None
+                else read_limits(row.config.resources.qos for row in to_run)
+            )
             submit_rows(
                 to_run,
                 run_ids,

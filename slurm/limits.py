@@ -122,10 +122,14 @@ def association_limits(user: str) -> tuple[list[tuple[str, int]], set[str]]:
     return limits, default_qos
 
 
-def qos_limits(names: Iterable[str]) -> list[tuple[str, int]]:
-    """(limit name, value) of the named QOSes' per-user and group submit limits."""
+QOS_COMMAND = ["sacctmgr", "-nP", "show", "qos", "format=Name,MaxSubmitPU,GrpSubmit"]
+
+
+def qos_limits(names: Iterable[str], out: str | None = None) -> list[tuple[str, int]]:
+    """(limit name, value) of the named QOSes' per-user and group submit limits (`out`:
+    QOS_COMMAND's output, when it was run already)."""
     names = set(names)
-    out = _run(["sacctmgr", "-nP", "show", "qos", "format=Name,MaxSubmitPU,GrpSubmit"])
+    out = _run(QOS_COMMAND) if out is None else out
     limits = []
     for line in (out or "").splitlines():
         fields = line.split("|")
@@ -138,21 +142,32 @@ def qos_limits(names: Iterable[str]) -> list[tuple[str, int]]:
 
 
 def read_limits(qos: Iterable[str | None] = ()) -> ClusterLimits:
-    """The limits that apply to this user's next submission (rows' `resources.qos` values)."""
-    config = parse_config(_run(["scontrol", "show", "config"]) or "")
-    max_array = _number(config.get("MaxArraySize", "")) or DEFAULT_MAX_ARRAY_SIZE
+    """The limits that apply to this user's next submission (rows' `resources.qos` values).
+
+    The five commands (scontrol, two sacctmgr, two squeue) run at once: one after the other
+    they took ~0.5 s of a 10,000-row launch."""
+    from concurrent.futures import ThreadPoolExecutor
+
     user = current_user()
-    per_user, default_qos = association_limits(user)
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        config_out = pool.submit(_run, ["scontrol", "show", "config"])
+        association = pool.submit(association_limits, user)
+        qos_out = pool.submit(_run, QOS_COMMAND)
+        mine_count = pool.submit(count_jobs, user)
+        all_count = pool.submit(count_jobs, None)
+    config = parse_config(config_out.result() or "")
+    max_array = _number(config.get("MaxArraySize", "")) or DEFAULT_MAX_ARRAY_SIZE
+    per_user, default_qos = association.result()
     qos_names = {q for q in qos if q} or default_qos
-    per_user += qos_limits(qos_names)
+    per_user += qos_limits(qos_names, qos_out.result() or "")
     bounds: list[tuple[str, int]] = []
     if per_user:
-        mine = count_jobs(user)
+        mine = mine_count.result()
         if mine is not None:
             bounds += [(name, value - mine) for name, value in per_user]
     max_jobs = _number(config.get("MaxJobCount", ""))
     if max_jobs is not None:
-        everyone = count_jobs(None)
+        everyone = all_count.result()
         if everyone is not None:
             # slurmctld refuses a job that would bring its records to MaxJobCount itself
             bounds.append(("MaxJobCount", max_jobs - everyone - 1))
