@@ -153,13 +153,18 @@ def job_states(
     accounting does not say how it ended (a lost controller state, a cluster without
     accounting): the controller lists every job it holds. When `squeue` does not answer (no
     controller), absence proves nothing and an unknown id stays unknown."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ids = sorted({j for j in job_ids if j and not j.startswith("local-")})
     if not ids or shutil.which("sacct") is None:
         return {}
-    try:
-        out = _sacct(ids)
-    except subprocess.TimeoutExpired:  # slurmdbd slow or away: squeue still says who is alive
-        out = ""
+    with ThreadPoolExecutor(max_workers=1) as pool:  # squeue beside sacct: ~0.15 s less
+        queued_later = pool.submit(_queued, ids)
+        try:
+            out = _sacct(ids)
+        except subprocess.TimeoutExpired:  # slurmdbd slow or away: squeue says who is alive
+            out = ""
+        queued = queued_later.result()
     states: dict[str, JobState] = {}
     for line in out.splitlines():
         parts = line.split("|", 7)
@@ -184,7 +189,6 @@ def job_states(
     # squeue is the controller's own view of live jobs; sacct (slurmdbd) lags it by seconds and
     # does not know a job submitted a moment ago at all. A job squeue lists as ended is left to
     # sacct, which says how (by whom it was cancelled, why).
-    queued = _queued(ids)
     for job_id, (state, reason, nodes, name) in (queued or {}).items():
         if state in TERMINAL:
             continue

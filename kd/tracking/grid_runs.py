@@ -35,9 +35,13 @@ def latest_grid_runs(
     db = sqlite_path(tracking_uri)
     runs = None  # a SQLite file or a kdgrid server is read without MLflow (no 2-7 s import);
     if db is not None and not params:  # params need MLflow
-        runs = sqlite_read.search_tagged(db, experiment, f"{TAG}.grid", grid_name)
+        runs = sqlite_read.search_tagged(
+            db, experiment, f"{TAG}.grid", grid_name, latest_by=f"{TAG}.key"
+        )
     elif is_server_uri(tracking_uri) and not params:
-        runs = server_bulk.search_tagged_light(tracking_uri, experiment, f"{TAG}.grid", grid_name)
+        runs = server_bulk.search_tagged_light(
+            tracking_uri, experiment, f"{TAG}.grid", grid_name, latest_by=f"{TAG}.key"
+        )
     if runs is None:
         tracker = Tracker(tracking_uri)
         experiment_id = tracker.experiment_id(experiment)

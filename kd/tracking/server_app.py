@@ -30,6 +30,7 @@ from kd.tracking.server_bulk import (
     CREATE_RUNS,
     SEARCH_TAGGED,
     SET_TAGS,
+    newest_per_tag,
     runs_to_json,
 )
 
@@ -88,9 +89,10 @@ def set_tags() -> Any:
 
 
 def search_tagged() -> Any:
-    """{"experiment_id" or "experiment_name", "key", "value", "params"} -> {"runs": [...]}: the
-    active runs whose tag `key` is `value` (None: set), newest first, with tags, latest metrics
-    and (when asked) params, as `Tracker.search_tagged` returns them; none for an experiment
+    """{"experiment_id" or "experiment_name", "key", "value", "params", "latest_by"} ->
+    {"runs": [...]}: the active runs whose tag `key` is `value` (None: set), newest first, with
+    tags, latest metrics and (when asked) params, as `Tracker.search_tagged` returns them (with
+    `latest_by`, a tag name: only the newest run of each of its values); none for an experiment
     name that does not exist."""
     body = request.get_json(force=True)
 
@@ -113,6 +115,8 @@ def search_tagged() -> Any:
             body.get("value"),
             bool(body.get("params")),
         )
+        if body.get("latest_by"):
+            runs = newest_per_tag(runs, str(body["latest_by"]))
         return runs_to_json(runs)
 
     return _answer(work)

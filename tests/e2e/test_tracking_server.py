@@ -335,6 +335,10 @@ def test_a_launch_posts_its_runs_and_job_tags_in_one_request_each(tracking_serve
     assert [(r.info, r.data.tags) for r in light] == [(r.info, r.data.tags) for r in found]
     assert math.isnan(next(r for r in light if r.info.run_id == first).data.metrics["val/acc1"])
     assert server_bulk.search_tagged_light(uri, "no-such-experiment", f"{TAG}.grid", "x") == []
+    newest = server_bulk.search_tagged_light(
+        uri, grid.experiment, f"{TAG}.grid", grid.name, latest_by=f"{TAG}.key"
+    )
+    assert [r.info.run_id for r in newest] == [r.info.run_id for r in found]  # one run per key
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_TOKEN", "t")
         assert (

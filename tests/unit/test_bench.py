@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,7 @@ def test_lean_search_equals_mlflow_search(launch_grid, empty_store) -> None:
     from mlflow.entities import Metric
 
     from kd.tracking import TAG, Tracker
+    from kd.tracking.records import latest_by_key
 
     folder, grid = launch_grid
     tracker = Tracker(fresh_store(empty_store, folder / "search.db"))
@@ -386,6 +388,27 @@ def test_lean_search_equals_mlflow_search(launch_grid, empty_store) -> None:
     assert by_id[second].info.status == "FAILED"
     keyed = tracker.search_tagged(experiment, f"{TAG}.key")
     assert {r.info.run_id for r in keyed} == {r.info.run_id for r in lean}
+
+    # status reads only the newest run of each key: the runs latest_by_key picks from all
+    time.sleep(0.01)
+    again = tracker.create_row_runs(experiment, grid.rows[3:5], executor="slurm")  # relaunched
+    db = sqlite_path(tracker.uri)
+    everything = sqlite_read.search_tagged(db, grid.experiment, f"{TAG}.grid", grid.name)
+    newest = sqlite_read.search_tagged(
+        db, grid.experiment, f"{TAG}.grid", grid.name, latest_by=f"{TAG}.key"
+    )
+    picked = {r.run_id for r in latest_by_key(everything).values()}
+    assert newest is not None and [r.info.run_id for r in newest] == [
+        r.info.run_id for r in everything if r.info.run_id in picked
+    ]
+    assert set(again.values()) <= picked and len(newest) == len(everything) - 2
+    for ours, theirs in zip(
+        newest, [r for r in everything if r.info.run_id in picked], strict=True
+    ):
+        assert (
+            ours.data.tags == theirs.data.tags
+            and ours.data.metrics.keys() == theirs.data.metrics.keys()
+        )
 
 
 # --------------------------------------------------------------------------------------------
