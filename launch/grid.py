@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         feed_interval_s=args.feed_interval,
     )
     status = launch(grid, options)
-    from kd.grid.cache import keep_for_readers  # status's first read of a large grid: fast
+    if status != 2:  # launched (bad input leaves nothing behind, not even a cache entry)
+        from kd.grid.cache import keep_for_readers  # status's first read of a large grid: fast
 
-    keep_for_readers(grid, args.grid, grid.overrides, smoke=args.smoke, seeds=args.seeds)
+        keep_for_readers(grid, args.grid, grid.overrides, smoke=args.smoke, seeds=args.seeds)
     return status
 
 
