@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import hashlib
 import os
 import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kd.grid.load import load_grid
+from kd.grid.load import gc_paused, load_grid
 from kd.grid.rows import Grid
 
 CACHE_MIN_ROWS = 1000
@@ -123,23 +122,10 @@ def _kd_source_hash() -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Unpickling 10,000 rows makes a million objects: the collector would walk them again
-    and again (as in `load_grid`)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _read(file: Path) -> Grid | None:
     """The cached grid, or None (missing, unreadable, or not a grid: then it is loaded anew)."""
     try:
-        with open(file, "rb") as handle, _gc_paused():
+        with open(file, "rb") as handle, gc_paused():
             grid = pickle.load(handle)
     except FileNotFoundError:
         return None
