@@ -28,12 +28,24 @@ class BulkUnsupported(RuntimeError):
     """This MLflow's tables do not take the bulk insert; nothing was written."""
 
 
+def _database_store(store: Any) -> None:
+    """Raise BulkUnsupported unless `store` is MLflow's SQL store (a kdgrid server may run on
+    any backend MLflow has)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError as exc:
+        raise BulkUnsupported(exc) from None
+    if not isinstance(store, SqlAlchemyStore):
+        raise BulkUnsupported(f"{type(store).__name__} is not a database store")
+
+
 def search_tagged_sql(
     store: Any, experiment_id: str, key: str, value: str | None, params: bool = False
 ) -> list:
     """`Tracker.search_tagged` in three or four SELECTs: the runs, their tags, latest metrics,
     and their params only when asked (a row has ~90: most of the rows read for a 10,000-row
     grid, and status, the table and the planner read none)."""
+    _database_store(store)
     db = sqlite_path(getattr(store, "db_uri", "") or "")
     if db is not None and not params:  # Python's sqlite3: a third of SQLAlchemy's time
         found = sqlite_read.search_tagged_by_id(db, experiment_id, key, value)
@@ -126,15 +138,13 @@ def insert_runs(
     try:
         from mlflow.entities import LifecycleStage, SourceType
         from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
         from mlflow.utils.uri import append_to_uri_path
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag  # noqa: F401
         from sqlalchemy import insert
     except ImportError as exc:
         raise BulkUnsupported(exc) from None
-    if not isinstance(store, SqlAlchemyStore):
-        raise BulkUnsupported(f"{type(store).__name__} is not a database store")
+    _database_store(store)
     experiment = store.get_experiment(experiment_id)
     if experiment.lifecycle_stage != LifecycleStage.ACTIVE:
         raise ValueError(f"experiment {experiment_id} is {experiment.lifecycle_stage}")
@@ -254,6 +264,7 @@ def _insert_many(
 
 def replace_tags(store: Any, tags_by_run: Mapping[str, Mapping[str, str]]) -> None:
     """Set the tags of many runs in one transaction (a tag already there is replaced)."""
+    _database_store(store)
     try:
         from mlflow.store.tracking.dbmodels.models import SqlTag
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag  # noqa: F401
@@ -306,12 +317,10 @@ def cancel_runs(store: Any, run_ids: list[str], tags: Mapping[str, str]) -> set[
     that finished meanwhile is left as it is. The ids of the runs closed."""
     try:
         from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         from sqlalchemy import delete, insert, select, update
     except ImportError as exc:
         raise BulkUnsupported(exc) from None
-    if not isinstance(store, SqlAlchemyStore):
-        raise BulkUnsupported(f"{type(store).__name__} is not a database store")
+    _database_store(store)
     now = int(time.time() * 1000)
     closed: set[str] = set()
     with store.ManagedSessionMaker(read_only=False) as session:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd.tracking import server_bulk, sqlite_read
-from kd.tracking.records import CANCELLED, TAG, RunRecord, latest_by_key
+from kd.tracking.records import TAG, RunRecord, cancel_tags, latest_by_key
 from kd.tracking.uri import is_server_uri, sqlite_path
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class SqliteRuns:
         10,000-row grid, not one each: 22 s), except those that finished meanwhile; the ids
         of the runs closed."""
         now = int(time.time() * 1000)
-        tags = {CANCELLED: str(now), f"{TAG}.failure_reason": reason[:5000]}
+        tags = cancel_tags(reason, now)
         try:
             with contextlib.closing(sqlite3.connect(self.db, timeout=BUSY_TIMEOUT_S)) as conn:
                 conn.execute("BEGIN IMMEDIATE")
@@ -102,7 +102,7 @@ class CancelRuns:
             return done
         tracker = self._mlflow()
         if is_server_uri(self.uri):  # a kdgrid server closes them in one request
-            tags = {CANCELLED: str(int(time.time() * 1000)), f"{TAG}.failure_reason": reason}
+            tags = cancel_tags(reason, int(time.time() * 1000))
             done = server_bulk.cancel_runs(tracker.client, run_ids, tags)
             if done is not None:
                 return done

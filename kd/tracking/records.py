@@ -15,6 +15,16 @@ TAG = "kdgrid"  # tag namespace
 # (or opens its run) after that sees it and does not train (kd.train.runner)
 CANCELLED = f"{TAG}.cancelled"
 CANCEL_REASON = "cancelled with launch/grid.py --cancel"
+REASON_MAX_CHARS = 5000  # a failure reason kept in a tag is cut here
+
+
+def cancel_tags(reason: str, now_ms: int) -> dict[str, str]:
+    """The tags `--cancel` puts on a run it closes, whichever way it closes it (MLflow's calls,
+    sqlite3, a kdgrid server): when (a job that opens the run from then on does not train) and
+    why."""
+    return {CANCELLED: str(now_ms), f"{TAG}.failure_reason": reason[:REASON_MAX_CHARS]}
+
+
 # A row run's tags about its process or job (`kdgrid.<name>`), and the --cancel that stopped
 # it: dropped when the run is reopened
 JOB_TAGS = (

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kd.rowfiles import ROW_YAML
 from kd.tracking.metadata import row_params, row_yaml
-from kd.tracking.records import CANCELLED, TAG
+from kd.tracking.records import CANCELLED, REASON_MAX_CHARS, TAG
 from kd.tracking.uri import is_server_uri
 
 if TYPE_CHECKING:
@@ -279,5 +279,5 @@ class RowRun:
             monitor.finish()
         self.flush(wait=True)
         if reason:
-            self.set_tag(f"{TAG}.failure_reason", reason[:5000])
+            self.set_tag(f"{TAG}.failure_reason", reason[:REASON_MAX_CHARS])
         self._retry(self.client.set_terminated, self.run_id, status=status)

@@ -77,12 +77,7 @@ def set_tags() -> Any:
     tags = {str(run_id): dict(t) for run_id, t in body["tags"].items()}
 
     def work() -> dict:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = _store()
-        if not isinstance(store, SqlAlchemyStore):
-            raise bulk.BulkUnsupported(f"{type(store).__name__} is not a database store")
-        bulk.replace_tags(store, tags)
+        bulk.replace_tags(_store(), tags)
         return {}
 
     return _answer(work)
@@ -97,11 +92,7 @@ def search_tagged() -> Any:
     body = request.get_json(force=True)
 
     def work() -> dict:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
         store = _store()
-        if not isinstance(store, SqlAlchemyStore):
-            raise bulk.BulkUnsupported(f"{type(store).__name__} is not a database store")
         experiment_id = body.get("experiment_id")
         if experiment_id is None:
             experiment = store.get_experiment_by_name(str(body["experiment_name"]))

@@ -23,7 +23,16 @@ from kd.tracking.metadata import (
     launcher_identity,
     row_tags,
 )
-from kd.tracking.records import CANCELLED, JOB_TAGS, TAG, RunRecord, latest_by_key, run_record
+from kd.tracking.records import (
+    CANCELLED,
+    JOB_TAGS,
+    REASON_MAX_CHARS,
+    TAG,
+    RunRecord,
+    cancel_tags,
+    latest_by_key,
+    run_record,
+)
 from kd.tracking.uri import is_server_uri, sqlite_path
 
 if TYPE_CHECKING:
@@ -307,15 +316,13 @@ class Tracker:
     def mark(self, run_id: str, status: str, reason: str | None = None) -> None:
         """End a run that will not (or did not) finish by itself."""
         if reason:
-            self.client.set_tag(run_id, f"{TAG}.failure_reason", reason[:5000])
+            self.client.set_tag(run_id, f"{TAG}.failure_reason", reason[:REASON_MAX_CHARS])
         self.client.set_terminated(run_id, status=status)
 
     def cancel_run(self, run_id: str, reason: str) -> None:
         """Close a run as `--cancel` does: the cancel tag first (a job that opens the run from
         now on sees it and does not train: `RowRun.cancelled`), then KILLED."""
-        self.set_tags(
-            run_id, {CANCELLED: str(int(time.time() * 1000)), f"{TAG}.failure_reason": reason}
-        )
+        self.set_tags(run_id, cancel_tags(reason, int(time.time() * 1000)))
         self.client.set_terminated(run_id, status="KILLED")
 
     def cancelled(self, run_id: str) -> bool:
@@ -327,7 +334,9 @@ class Tracker:
         and one for the status on a database store, else in parallel."""
         run_ids = list(run_ids)
         if reason:
-            self.set_tags_many({r: {f"{TAG}.failure_reason": reason[:5000]} for r in run_ids})
+            self.set_tags_many(
+                {r: {f"{TAG}.failure_reason": reason[:REASON_MAX_CHARS]} for r in run_ids}
+            )
         self._for_many(
             run_ids,
             lambda store: bulk.end_runs(store, run_ids, status),
