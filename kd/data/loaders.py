@@ -89,36 +89,49 @@ class LabeledImages(Dataset):
         self.augment_seed[0] = 1
 
     @contextlib.contextmanager
-    def _seeded(self, index: int) -> Iterator[None]:
-        """`random`, numpy and torch seeded for this image (what timm's transforms draw from).
-        In the training process itself (no workers) its own streams are restored afterwards,
-        so mixup and random erasing draw what they would have drawn."""
-        seeded, seed, epoch = self.augment_seed.tolist()
-        if not seeded:
+    def _training_rngs_kept(self) -> Iterator[None]:
+        """In the training process itself (no workers) its own `random`, numpy and torch
+        streams are restored afterwards, so that mixup and random erasing draw what they would
+        have drawn. Saving and restoring them costs about 10 % of a small model's step on
+        one CPU, so a batch (`__getitems__`) does it once, not once per image."""
+        seeded = bool(self.augment_seed[0])
+        if not seeded or get_worker_info() is not None:
             yield
             return
-        words = np.random.SeedSequence((seed, epoch, index)).generate_state(2)
-        mixed = int(words[0]) << 32 | int(words[1])
-        in_worker = get_worker_info() is not None
-        saved = (
-            None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        )
-        random.seed(mixed)
-        np.random.seed(int(words[0]))
-        torch.default_generator.manual_seed(mixed)  # the CPU's; the GPU's streams are not touched
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         try:
             yield
         finally:
-            if saved is not None:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+    def _seed_image(self, index: int) -> None:
+        """`random`, numpy and torch seeded for this image (what timm's transforms draw from),
+        from (seed, epoch, index) alone, once `seed_augmentations` was called."""
+        seeded, seed, epoch = self.augment_seed.tolist()
+        if not seeded:
+            return
+        words = np.random.SeedSequence((seed, epoch, index)).generate_state(2)
+        mixed = int(words[0]) << 32 | int(words[1])
+        random.seed(mixed)
+        np.random.seed(int(words[0]))
+        torch.default_generator.manual_seed(mixed)  # the CPU's; the GPU's streams are not touched
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        with self._training_rngs_kept():
+            return self._seeded_item(index)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, int]]:
+        """A batch, for the DataLoader's fetcher: the same pairs as `__getitem__` one by one."""
+        with self._training_rngs_kept():
+            return [self._seeded_item(index) for index in indices]
+
+    def _seeded_item(self, index: int) -> tuple[Any, int]:
         if self.cache is not None and (cached := self.cache.get(index)) is not None:
             return cached
-        with self._seeded(index):
-            image, label = self._item(index)
+        self._seed_image(index)
+        image, label = self._item(index)
         if self.cache is not None:
             self.cache.put(index, image, label)
         return image, label

@@ -257,6 +257,22 @@ def test_seeded_augmentations_leave_the_training_process_rngs_alone(copies):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     data[0], data[1]  # noqa: B018 - read in this process, as a loader without workers does
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    data.__getitems__([0, 1])  # what the DataLoader's fetcher calls for a batch
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_batch_fetch_augments_each_image_as_one_by_one(copies):
+    """`__getitems__` (the DataLoader's batch fetch) seeds each image as `__getitem__` does."""
+    transform = build_transforms(train=True, img_size=24, mean=MEAN, std=STD)
+    data = load_split(copies["cub"], "train", transform=transform)
+    data.seed_augmentations(3, 2)
+    indices = [2, 0, 1, 2]
+    batch = data.__getitems__(indices)
+    for index, (image, label) in zip(indices, batch, strict=True):
+        alone, alone_label = data[index]
+        assert torch.equal(image, alone) and label == alone_label
+    assert not torch.equal(batch[0][0], batch[1][0])
 
 
 def test_mixup_only_when_an_alpha_is_set():
