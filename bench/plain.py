@@ -119,7 +119,7 @@ class PlainLoop:
         self.erase = None
         if tcfg.re_prob > 0:
             self.erase = RandomErasing(tcfg.re_prob, mode="pixel", device=device)
-        self.channels_last = device.type == "cuda" and tcfg.channels_last
+        self.channels_last = tcfg.channels_last
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:

@@ -129,7 +129,7 @@ class TrainConfig:
     ema: bool = False  # keep an exponential moving average of the student
     ema_decay: float = 0.9998
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # student, teacher and batches (CUDA and CPU)
     compile: bool = False  # torch.compile student and teacher (CUDA only)
     seed: int = 0
     # head: only the classifier head learns (a linear probe: the backbone is frozen, in eval mode)
@@ -171,6 +171,9 @@ class PaperConfig:
     acc5: float | None = None
     loss: float | None = None
     params: str | None = None  # as printed, e.g. "87M"
+    # the row whose acc@1 this row's gain is measured against in the replicate table, seed by
+    # seed (a paired difference: rows that share a seed share its initial weights and batch order)
+    baseline: str | None = None
 
 
 @dataclass(frozen=True)

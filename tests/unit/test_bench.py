@@ -90,6 +90,7 @@ def test_step_reports_project_and_plain_throughput(cli, capsys, tmp_path: Path) 
     assert r["teacher"] == "convnext_atto"
     assert r["kd"] == {"ce": 0.5, "deit_hard": 0.5}
     assert (r["batch_size"], r["img_size"], r["precision"], r["device"]) == (8, 32, "fp32", "cpu")
+    assert r["channels_last"] is True  # train.channels_last (default on) applies on CPU too
     positive(
         r,
         "project_img_per_s",
