@@ -1,6 +1,8 @@
 """The table of a grid with replicates (`seeds: N`): one line per row, its replicates' acc@1
 summarised (mean ± std, n, 95 % t interval, kd/stats.py) and whether the paper's number lies in
-that interval; the plot draws each row's mean with its interval as an error bar.
+that interval; the plot draws each row's mean with its interval as an error bar. A row with
+`paper.baseline` also gets its gain over that row: the mean and t interval of the per-seed
+differences (seed i against seed i), beside the paper's own gain.
 
 Only finished replicates are counted; the state column says how many of the row's replicates
 finished and what the others are doing, so a mean over fewer seeds is never hidden.
@@ -9,6 +11,7 @@ finished and what the others are doing, so a mean over fewer seeds is never hidd
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -30,6 +33,10 @@ class AggregateRow(RowHeading):  # label and id: the row's, before replication
     paper_acc1: float | None
     state: str  # "3/3 finished", "2/3 finished, 1 running"
     stale: tuple[str, ...] = ()  # ids of replicates trained from a since replaced checkpoint
+    # `paper.baseline`: acc@1 minus the baseline row's, seed by seed (the seeds both finished)
+    baseline: str | None = None  # the baseline row's label
+    gain: Summary = Summary(0, None, None, None, None)
+    paper_gain: float | None = None  # the paper's acc@1 minus the baseline's paper acc@1
 
     @property
     def paper_in_interval(self) -> bool | None:
@@ -55,16 +62,47 @@ def _state(lines: Sequence[TableRow]) -> str:
     return f"{finished}/{len(lines)} finished" + (f", {others}" if others else "")
 
 
+def _by_seed(grid: Grid, lines: Sequence[TableRow]) -> dict[int, float]:
+    """Seed index -> acc@1 of a row's finished replicates (a row without replicates: seed 0)."""
+    return {
+        grid.replicate_of[line.id][2] if line.id in grid.replicate_of else 0: line.acc1
+        for line in lines
+        if line.state == "finished" and line.acc1 is not None
+    }
+
+
+def _gain(
+    row: AggregateRow, seeds: dict[int, float], baseline: AggregateRow, base_seeds: dict[int, float]
+) -> AggregateRow:
+    """`row` with its paired gain over `baseline`: the t interval of the per-seed differences.
+    Pairing removes what the two rows' seeds share (initial weights, batch order), so a gain
+    can be clear while the rows' own intervals overlap."""
+    shared = sorted(seeds.keys() & base_seeds.keys())
+    papers = (row.paper_acc1, baseline.paper_acc1)
+    return dataclasses.replace(
+        row,
+        baseline=baseline.label,
+        gain=summarize([seeds[i] - base_seeds[i] for i in shared]),
+        paper_gain=None if None in papers else papers[0] - papers[1],
+    )
+
+
 def aggregate(grid: Grid, table: Sequence[TableRow]) -> list[AggregateRow]:
-    """`results.build_table`'s lines grouped by the row they replicate, in grid order."""
+    """`results.build_table`'s lines grouped by the row they replicate, in grid order; a row
+    with `paper.baseline` also gets its gain over that row, paired by seed."""
     by_id = {line.id: line for line in table}
     out = []
+    seeds: dict[str, dict[int, float]] = {}
+    baselines: dict[str, str] = {}
     for base_id, rows in grid.replicate_groups().items():
+        if rows[0].config.paper.baseline is not None:
+            baselines[base_id] = rows[0].config.paper.baseline
         lines = [by_id[row.id] for row in rows]
         done = [line for line in lines if line.state == "finished" and line.acc1 is not None]
         first = lines[0]
         label = grid.replicate_of[first.id][1] if first.id in grid.replicate_of else first.label
         values = tuple(line.acc1 for line in done if line.acc1 is not None)
+        seeds[base_id] = _by_seed(grid, lines)
         out.append(
             AggregateRow(
                 label=label,
@@ -83,7 +121,13 @@ def aggregate(grid: Grid, table: Sequence[TableRow]) -> list[AggregateRow]:
                 stale=tuple(line.id for line in lines if line.stale),
             )
         )
-    return out
+    by_base = {row.id: row for row in out}
+    return [
+        _gain(row, seeds[row.id], by_base[baselines[row.id]], seeds[baselines[row.id]])
+        if baselines.get(row.id) in by_base
+        else row
+        for row in out
+    ]
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -92,9 +136,18 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 COLUMNS = [
     "label", "model", "distillation", "recipe", "init", "img", "acc@1 mean ± std", "n",
-    "95% interval", "paper acc@1", "paper in interval", "acc@1 per seed", "acc@5", "test loss",
-    "state",
+    "95% interval", "paper acc@1", "paper in interval", "gain over baseline (paired)",
+    "paper gain", "acc@1 per seed", "acc@5", "test loss", "state",
 ]  # fmt: skip
+
+
+def _gain_cell(row: AggregateRow) -> str:
+    """'+0.51 [+0.32, +0.70] over C-CE, 3 seeds'; '-' without a baseline or a shared seed."""
+    g = row.gain
+    if row.baseline is None or g.mean is None:
+        return "-"
+    interval = "" if g.low is None else f" [{g.low:+.2f}, {g.high:+.2f}]"
+    return f"{g.mean:+.2f}{interval} over {row.baseline}, {g.n} seed{'s' * (g.n != 1)}"
 
 
 def _cells(row: AggregateRow) -> list[str]:
@@ -112,6 +165,8 @@ def _cells(row: AggregateRow) -> list[str]:
         "-" if s.low is None else f"[{s.low:.2f}, {s.high:.2f}]",
         _num(row.paper_acc1),
         "-" if inside is None else ("yes" if inside else "no"),
+        _gain_cell(row),
+        "-" if row.paper_gain is None else f"{row.paper_gain:+.2f}",
         ", ".join(f"{v:.2f}" for v in row.acc1_values) or "-",
         _num(row.acc5),
         _num(row.loss, 3),

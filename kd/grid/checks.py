@@ -13,6 +13,7 @@ from kd.loss_terms import NEEDS_TEACHER, check_terms
 
 # a replicate (`seeds:`) adds `@s<i>` to its row's id (kd/grid/replicates.py)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(@s[0-9]+)?$")
+REPLICATE_SUFFIX = re.compile(r"@s[0-9]+$")
 
 
 def check_rows(
@@ -90,6 +91,16 @@ def check_references(
             )
         if ref.row is not None and ref.row == cfg.id:
             problems.append(f"{where}: {section}.row: a row cannot depend on itself")
+    baseline = cfg.paper.baseline
+    if baseline is not None:
+        rows = {REPLICATE_SUFFIX.sub("", row_id) for row_id in known}
+        if baseline not in rows:
+            problems.append(
+                f"{where}: paper.baseline: no row '{baseline}' in this grid"
+                f"{C.closest(baseline, sorted(rows))}"
+            )
+        elif baseline == REPLICATE_SUFFIX.sub("", cfg.id):
+            problems.append(f"{where}: paper.baseline: a row cannot be its own baseline")
     return problems
 
 

@@ -126,7 +126,7 @@ def suffix_ids(row: dict[str, Any], suffix: str, point: Sequence[tuple[Any, Any]
     row["id"] = f"{row.get('id', '')}-{suffix}"
     tag = ", ".join(f"{ov.key_or_group}={v}" for ov, v in point)
     row["label"] = f"{row.get('label', '')} [{tag}]"
-    for section in ("teacher", "init"):
+    for section, key in (("teacher", "row"), ("init", "row"), ("paper", "baseline")):
         ref = row.get(section)
-        if isinstance(ref, dict) and isinstance(ref.get("row"), str):
-            ref["row"] = f"{ref['row']}-{suffix}"
+        if isinstance(ref, dict) and isinstance(ref.get(key), str):
+            ref[key] = f"{ref[key]}-{suffix}"

@@ -190,7 +190,7 @@ def test_the_table_aggregates_replicates_and_tests_the_paper_number(tmp_path):
     assert ft.acc1.n == 0 and ft.state == "0/3 finished, 3 not run"
     text = aggregate.to_markdown(rows)
     assert (
-        "| T | resnet18 | No | - | pretrained | 384 | 90.00 ± 1.00 | 3 | [87.52, 92.48] | 90.00 | yes | 89.00, 90.00, 91.00 |"
+        "| T | resnet18 | No | - | pretrained | 384 | 90.00 ± 1.00 | 3 | [87.52, 92.48] | 90.00 | yes | - | - | 89.00, 90.00, 91.00 |"
         in text
     )
     assert "| S | resnet18 | teacher (ikd) |" in text  # the teacher row, not its replicate
@@ -200,6 +200,64 @@ def test_the_table_aggregates_replicates_and_tests_the_paper_number(tmp_path):
     assert "| no |" in aggregate.to_markdown([teacher])
     png = aggregate.plot(rows, tmp_path / "t.png", "mini")
     assert png.stat().st_size > 1000
+
+
+PAIRED = """\
+    name: paired
+    experiment: kd-paired
+    seeds: 3
+    defaults:
+      student: {model: resnet18}
+      data: {dataset: cifar10, root: /nonexistent/cifar10}
+      output_dir: out/${name}
+    rows:
+      - {id: ce, label: CE, paper: {acc1: 86.7}}
+      - {id: kd, label: KD, kd: {ce: 0.5, ikd: 0.5}, teacher: {model: resnet50},
+         paper: {acc1: 87.2, baseline: ce}}
+"""
+
+
+def test_a_baseline_row_gives_the_gain_paired_by_seed(tmp_path):
+    """Seeds that move both rows together (seed 1 low in both) leave the rows' own intervals
+    overlapping, but the per-seed differences, and so the gain's interval, are tight."""
+    from kd import aggregate, results
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(PAIRED))
+    grid = load_grid(path, check_data=False)
+    acc1 = {"ce@s0": 80.0, "ce@s1": 79.0, "ce@s2": 80.6, "kd@s0": 80.5, "kd@s1": 79.6}
+    acc1 |= {"kd@s2": 81.0}
+    ce, kd = aggregate.aggregate(grid, results.build_table(grid, summaries(grid, acc1)))
+    assert kd.acc1.low < ce.acc1.high  # the rows' intervals overlap
+    assert kd.baseline == "CE" and kd.gain.n == 3
+    assert kd.gain.mean == pytest.approx(0.5) and kd.gain.low > 0  # the paired gain is clear
+    assert kd.paper_gain == pytest.approx(0.5) and ce.baseline is None
+    cell = f"+0.50 [{kd.gain.low:+.2f}, {kd.gain.high:+.2f}] over CE, 3 seeds | +0.50 |"
+    assert cell in aggregate.to_markdown([ce, kd])
+    # only the seeds both rows finished are paired
+    del acc1["ce@s2"]
+    ce, kd = aggregate.aggregate(grid, results.build_table(grid, summaries(grid, acc1)))
+    assert kd.gain.n == 2 and kd.gain.mean == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [("cee", "no row 'cee' in this grid (did you mean 'ce'?)"), ("kd", "its own baseline")],
+)
+def test_a_baseline_that_is_no_other_row_is_an_error(tmp_path, baseline, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(PAIRED).replace("baseline: ce", f"baseline: {baseline}"))
+    with pytest.raises(GridError) as err:
+        load_grid(path, check_data=False)
+    assert "row 'kd@s0' (KD@s0): paper.baseline: " in str(err.value)
+    assert message in str(err.value)
+
+
+def test_a_swept_baseline_is_the_same_sweep_points_row(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(textwrap.dedent(PAIRED))
+    grid = load_grid(path, ["train.lr=1e-3,1e-2"], check_data=False)
+    assert grid.row("kd-lr0.01@s1").config.paper.baseline == "ce-lr0.01"
 
 
 def test_a_row_with_its_own_seeds_1_is_one_row_that_every_replicate_reads(tmp_path):
