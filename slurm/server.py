@@ -129,6 +129,13 @@ def start_local(
     ):
         return existing | {"already_running": True}
     uri = f"http://{client_host(host)}:{port}"
+    if port_taken(host, port):
+        # a server started now would fail to bind, while whatever holds the port (an older
+        # server, say) answered our health checks: the start would report another's success
+        raise RuntimeError(
+            f"port {port} on {host} is already in use: stop what listens there (an earlier "
+            f"server: launch/server.py stop --dir ITS_DIR) or pass another --port"
+        )
     prepare_database(folder, backend_uri)
     log = open(folder / "server.log", "ab")  # noqa: SIM115 - handed to the detached server
     process = subprocess.Popen(
@@ -146,13 +153,25 @@ def start_local(
         "port": port,
         "folder": str(folder),
     }
-    if not wait_healthy(uri):
+    if not wait_healthy(uri) or process.poll() is not None:
         process.terminate()
         raise RuntimeError(
-            f"the MLflow server did not answer at {uri}; see {folder / 'server.log'}"
+            f"the MLflow server did not answer at {uri}, or exited; see {folder / 'server.log'}"
         )
     _write_server(folder, info)
     return info
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on (host, port): binding it fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not taken
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def serve_in_job(folder: str, host: str, port: int, backend_uri: str | None, workers: int) -> None:

@@ -115,6 +115,17 @@ def test_stop_leaves_no_server_process_and_no_job_runners_start(tmp_path):
     assert _group_commands(info["pid"]) == []
 
 
+def test_a_start_on_a_port_another_server_holds_is_refused(tracking_server, tmp_path):
+    """The older server would answer the new one's health checks: the start must not report
+    success for a server that could not bind."""
+    _, uri = tracking_server
+    port = int(uri.rsplit(":", 1)[1])
+    with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is already in use"):
+        server.start_local(tmp_path / "second", "127.0.0.1", port)
+    assert server.read_server(tmp_path / "second") is None
+    assert server.wait_healthy(uri, 5)  # the first server is untouched
+
+
 def test_fifty_concurrent_writers_lose_nothing(tracking_server):
     _, uri = tracking_server
     client = MlflowClient(tracking_uri=uri)
