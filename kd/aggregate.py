@@ -203,7 +203,12 @@ def plot(rows: Sequence[AggregateRow], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4.5))
+    gains = [row for row in rows if row.baseline is not None]
+    fig, axes = plt.subplots(
+        1, 2 if gains else 1, figsize=(max(6, 0.8 * (len(rows) + len(gains)) + 3), 4.5),
+        width_ratios=[len(rows), max(len(gains), 2)] if gains else None, squeeze=False,
+    )  # fmt: skip
+    ax = axes[0][0]
     shown: set[str] = set()
 
     def once(label: str) -> str | None:  # each legend entry once
@@ -232,9 +237,34 @@ def plot(rows: Sequence[AggregateRow], path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    if gains:
+        _plot_gains(axes[0][1], gains)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_gains(ax, rows: Sequence[AggregateRow]) -> None:
+    """Each row's gain over its baseline, paired by seed, with its 95 % interval, beside the
+    paper's gain: an interval clear of the zero line is an ordering that holds at 95 %."""
+    for x, row in enumerate(rows):
+        g = row.gain
+        if g.mean is None:
+            continue
+        error = None if g.low is None else [[g.mean - g.low], [g.high - g.mean]]
+        ax.errorbar([x], [g.mean], yerr=error, fmt="o", color="#2f6fba", capsize=5,
+                    label="measured" if x == 0 else None)  # fmt: skip
+    papers = [(x, r.paper_gain) for x, r in enumerate(rows) if r.paper_gain is not None]
+    if papers:
+        ax.scatter(*zip(*papers, strict=True), marker="x", s=50, color="#c0392b", zorder=4,
+                   label="paper / reference")  # fmt: skip
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r.label} - {r.baseline}" for r in rows], rotation=30,
+                  ha="right")  # fmt: skip
+    ax.set_ylabel("acc@1 gain, paired by seed (points)")
+    ax.set_title("gain over the baseline row, 95% interval")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)

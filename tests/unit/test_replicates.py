@@ -234,6 +234,8 @@ def test_a_baseline_row_gives_the_gain_paired_by_seed(tmp_path):
     assert kd.paper_gain == pytest.approx(0.5) and ce.baseline is None
     cell = f"+0.50 [{kd.gain.low:+.2f}, {kd.gain.high:+.2f}] over CE, 3 seeds | +0.50 |"
     assert cell in aggregate.to_markdown([ce, kd])
+    png = aggregate.plot([ce, kd], tmp_path / "gain.png", "paired")  # with the gains' panel
+    assert png.stat().st_size > 1000
     # only the seeds both rows finished are paired
     del acc1["ce@s2"]
     ce, kd = aggregate.aggregate(grid, results.build_table(grid, summaries(grid, acc1)))
