@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,3 +189,22 @@ def code_note(tags: dict[str, str] | None, current: CodeInfo, tag_prefix: str) -
     commit = tags.get(f"{tag_prefix}.commit", "unknown")[:12]
     dirty = ", uncommitted changes" if tags.get(f"{tag_prefix}.code_dirty") == "true" else ""
     return f"trained by code {trained} (commit {commit}{dirty}), not this checkout's {current.hash}"
+
+
+def names_shown(names: Sequence[str], limit: int = 10) -> str:
+    """'a, b, c' or, past `limit`, 'a, ..., j and 12 more': a note stays one line for 10,000
+    rows."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def other_code_lines(notes: Sequence[tuple[str, str]], limit: int = 10) -> list[str]:
+    """(row name, `code_note`) pairs -> one line per code the rows were trained by, with its
+    row count and the first `limit` rows: a relaunch after an edit notes once, not per row."""
+    by_note: dict[str, list[str]] = {}
+    for name, note in notes:
+        by_note.setdefault(note, []).append(name)
+    return [
+        f"{len(names)} finished row(s) {note}: {names_shown(names, limit)}"
+        for note, names in by_note.items()
+    ]

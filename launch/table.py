@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{grid.name}: measured vs paper acc@1"
             files.append(results.plot(table, args.plot, title))
     print(text, end="")
+    from kd.codesnap import other_code_lines
+
     for row in table:
         if row.stale:
             print(f"warning: row '{row.id}' ({row.label}): {row.stale}", file=sys.stderr)
-        if row.other_code:
-            print(f"note: row '{row.id}' ({row.label}): {row.other_code}", file=sys.stderr)
-    other = sum(1 for row in table if row.other_code)
+    trained_by = [(f"{row.id} ({row.label})", row.other_code) for row in table if row.other_code]
+    for line in other_code_lines(trained_by):
+        print(f"note: {line}", file=sys.stderr)
+    other = len(trained_by)
     if other:
         print(
             f"note: {other} finished row(s) were trained by other code than this checkout "

@@ -109,7 +109,8 @@ def test_rows_run_the_launched_code_after_the_checkout_is_edited(
     assert "2 finished row(s) were trained by other code than this checkout" in status.stdout
     table = _cli(checkout / "launch", "table.py", workdir, str(grid), "--no-log", env=env)
     assert table.returncode == 0, table.stderr
-    assert f"row 'student' (S): trained by code {snapshot.name}" in table.stderr, table.stderr
+    assert f"2 finished row(s) trained by code {snapshot.name}" in table.stderr, table.stderr
+    assert "(commit " in table.stderr and ": teacher (T), student (S)" in table.stderr
 
 
 def test_missing_pretrained_weights_stop_the_launch(tmp_path: Path, data: Path) -> None:
