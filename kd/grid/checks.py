@@ -32,10 +32,14 @@ def check_rows(
     known = set(ids) | set(unresolved)
     seen_ids: set[str] = set()
     seen_labels: dict[str, str] = {}
+    base_ids: set[str] | None = None  # ids before replication, built once if a row needs them
     for cfg in configs:
         where = f"{file}: row '{cfg.id or '?'}'" + (f" ({cfg.label})" if cfg.label else "")
         problems.extend(check_id_and_label(cfg, where, seen_ids, seen_labels))
         problems.extend(check_references(cfg, where, ids, known))
+        if cfg.paper.baseline is not None:
+            base_ids = base_ids or {REPLICATE_SUFFIX.sub("", row_id) for row_id in known}
+            problems.extend(check_baseline(cfg, where, base_ids))
         problems.extend(check_sources(cfg, where, smoke))
         problems.extend(check_kd_terms(cfg, where))
         if check_model_names:
@@ -91,17 +95,22 @@ def check_references(
             )
         if ref.row is not None and ref.row == cfg.id:
             problems.append(f"{where}: {section}.row: a row cannot depend on itself")
-    baseline = cfg.paper.baseline
-    if baseline is not None:
-        rows = {REPLICATE_SUFFIX.sub("", row_id) for row_id in known}
-        if baseline not in rows:
-            problems.append(
-                f"{where}: paper.baseline: no row '{baseline}' in this grid"
-                f"{C.closest(baseline, sorted(rows))}"
-            )
-        elif baseline == REPLICATE_SUFFIX.sub("", cfg.id):
-            problems.append(f"{where}: paper.baseline: a row cannot be its own baseline")
     return problems
+
+
+def check_baseline(cfg: C.RowConfig, where: str, rows: set[str]) -> list[str]:
+    """`paper.baseline` names another row of the grid (`rows`: ids before replication)."""
+    baseline = cfg.paper.baseline
+    if baseline is None:
+        return []
+    if baseline not in rows:
+        return [
+            f"{where}: paper.baseline: no row '{baseline}' in this grid"
+            f"{C.closest(baseline, sorted(rows))}"
+        ]
+    if baseline == REPLICATE_SUFFIX.sub("", cfg.id):
+        return [f"{where}: paper.baseline: a row cannot be its own baseline"]
+    return []
 
 
 def check_sources(cfg: C.RowConfig, where: str, smoke: bool) -> list[str]:
