@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd.config import first_of
+
 PACKAGES = ("kd", "slurm", "launch")
 EXTRA_FILES = ("pyproject.toml",)
 CODE_DIR = "code"  # under a grid's output folder
@@ -191,13 +193,6 @@ def code_note(tags: dict[str, str] | None, current: CodeInfo, tag_prefix: str) -
     return f"trained by code {trained} (commit {commit}{dirty}), not this checkout's {current.hash}"
 
 
-def names_shown(names: Sequence[str], limit: int = 10) -> str:
-    """'a, b, c' or, past `limit`, 'a, ..., j and 12 more': a note stays one line for 10,000
-    rows."""
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def other_code_lines(notes: Sequence[tuple[str, str]], limit: int = 10) -> list[str]:
     """(row name, `code_note`) pairs -> one line per code the rows were trained by, with its
     row count and the first `limit` rows: a relaunch after an edit notes once, not per row."""
@@ -205,6 +200,6 @@ def other_code_lines(notes: Sequence[tuple[str, str]], limit: int = 10) -> list[
     for name, note in notes:
         by_note.setdefault(note, []).append(name)
     return [
-        f"{len(names)} finished row(s) {note}: {names_shown(names, limit)}"
+        f"{len(names)} finished row(s) {note}: {first_of(names, limit)}"
         for note, names in by_note.items()
     ]

@@ -321,6 +321,13 @@ def _check_scalar(value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def first_of(items: typing.Sequence[str], limit: int = 10) -> str:
+    """'a, b, c', or past `limit` items 'a, ..., j, ... (+12 more)': a message that names rows,
+    keys or files stays one line however many there are."""
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def closest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
     """' (did you mean X?)' for the closest candidate (as `prefix.X` when given), or ''."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)

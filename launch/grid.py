@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kd import cli  # noqa: E402
+from kd.config import first_of  # noqa: E402
 from kd.grid import Grid, GridError  # noqa: E402
 
 MAX_TIME_MIN = 366 * 24 * 60
@@ -235,12 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking_uri_for(args.tracking_uri, grid.tracking_uri)
         with grid_lock(grid):
             cancelled = cancel_rows(grid, rows, uri)
-        shown = ", ".join(cancelled[:CANCELLED_SHOWN])
-        more = len(cancelled) - CANCELLED_SHOWN
         print(
             f"cancelled {len(cancelled)} row(s)"
-            + (f": {shown}" if cancelled else "")
-            + (f" and {more} more (launch/status.py lists them)" if more > 0 else "")
+            + (f": {first_of(cancelled, CANCELLED_SHOWN)}" if cancelled else "")
+            + (" (launch/status.py lists them)" if len(cancelled) > CANCELLED_SHOWN else "")
         )
         return 0
     if args.feed_held:

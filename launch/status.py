@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(rows), flush=True)
             other = [r.id for r in rows if r.other_code]
             if other:
-                from kd.codesnap import names_shown
+                from kd.config import first_of
 
                 print(
                     f"note: {len(other)} finished row(s) were trained by other code than this "
-                    f"checkout: {names_shown(other)} (`--json` says which code)",
+                    f"checkout: {first_of(other)} (`--json` says which code)",
                     flush=True,
                 )
         active = any(r.state in ("pending", "running", "preempted") for r in rows)

@@ -16,6 +16,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from kd.config import first_of
 from kd.models import smoke_bit  # noqa: F401  (registers the smoke BiT with timm)
 from kd.models.inspect import classifier_names
 from kd.models.names import ModelLoadError, split_tag
@@ -157,11 +158,6 @@ def _head_keys(model: nn.Module, keys: Iterable[str]) -> set[str]:
     return {k for k in keys if any(k.startswith(h + ".") for h in heads)}
 
 
-def _first(items: list[str], limit: int = 10) -> str:
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def _mismatch_report(
     missing: list[str],
     unexpected: list[str],
@@ -179,7 +175,7 @@ def _mismatch_report(
         ("shape mismatches", shapes),
     ):
         if items:
-            lines.append(f"  {label} ({len(items)}): {_first(items)}")
+            lines.append(f"  {label} ({len(items)}): {first_of(items)}")
     lines.append(
         "  check that the checkpoint was trained for this architecture (and img_size/num_classes)"
     )

@@ -24,6 +24,7 @@ from kd import data as D
 from kd import provenance, rowfiles
 from kd.checkpoint import BackgroundWriter, remove_stale_temp_files
 from kd.cluster import log_clustering
+from kd.config import first_of
 from kd.evaluate import evaluate
 from kd.grid import Row
 from kd.train.build import Built
@@ -326,10 +327,9 @@ class SkippedImages:
     def count_and_report(self) -> int:
         skipped = self.paths()
         if self._t.main and len(skipped) > self._reported:
-            more = f", ... (+{len(skipped) - 10})" if len(skipped) > 10 else ""
             self._t.log(
                 f"[{self._t.row.id}] {len(skipped)} corrupt image(s) left out so far "
-                f"(data.skip_corrupt): {', '.join(skipped[:10])}{more}"
+                f"(data.skip_corrupt): {first_of(skipped)}"
             )
         self._reported = len(skipped)
         return len(skipped)

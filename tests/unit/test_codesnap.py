@@ -126,7 +126,7 @@ def test_rows_trained_by_other_code_are_noted_once_per_code() -> None:
     old, older = "trained by code A (commit a), not B's", "trained by code C (commit c), not B's"
     notes = [(f"r{i}", old) for i in range(12)] + [("t (T)", older)]
     assert other_code_lines(notes) == [
-        f"12 finished row(s) {old}: r0, r1, r2, r3, r4, r5, r6, r7, r8, r9 and 2 more",
+        f"12 finished row(s) {old}: r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, ... (+2 more)",
         f"1 finished row(s) {older}: t (T)",
     ]
     assert other_code_lines([]) == []
