@@ -62,12 +62,12 @@ def _state(lines: Sequence[TableRow]) -> str:
     return f"{finished}/{len(lines)} finished" + (f", {others}" if others else "")
 
 
-def _by_seed(grid: Grid, lines: Sequence[TableRow]) -> dict[int, float]:
+def _by_seed(grid: Grid, done: Sequence[TableRow]) -> dict[int, float]:
     """Seed index -> acc@1 of a row's finished replicates (a row without replicates: seed 0)."""
     return {
         grid.replicate_of[line.id][2] if line.id in grid.replicate_of else 0: line.acc1
-        for line in lines
-        if line.state == "finished" and line.acc1 is not None
+        for line in done
+        if line.acc1 is not None
     }
 
 
@@ -102,7 +102,7 @@ def aggregate(grid: Grid, table: Sequence[TableRow]) -> list[AggregateRow]:
         first = lines[0]
         label = grid.replicate_of[first.id][1] if first.id in grid.replicate_of else first.label
         values = tuple(line.acc1 for line in done if line.acc1 is not None)
-        seeds[base_id] = _by_seed(grid, lines)
+        seeds[base_id] = _by_seed(grid, done)
         out.append(
             AggregateRow(
                 label=label,

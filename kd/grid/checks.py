@@ -39,7 +39,7 @@ def check_rows(
         problems.extend(check_references(cfg, where, ids, known))
         if cfg.paper.baseline is not None:
             base_ids = base_ids or {REPLICATE_SUFFIX.sub("", row_id) for row_id in known}
-            problems.extend(check_baseline(cfg, where, base_ids))
+            problems.extend(check_baseline(cfg.paper.baseline, cfg.id, where, base_ids))
         problems.extend(check_sources(cfg, where, smoke))
         problems.extend(check_kd_terms(cfg, where))
         if check_model_names:
@@ -98,17 +98,15 @@ def check_references(
     return problems
 
 
-def check_baseline(cfg: C.RowConfig, where: str, rows: set[str]) -> list[str]:
-    """`paper.baseline` names another row of the grid (`rows`: ids before replication)."""
-    baseline = cfg.paper.baseline
-    if baseline is None:
-        return []
+def check_baseline(baseline: str, row_id: str, where: str, rows: set[str]) -> list[str]:
+    """A row's `paper.baseline` names another row of the grid (`rows`: ids before
+    replication)."""
     if baseline not in rows:
         return [
             f"{where}: paper.baseline: no row '{baseline}' in this grid"
             f"{C.closest(baseline, sorted(rows))}"
         ]
-    if baseline == REPLICATE_SUFFIX.sub("", cfg.id):
+    if baseline == REPLICATE_SUFFIX.sub("", row_id):
         return [f"{where}: paper.baseline: a row cannot be its own baseline"]
     return []
 
